@@ -1,0 +1,82 @@
+"""A trial's pictures and data files: loss curves, weight histograms, predictions, worst windows.
+
+Written only at the few moments the diagnostics name (first, best and last epoch), into a
+folder the tracker uploads in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lstm_sweep import diagnostics as dg  # noqa: E402
+
+
+def loss_curves(
+    rows: Sequence[dict[str, float]], best_epoch: int, onset: int | None, path: Path
+) -> Path:
+    """Train (running), train (eval mode) and validation loss per epoch, best and onset marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in ((dg.TRAIN_LOSS, ":"), (dg.TRAIN_EVAL_LOSS, "--"), (dg.VAL_LOSS, "-")):
+        series = [r[key] for r in rows if key in r]
+        if series:
+            ax.plot(range(len(series)), series, style, label=key)
+    if best_epoch >= 0:
+        ax.axvline(best_epoch, color="green", alpha=0.6, label=f"best epoch {best_epoch}")
+    if onset is not None:
+        ax.axvline(onset, color="red", ls="--", alpha=0.6, label=f"overfitting onset {onset}")
+    ax.set(xlabel="epoch", ylabel="MSE (scaled)", yscale="log", title="Loss curves")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def weight_histograms(snapshots: dict[str, dict[str, torch.Tensor]], folder: Path) -> list[Path]:
+    """One panel per parameter group, first/best/last overlaid; the raw values as .npz too."""
+    groups = list(next(iter(snapshots.values())))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2))
+    for ax, group in zip(np.atleast_1d(axes), groups, strict=True):
+        for moment, values in snapshots.items():
+            ax.hist(values[group].numpy(), bins=50, histtype="step", label=moment)
+        ax.set(title=group, xlabel="weight")
+    np.atleast_1d(axes)[0].legend()
+    fig.tight_layout()
+    png = folder / "weight_histograms.png"
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    data = folder / "weight_values.npz"
+    np.savez_compressed(
+        data, **{f"{m}__{g}": v[g].numpy() for m, v in snapshots.items() for g in v}
+    )
+    return [png, data]
+
+
+def predictions(
+    spans: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], targets: list[str], path: Path
+) -> Path:
+    """One-step-ahead predictions against the truth over each span (val, test).
+
+    ``spans`` maps a part name to (times (n,), truth (n, targets), prediction (n, targets)).
+    """
+    fig, axes = plt.subplots(len(targets), 1, figsize=(9, 3 * len(targets)), squeeze=False)
+    for t, name in enumerate(targets):
+        ax = axes[t, 0]
+        for part, (times, truth, prediction) in spans.items():
+            ax.plot(times, truth[:, t], color="black", lw=0.8)
+            ax.plot(times, prediction[:, t], lw=0.8, label=f"{part} prediction")
+        ax.set(title=name, ylabel=name)
+        ax.legend()
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,290 @@
+"""Typed sweep configuration: a YAML file plus ``--set`` overrides, validated into one object.
+
+Every mistake a user can make in a sweep file ends here as one :class:`ConfigError` naming the
+file, the dotted key, the value received and the rule it broke, before any trial or run exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SEARCHABLE_SECTIONS = ("model", "train")
+SEARCHABLE_EXTRA = ("data.window",)
+
+
+class ConfigError(ValueError):
+    """A sweep file (or override) that cannot be run: says where, what and why in one line."""
+
+    def __init__(self, source: str, key: str, value: Any, rule: str) -> None:
+        self.source, self.key, self.value, self.rule = source, key, value, rule
+        where = f"{key} = {value!r}" if key else "(file)"
+        super().__init__(f"{source}: {where}: {rule}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: Path  # CSV or Parquet; relative paths are resolved against the YAML file's folder
+    time_column: str
+    target: str | list[str]  # one column, or several predicted jointly
+    features: list[str] = []  # extra input columns (the targets are always inputs too)
+    window: int = Field(52, ge=1)  # input steps per sample
+    horizon: int = Field(1, ge=1)  # steps ahead, predicted jointly
+    split: list[float] = [0.7, 0.15, 0.15]  # chronological train/val/test fractions
+    scaler: Literal["standard", "minmax", "robust", "none"] = "standard"  # fit on train only
+    missing: Literal["error", "drop", "ffill", "interpolate"] = "error"  # what to do with gaps
+    transform: Literal["none", "log", "diff"] = "none"  # undone before metrics in original units
+    season: int | None = Field(None, ge=1)  # steps per season, for the seasonal naive baseline
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+    @field_validator("target")
+    @classmethod
+    def _target_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value:
+            raise ValueError("needs at least one target column")
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _split_is_three_fractions(cls, value: list[float]) -> list[float]:
+        if len(value) != 3 or any(not 0 < f < 1 for f in value):
+            raise ValueError("must be three fractions in (0, 1): train, validation, test")
+        if not math.isclose(sum(value), 1.0, abs_tol=1e-6):
+            raise ValueError(f"fractions must add up to 1, but add up to {sum(value):g}")
+        return value
+
+
+class ModelConfig(_Section):
+    num_layers: int = Field(1, ge=1)  # stacked LSTM layers
+    hidden_size: int = Field(32, ge=1)  # units per layer
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # nn.LSTM's dropout between layers (none if 1 layer)
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on the last hidden state, before the head
+
+
+class TrainConfig(_Section):
+    max_epochs: int = Field(100, ge=1)  # upper bound; patience and pruning usually stop earlier
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)  # on weight matrices only, never biases
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adam's weight_decay is coupled L2
+    patience: int = Field(10, ge=1)  # epochs without a better val loss before stopping
+    min_delta: float = Field(0.0, ge=0.0)  # an improvement smaller than this does not count
+    grad_clip: float = Field(1.0, ge=0.0)  # clip the global grad norm at this value; 0 disables
+    seed: int = 0  # seeds data subsampling, initialisation, batching and the sampler
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+
+
+class SearchParam(_Section):
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # sample on a log scale (low must be > 0)
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _distribution_is_well_formed(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("`choices` must be a non-empty list for a categorical parameter")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"`low` and `high` are required for a {self.type} parameter")
+        if self.low > self.high:
+            raise ValueError(f"`low <= high` must hold, but got (low={self.low}, high={self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"`low > 0` must hold on a log scale, but got low={self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("`step` and `log` cannot be combined")
+        return self
+
+    def bounds(self) -> list[Any]:
+        """The values at the edges of the range: each must make a valid config."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+
+class PrunerConfig(_Section):
+    type: Literal["median", "hyperband", "successive_halving", "none"] = "median"
+    n_startup_trials: int = Field(5, ge=0)  # median: trials that are never pruned
+    n_warmup_steps: int = Field(5, ge=0)  # median: epochs before a trial can be pruned
+    min_resource: int = Field(3, ge=1)  # hyperband / successive halving: epochs in the first rung
+    reduction_factor: int = Field(3, ge=2)  # hyperband / successive halving
+
+
+class StudyConfig(_Section):
+    name: str | None = None  # default: the experiment name
+    n_trials: int = Field(20, ge=1)  # the study's total; a rerun completes only what is missing
+    timeout: float | None = Field(None, gt=0)  # seconds for this invocation
+    sampler: Literal["tpe", "random", "cmaes", "qmc", "gp"] = "tpe"
+    n_startup_trials: int = Field(5, ge=0)  # random trials before a model-based sampler kicks in
+    pruner: PrunerConfig = PrunerConfig()
+    storage: str | None = None  # Optuna storage URL; default: sqlite under mlruns/
+    direction: Literal["minimize", "maximize"] = "minimize"
+    workers: int = Field(1, ge=1)  # worker processes on this machine
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None  # MLflow tracking URI; default: sqlite under mlruns/, artifacts beside
+    flush_seconds: float = Field(10.0, ge=0)  # buffer per-epoch metrics at most this long
+
+
+class VerdictRules(_Section):
+    """Thresholds that turn a trial's curves into a verdict; README documents each rule."""
+
+    overfit_rise: float = Field(0.05, ge=0)  # val ends this fraction above its best: overfitting
+    overfit_gap_ratio: float = Field(1.5, ge=1)  # or val/train_eval at the end is above this
+    underfit_naive_ratio: float = Field(0.9, gt=0)  # best val above this x naive: underfitting
+    explode_grad_norm: float = Field(1e4, gt=0)  # a pre-clip gradient norm above this: unstable
+
+
+class DiagnosticsConfig(_Section):
+    level: Literal["full", "basic", "off"] = "full"  # detail traded against speed
+    eval_subsample: int = Field(1024, ge=1)  # training windows scored in eval mode each epoch
+    k_worst: int = Field(10, ge=1)  # worst validation windows saved at the best epoch
+    saturation: float = Field(0.95, gt=0, lt=1)  # |h| above this counts as saturated
+    dead_std: float = Field(1e-3, ge=0)  # a unit whose output std is below this never moves
+    verdict: VerdictRules = VerdictRules()
+
+
+class Config(_Section):
+    experiment: str = "lstm_sweep"  # MLflow experiment, and the default study name
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    search: dict[str, SearchParam] = {}
+    study: StudyConfig = StudyConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+
+    @property
+    def study_name(self) -> str:
+        return self.study.name or self.experiment
+
+    def with_values(self, values: dict[str, Any]) -> Config:
+        """A copy with dotted keys set (a trial's sampled values), validated again."""
+        raw = self.model_dump()
+        for key, value in values.items():
+            _set_dotted(raw, key, value)
+        return Config.model_validate(raw)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def _get_dotted(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"study.n_trials=5"`` -> ``("study.n_trials", 5)``; the value is typed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", text, text, "must look like section.key=value")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid under ``loc`` in :class:`Config` (for did-you-mean)."""
+    model: type[BaseModel] = Config
+    parts = iter(loc)
+    for part in parts:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if get_origin(annotation) is dict:  # search: skip the dotted key, land on SearchParam
+            annotation = get_args(annotation)[1]
+            next(parts, None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _error_from_validation(source: str, raw: dict[str, Any], exc: ValidationError) -> ConfigError:
+    error = exc.errors()[0]
+    loc = tuple(p for p in error["loc"] if not isinstance(p, int) or error["type"] != "union")
+    key = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        parent, leaf = loc[:-1], str(loc[-1])
+        close = difflib.get_close_matches(leaf, _known_keys(parent), n=1)
+        hint = f" (did you mean {'.'.join([*map(str, parent), close[0]])!r}?)" if close else ""
+        return ConfigError(source, key, error["input"], f"unknown key{hint}")
+    if error["type"] == "missing":
+        return ConfigError(source, key, None, "required key is missing")
+    message = error["msg"].removeprefix("Value error, ")
+    try:
+        value = _get_dotted(raw, key) if key else error["input"]
+    except (KeyError, TypeError):
+        value = error["input"]
+    return ConfigError(source, key, value, message)
+
+
+def _check_search_space(source: str, cfg: Config) -> None:
+    base = cfg.model_dump()
+    for key, param in cfg.search.items():
+        section = key.split(".")[0]
+        if section not in SEARCHABLE_SECTIONS and key not in SEARCHABLE_EXTRA:
+            rule = f"only keys under {', '.join(SEARCHABLE_SECTIONS)} or {SEARCHABLE_EXTRA[0]}"
+            raise ConfigError(source, f"search.{key}", key, f"cannot be searched: {rule}")
+        try:
+            _get_dotted(base, key)
+        except (KeyError, TypeError):
+            known = [f"{s}.{f}" for s in SEARCHABLE_SECTIONS for f in base[s]]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(source, f"search.{key}", key, f"no such config key{hint}") from None
+        for value in param.bounds():
+            try:
+                cfg.with_values({key: value})
+            except ValidationError as exc:
+                rule = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ConfigError(source, f"search.{key}", value, f"out of range: {rule}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a sweep file; raise :class:`ConfigError` on any fault."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(source, "", str(path), "no such sweep file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(source, "", "", f"malformed YAML at {where}{problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", raw, "a sweep file must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise _error_from_validation(source, raw, exc) from None
+    if not cfg.data.path.is_absolute():
+        cfg.data.path = (path.parent / cfg.data.path).resolve()
+    _check_search_space(source, cfg)
+    return cfg

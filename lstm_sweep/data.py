@@ -1,0 +1,245 @@
+"""From a table on disk to training tensors, once per sweep, with no look-ahead.
+
+Load the table, check its time order, fill or refuse gaps, apply the optional target transform,
+split chronologically, fit the scaler on the training part only, and cut every part into
+(window -> horizon) samples as tensors. Validation and test windows may look back into the
+previous part's tail (that is history a forecaster would have), never forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from sklearn.preprocessing import MinMaxScaler, RobustScaler, StandardScaler
+
+from lstm_sweep.config import ConfigError, DataConfig
+
+PARTS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """Per-column affine scaling ``z = (x - center) / scale``, fitted on the training rows."""
+
+    center: np.ndarray  # (columns,)
+    scale: np.ndarray  # (columns,)
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        return (values - self.center) / self.scale
+
+    def inverse(self, values: np.ndarray, columns: list[int]) -> np.ndarray:
+        return values * self.scale[columns] + self.center[columns]
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"center": self.center.tolist(), "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, list[float]]) -> Scaler:
+        return cls(np.asarray(raw["center"]), np.asarray(raw["scale"]))
+
+
+def fit_scaler(kind: str, train_values: np.ndarray) -> Scaler:
+    """Fit scikit-learn's scaler of that kind on the training rows and keep its affine map."""
+    columns = train_values.shape[1]
+    if kind == "none":
+        return Scaler(np.zeros(columns), np.ones(columns))
+    if kind == "minmax":
+        fitted = MinMaxScaler().fit(train_values)  # z = x * scale_ + min_
+        return Scaler(-fitted.min_ / fitted.scale_, 1.0 / fitted.scale_)
+    fitted = {"standard": StandardScaler, "robust": RobustScaler}[kind]().fit(train_values)
+    center = fitted.mean_ if kind == "standard" else fitted.center_
+    scale = np.where(fitted.scale_ == 0, 1.0, fitted.scale_)  # a constant column stays put
+    return Scaler(np.asarray(center, dtype=float), np.asarray(scale, dtype=float))
+
+
+@dataclass(frozen=True)
+class Windows:
+    """One chronological part cut into samples."""
+
+    x: torch.Tensor  # (n, window, inputs): scaled inputs
+    y: torch.Tensor  # (n, horizon, targets): scaled, transformed targets
+    times: np.ndarray  # (n, horizon): time stamp of every target step
+    last_level: np.ndarray  # (n, targets): original-unit target at the last input step
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass(frozen=True)
+class ForecastData:
+    """Everything a trial needs, built once per sweep and shared by all trials."""
+
+    train: Windows
+    val: Windows
+    test: Windows
+    inputs: list[str]  # input column names; the targets come first
+    targets: list[str]
+    scaler: Scaler
+    transform: str
+    season: int | None
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def horizon(self) -> int:
+        return self.train.y.shape[1]
+
+    def part(self, name: str) -> Windows:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def to_original(self, y_scaled: np.ndarray, windows: Windows) -> np.ndarray:
+        """Undo scaling and the target transform: (n, horizon, targets) in the target's units."""
+        columns = list(range(len(self.targets)))
+        values = self.scaler.inverse(y_scaled, columns)
+        if self.transform == "log":
+            return np.exp(values)
+        if self.transform == "diff":
+            return windows.last_level[:, None, :] + np.cumsum(values, axis=1)
+        return values
+
+    def naive_forecast(self, windows: Windows) -> torch.Tensor:
+        """The last observed value carried forward, in model space (scaled, transformed)."""
+        n, horizon, targets = windows.y.shape
+        if self.transform == "diff":  # "no change" is a zero difference
+            zero = self.scaler.transform(np.zeros((1, self.n_inputs)))[0, :targets]
+            last = torch.as_tensor(zero, dtype=windows.y.dtype).expand(n, targets)
+        else:
+            last = windows.x[:, -1, :targets]
+        return last[:, None, :].expand(n, horizon, targets).clone()
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ConfigError(str(path), "data.path", str(path), "no such data file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return pd.read_csv(path)
+    if suffix in {".parquet", ".pq"}:
+        return pd.read_parquet(path)
+    raise ConfigError(str(path), "data.path", str(path), "must be a .csv or .parquet file")
+
+
+def _check_columns(frame: pd.DataFrame, cfg: DataConfig, source: str) -> None:
+    if cfg.time_column not in frame.columns:
+        raise ConfigError(
+            source, "data.time_column", cfg.time_column, f"no such column in {list(frame.columns)}"
+        )
+    for key, names in (("data.target", cfg.targets), ("data.features", cfg.features)):
+        for name in names:
+            if name not in frame.columns:
+                raise ConfigError(source, key, name, f"no such column in {list(frame.columns)}")
+            if not pd.api.types.is_numeric_dtype(frame[name]):
+                raise ConfigError(source, key, name, "column is not numeric")
+
+
+def _parse_time(frame: pd.DataFrame, cfg: DataConfig, source: str) -> pd.Series:
+    column = frame[cfg.time_column]
+    times = column if pd.api.types.is_numeric_dtype(column) else pd.to_datetime(column)
+    if times.duplicated().any():
+        first = times[times.duplicated()].iloc[0]
+        raise ConfigError(source, "data.time_column", str(first), "time stamp appears twice")
+    if not times.is_monotonic_increasing:
+        stamps = times.to_numpy()
+        first = int(np.flatnonzero(stamps[1:] < stamps[:-1])[0]) + 1
+        raise ConfigError(
+            source, "data.time_column", str(times.iloc[first]), "time column is not sorted"
+        )
+    return times
+
+
+def _fill_missing(frame: pd.DataFrame, columns: list[str], how: str, source: str) -> pd.DataFrame:
+    gaps = frame[columns].isna().sum()
+    if not gaps.any():
+        return frame
+    if how == "error":
+        column = gaps.idxmax()
+        raise ConfigError(
+            source, "data.missing", how, f"{int(gaps.sum())} missing values (first in {column!r});"
+            " set data.missing to drop, ffill or interpolate",
+        )
+    if how == "drop":
+        return frame.dropna(subset=columns).reset_index(drop=True)
+    filled = frame.copy()
+    filled[columns] = frame[columns].ffill() if how == "ffill" else frame[columns].interpolate()
+    return filled.dropna(subset=columns).reset_index(drop=True)  # a gap at the very start stays
+
+
+def split_bounds(n_rows: int, fractions: list[float]) -> tuple[int, int]:
+    """Row indices where validation and test start."""
+    val_start = int(round(n_rows * fractions[0]))
+    test_start = int(round(n_rows * (fractions[0] + fractions[1])))
+    return val_start, test_start
+
+
+def cut_windows(
+    values: np.ndarray, targets: int, window: int, horizon: int, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples whose *targets* lie in rows [start, stop); inputs are the `window` rows before.
+
+    Returns inputs (n, window, columns), targets (n, horizon, targets) and the row of each
+    sample's first target step (n,).
+    """
+    first = np.arange(max(start, window), stop - horizon + 1)
+    if len(first) == 0:
+        return (
+            np.empty((0, window, values.shape[1])),
+            np.empty((0, horizon, targets)),
+            first,
+        )
+    x_all = sliding_window_view(values, window, axis=0).transpose(0, 2, 1)  # (rows-w+1, w, c)
+    y_all = sliding_window_view(values[:, :targets], horizon, axis=0).transpose(0, 2, 1)
+    return x_all[first - window], y_all[first], first
+
+
+def load_forecast_data(cfg: DataConfig) -> ForecastData:
+    """Read ``cfg.path`` and build the train/val/test windows; ConfigError on any data fault."""
+    source = str(cfg.path)
+    frame = read_table(cfg.path)
+    _check_columns(frame, cfg, source)
+    columns = cfg.targets + [f for f in cfg.features if f not in cfg.targets]
+    frame = _fill_missing(frame, columns, cfg.missing, source)
+    times = _parse_time(frame, cfg, source).to_numpy()
+    levels = frame[cfg.targets].to_numpy(dtype=float)  # original units, row-aligned
+    values = frame[columns].to_numpy(dtype=float)
+
+    if cfg.transform == "log":
+        if (levels <= 0).any():
+            raise ConfigError(source, "data.transform", "log", "targets must be > 0 for a log")
+        values[:, : len(cfg.targets)] = np.log(levels)
+    elif cfg.transform == "diff":
+        values = np.concatenate([np.diff(levels, axis=0), values[1:, len(cfg.targets) :]], axis=1)
+        levels, times = levels[1:], times[1:]  # row i now holds the change into time i
+
+    n_rows = len(values)
+    val_start, test_start = split_bounds(n_rows, cfg.split)
+    scaler = fit_scaler(cfg.scaler, values[:val_start])
+    scaled = scaler.transform(values).astype(np.float32)
+
+    bounds = {"train": (0, val_start), "val": (val_start, test_start), "test": (test_start, n_rows)}
+    parts: dict[str, Windows] = {}
+    for name, (start, stop) in bounds.items():
+        x, y, first = cut_windows(scaled, len(cfg.targets), cfg.window, cfg.horizon, start, stop)
+        if len(first) == 0:
+            raise ConfigError(
+                source, "data.window", cfg.window,
+                f"too few rows: {n_rows} rows give the {name} part {stop - start} rows, not enough"
+                f" for window {cfg.window} + horizon {cfg.horizon}",
+            )
+        step_rows = first[:, None] + np.arange(cfg.horizon)[None, :]
+        parts[name] = Windows(
+            x=torch.from_numpy(np.ascontiguousarray(x)),
+            y=torch.from_numpy(np.ascontiguousarray(y)),
+            times=times[step_rows],
+            last_level=levels[first - 1],
+        )
+    return ForecastData(
+        **parts, inputs=columns, targets=cfg.targets, scaler=scaler,
+        transform=cfg.transform, season=cfg.season,
+    )

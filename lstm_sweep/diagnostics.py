@@ -1,0 +1,192 @@
+"""Overfitting diagnostics as pure functions of tensors and floats, returning plain dicts.
+
+The metric names below are the project's one vocabulary: the training history, MLflow, the
+pruner, the report and the tests all use these constants.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from lstm_sweep.config import VerdictRules
+from lstm_sweep.model import GROUPS, parameter_group
+
+TRAIN_LOSS = "train_loss"  # running mean over the epoch's steps: dropout on, weights moving
+TRAIN_EVAL_LOSS = "train_eval_loss"  # eval mode on a fixed training subsample: comparable to val
+VAL_LOSS = "val_loss"
+GAP = "gap"  # val_loss - train_eval_loss
+GAP_RATIO = "gap_ratio"  # val_loss / train_eval_loss
+GRAD_NORM_MEAN = "grad_norm_mean"  # global L2 norm before clipping, over the epoch's steps
+GRAD_NORM_MAX = "grad_norm_max"
+CLIP_FRACTION = "clip_fraction"  # share of steps whose gradient the clipping changed
+BEST_VAL_LOSS = "best_val_loss"
+BEST_EPOCH = "best_epoch"
+EPOCHS_TRAINED = "epochs_trained"
+NAIVE_VAL_LOSS = "naive_val_loss"
+OVERFIT_ONSET = "overfit_onset_epoch"
+OVERFIT_SCORE = "overfit_score"
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+VERDICTS = ("underfitting", "healthy", "overfitting", "unstable")
+
+
+def honest_gap(train_eval_loss: float, val_loss: float) -> dict[str, float]:
+    """Gap between validation and training loss, both measured in eval mode."""
+    ratio = val_loss / train_eval_loss if train_eval_loss > 0 else math.inf
+    return {GAP: val_loss - train_eval_loss, GAP_RATIO: ratio}
+
+
+def grad_norms_by_group(named_grads: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """L2 norm of the gradients of each parameter group, in :data:`GROUPS` order: (groups,)."""
+    squares = torch.zeros(len(GROUPS), device=named_grads[0][1].device)
+    for name, grad in named_grads:
+        squares[GROUPS.index(parameter_group(name))] += grad.pow(2).sum()
+    return squares.sqrt()
+
+
+def gradient_summary(
+    step_norms: torch.Tensor, grad_clip: float, group_norms: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Epoch statistics of per-step gradient norms (before clipping).
+
+    ``step_norms`` is (steps,); ``group_norms`` is (steps, groups) when recorded.
+    """
+    summary = {
+        GRAD_NORM_MEAN: float(step_norms.mean()),
+        GRAD_NORM_MAX: float(step_norms.max()),
+        CLIP_FRACTION: float((step_norms > grad_clip).float().mean()) if grad_clip > 0 else 0.0,
+    }
+    if group_norms is not None:
+        means = group_norms.mean(dim=0)
+        summary |= {f"grad_norm_{g}": float(means[i]) for i, g in enumerate(GROUPS)}
+    return summary
+
+
+def group_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter group's values flattened into one tensor."""
+    parts: dict[str, list[torch.Tensor]] = {g: [] for g in GROUPS}
+    for name, param in model.named_parameters():
+        parts[parameter_group(name)].append(param.detach().reshape(-1))
+    return {g: torch.cat(p).float().cpu() for g, p in parts.items() if p}
+
+
+def weight_stats(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per group: L2 norm, mean, std, largest |w| and fixed quantiles (MLflow has no histogram)."""
+    stats: dict[str, float] = {}
+    levels = torch.tensor(QUANTILES)
+    for group, w in values.items():
+        stats[f"weight_{group}_norm"] = float(w.norm())
+        stats[f"weight_{group}_mean"] = float(w.mean())
+        stats[f"weight_{group}_std"] = float(w.std()) if w.numel() > 1 else 0.0
+        stats[f"weight_{group}_max_abs"] = float(w.abs().max())
+        for q, value in zip(QUANTILES, torch.quantile(w, levels), strict=True):
+            stats[f"weight_{group}_q{int(q * 100):02d}"] = float(value)
+    return stats
+
+
+def hidden_stats(
+    layers: Iterable[torch.Tensor], saturation: float = 0.95, dead_std: float = 1e-3
+) -> dict[str, float]:
+    """Per layer: mean |h|, share of units saturated (|h| > saturation on average over samples
+    and steps) and share of units that never move (std over samples and steps < dead_std)."""
+    stats: dict[str, float] = {}
+    for k, h in enumerate(layers):
+        flat = h.detach().reshape(-1, h.shape[-1]).float()  # (samples * steps, hidden)
+        stats[f"hidden_mean_abs_l{k}"] = float(flat.abs().mean())
+        stats[f"hidden_saturated_l{k}"] = float((flat.abs() > saturation).float().mean())
+        std = flat.std(dim=0) if len(flat) > 1 else torch.zeros(flat.shape[1])
+        stats[f"hidden_dead_l{k}"] = float((std < dead_std).float().mean())
+    return stats
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str  # one of VERDICTS
+    reason: str  # one sentence with the numbers
+    onset_epoch: int | None  # the epoch after which val rose while train kept falling
+    score: float  # relative rise of val from its best to the last epoch
+
+
+def overfit_onset(val: Sequence[float], train: Sequence[float]) -> int | None:
+    """The best-val epoch, if val rose after it while training loss kept falling; else None."""
+    best = int(np.argmin(val))
+    if best == len(val) - 1 or val[-1] <= val[best] or train[-1] >= train[best]:
+        return None
+    return best
+
+
+def overfit_score(val: Sequence[float]) -> float:
+    """How far validation loss rose from its best by the last epoch, relative to the best."""
+    best = float(np.min(val))
+    return (float(val[-1]) - best) / best if best > 0 else 0.0
+
+
+def judge(
+    rows: Sequence[dict[str, float]],
+    naive_val_loss: float,
+    rules: VerdictRules,
+    unstable_reason: str | None = None,
+) -> Verdict:
+    """Turn a trial's per-epoch rows into a verdict. The rules, in order:
+
+    1. unstable: the loss turned NaN/inf or a gradient norm exceeded ``explode_grad_norm``.
+    2. underfitting: the best val loss is above ``underfit_naive_ratio`` x the naive forecast's.
+    3. overfitting: val rose after its best while training loss kept falling (an onset exists),
+       and either val ended ``overfit_rise`` above its best or val/train_eval ended above
+       ``overfit_gap_ratio``.
+    4. healthy otherwise.
+    """
+    val = [r[VAL_LOSS] for r in rows if math.isfinite(r.get(VAL_LOSS, math.nan))]
+    if unstable_reason or not val:
+        return Verdict("unstable", unstable_reason or "no finite validation loss", None, math.nan)
+    train_key = TRAIN_EVAL_LOSS if TRAIN_EVAL_LOSS in rows[0] else TRAIN_LOSS
+    train = [r[train_key] for r in rows[: len(val)]]
+    best = min(val)
+    onset, score = overfit_onset(val, train), overfit_score(val)
+    ratio = val[-1] / train[-1] if train[-1] > 0 else math.inf
+    if best > rules.underfit_naive_ratio * naive_val_loss:
+        return Verdict(
+            "underfitting",
+            f"best val loss {best:.4g} is not below {rules.underfit_naive_ratio:g} x the naive"
+            f" forecast's {naive_val_loss:.4g}",
+            onset, score,
+        )
+    if onset is not None and (score >= rules.overfit_rise or ratio > rules.overfit_gap_ratio):
+        return Verdict(
+            "overfitting",
+            f"val loss rose {score:.1%} from its best {best:.4g} at epoch {onset} while"
+            f" {train_key} fell to {train[-1]:.4g} (val/train {ratio:.2f})",
+            onset, score,
+        )
+    return Verdict(
+        "healthy",
+        f"best val loss {best:.4g} ({best / naive_val_loss:.2f} x naive), val ended"
+        f" {score:.1%} above its best, val/train {ratio:.2f}",
+        onset, score,
+    )
+
+
+def worst_windows(
+    truth: np.ndarray, prediction: np.ndarray, times: np.ndarray, targets: list[str], k: int
+) -> pd.DataFrame:
+    """The k windows with the largest mean absolute error, worst first, one row per window.
+
+    ``truth`` and ``prediction`` are (n, horizon, targets) in original units; ``times`` (n, horizon).
+    """
+    error = np.abs(prediction - truth).mean(axis=(1, 2))  # (n,)
+    order = np.argsort(-error)[:k]
+    rows = []
+    for i in order:
+        row: dict[str, object] = {"window": int(i), "start": str(times[i, 0]), "mae": error[i]}
+        for t, name in enumerate(targets):
+            row[f"{name}_true"] = truth[i, :, t].round(6).tolist()
+            row[f"{name}_pred"] = prediction[i, :, t].round(6).tolist()
+        rows.append(row)
+    return pd.DataFrame(rows)

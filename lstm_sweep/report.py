@@ -1,0 +1,134 @@
+"""Read a finished study back into one table and say what it found.
+
+Usable on its own (``python -m lstm_sweep.report SWEEP.yaml``) and called at the end of every
+sweep. The table joins Optuna's trials with their MLflow runs; the best settings are written
+as a ready-to-train sweep file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from lstm_sweep import diagnostics as dg
+from lstm_sweep.config import Config, ConfigError, load_config
+from lstm_sweep.tracking import STORE_ROOT
+
+SUMMARY_COLUMNS = [
+    "number", "state", "value", "verdict", dg.BEST_EPOCH, dg.EPOCHS_TRAINED,
+]
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    finished: int
+    pruned: int
+    failed: int
+    best_number: int | None
+    best_value: float | None
+    best_values: dict[str, Any]
+    naive_val_loss: float
+    table: pd.DataFrame  # one row per trial, best first
+
+
+def output_dir(cfg: Config, root: Path = STORE_ROOT) -> Path:
+    """Where a sweep's report files go: next to the local stores, one folder per study."""
+    folder = root / "reports" / cfg.study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def summarise(
+    frame: pd.DataFrame, search_keys: list[str], naive_val_loss: float, direction: str
+) -> SweepSummary:
+    """Counts, best trial and a ranked table from a trials DataFrame (see study.trials_frame)."""
+    states = frame["state"].value_counts() if len(frame) else pd.Series(dtype=int)
+    done = frame[frame["state"] == "COMPLETE"]
+    ranked = done.sort_values("value", ascending=direction == "minimize")
+    columns = [c for c in [*SUMMARY_COLUMNS[:3], *search_keys, *SUMMARY_COLUMNS[3:]] if c in frame]
+    best = ranked.iloc[0] if len(ranked) else None
+    return SweepSummary(
+        finished=int(states.get("COMPLETE", 0)),
+        pruned=int(states.get("PRUNED", 0)),
+        failed=int(states.get("FAIL", 0)),
+        best_number=int(best["number"]) if best is not None else None,
+        best_value=float(best["value"]) if best is not None else None,
+        best_values={k: _plain(best[k]) for k in search_keys} if best is not None else {},
+        naive_val_loss=naive_val_loss,
+        table=ranked[columns].reset_index(drop=True),
+    )
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def best_config(cfg: Config, values: dict[str, Any]) -> dict[str, Any]:
+    """The sweep file that trains the best settings once: no search, one trial, own study."""
+    raw = cfg.with_values(values).model_dump(mode="json")
+    raw["search"] = {}
+    raw["study"] |= {"name": f"{cfg.study_name}-best", "n_trials": 1}
+    return raw
+
+
+def write_best_config(cfg: Config, values: dict[str, Any], path: Path) -> Path:
+    header = f"# Best settings of study {cfg.study_name!r}; run: python -m lstm_sweep.run {path}\n"
+    path.write_text(header + yaml.safe_dump(best_config(cfg, values), sort_keys=False))
+    return path
+
+
+def format_summary(summary: SweepSummary, ui_command: str, top: int = 5) -> str:
+    lines = [
+        f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed.",
+    ]
+    if summary.best_number is None:
+        lines.append("No trial finished: nothing to recommend yet.")
+    else:
+        settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in summary.best_values.items())
+        lines += [
+            f"Best trial #{summary.best_number}: val loss {summary.best_value:.4g}"
+            f" (naive last-value forecast: {summary.naive_val_loss:.4g},"
+            f" {summary.best_value / summary.naive_val_loss:.0%} of it)",
+            f"Best settings: {settings or '(nothing searched)'}",
+            "",
+            f"Top {min(top, len(summary.table))}:",
+            summary.table.head(top).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        ]
+    lines += ["", f"Open the runs in the MLflow UI: {ui_command}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lstm_sweep.data import load_forecast_data
+    from lstm_sweep.study import open_study, trials_frame
+    from lstm_sweep.tracking import Tracker
+    from lstm_sweep.train import naive_loss
+
+    parser = argparse.ArgumentParser(prog="python -m lstm_sweep.report", description=__doc__)
+    parser.add_argument("sweep", help="the sweep's YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.sweep, args.set)
+        data = load_forecast_data(cfg.data)
+        tracker = Tracker(cfg.tracking.uri, cfg.experiment, args.sweep)
+        study = open_study(cfg, args.sweep)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = summarise(
+        trials_frame(study), list(cfg.search), naive_loss(data), cfg.study.direction
+    )
+    print(format_summary(summary, tracker.ui_command()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

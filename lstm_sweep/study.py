@@ -1,0 +1,304 @@
+"""Optuna, and the only module that imports it: sampler, pruner, storage, the search space and
+the objective that turns one trial into one trained, tracked model."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from lstm_sweep import artifacts
+from lstm_sweep import diagnostics as dg
+from lstm_sweep.config import Config, ConfigError, SearchParam
+from lstm_sweep.data import ForecastData
+from lstm_sweep.tracking import (
+    ROLE_TAG,
+    STORE_ROOT,
+    STUDY_TAG,
+    TRIAL_TAG,
+    EpochLogger,
+    Tracker,
+    flatten,
+    mask_uri,
+    trial_run_name,
+)
+from lstm_sweep.train import build_model, fit, naive_loss, original_unit_errors, predict
+
+RUN_ID_ATTR = "mlflow_run_id"
+RETRY_ATTR = "retry_of"
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def default_storage(root: Path = STORE_ROOT) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(root / 'optuna.db').resolve()}"
+
+
+def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+    seed, startup = cfg.train.seed, cfg.study.n_startup_trials
+    match cfg.study.sampler:
+        case "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+        case "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        case "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
+        case "qmc":
+            return optuna.samplers.QMCSampler(seed=seed)
+        case "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    raise ValueError(f"unknown sampler {cfg.study.sampler!r}")
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    p = cfg.study.pruner
+    match p.type:
+        case "median":
+            return optuna.pruners.MedianPruner(p.n_startup_trials, p.n_warmup_steps)
+        case "hyperband":
+            return optuna.pruners.HyperbandPruner(
+                p.min_resource, cfg.train.max_epochs, p.reduction_factor
+            )
+        case "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(p.min_resource, p.reduction_factor)
+        case "none":
+            return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {p.type!r}")
+
+
+def open_study(cfg: Config, source: str = "study.storage") -> optuna.Study:
+    """Create the study, or load it to resume; an unreachable storage is a ConfigError."""
+    storage = cfg.study.storage or default_storage()
+    try:
+        return optuna.create_study(
+            study_name=cfg.study_name,
+            storage=storage,
+            sampler=make_sampler(cfg),
+            pruner=make_pruner(cfg),
+            direction=cfg.study.direction,
+            load_if_exists=True,
+        )
+    except Exception as exc:  # driver errors vary by database; the user needs the URI and why
+        reason = str(exc).splitlines()[0][:200]
+        raise ConfigError(source, "study.storage", mask_uri(storage), f"unreachable: {reason}")
+
+
+def suggest_params(trial: optuna.Trial, search: Mapping[str, SearchParam]) -> dict[str, Any]:
+    """The search space, in one place: dotted config key -> sampled value."""
+    values: dict[str, Any] = {}
+    for key, p in search.items():
+        if p.type == "categorical":
+            values[key] = trial.suggest_categorical(key, p.choices)
+        elif p.type == "int":
+            step = int(p.step or 1)
+            values[key] = trial.suggest_int(key, int(p.low), int(p.high), step=step, log=p.log)
+        else:
+            values[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+    return values
+
+
+def counted_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def enqueue_retries(study: optuna.Study) -> int:
+    """Queue the settings of every failed trial (a crash, Ctrl-C, a killed worker) that has not
+    been retried yet, so a resumed sweep finishes exactly what was lost."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    lost = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
+    for t in lost:
+        study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number}, skip_if_exists=False)
+    return len(lost)
+
+
+class PruneCallback:
+    """Training callback: report val loss to Optuna each epoch and stop when it says prune."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def on_epoch_end(self, epoch: int, row: Mapping[str, float]) -> str | None:
+        value = row[dg.VAL_LOSS]
+        if not math.isfinite(value):
+            return None  # the loop's own instability check ends the trial
+        self.trial.report(value, epoch)
+        return "pruned" if self.trial.should_prune() else None
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    state: str  # COMPLETE or PRUNED
+    value: float
+    verdict: dg.Verdict
+    metrics: dict[str, float]
+
+
+class Objective:
+    """One trial: sample, train with pruning, judge, and record it all in one nested run."""
+
+    def __init__(self, cfg: Config, data: ForecastData, tracker: Tracker, parent_id: str) -> None:
+        self.cfg, self.data, self.tracker, self.parent_id = cfg, data, tracker, parent_id
+        self.naive_val_loss = naive_loss(data, "val")
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = suggest_params(trial, self.cfg.search)
+        trial_cfg = self.cfg.with_values(values)
+        run_id = self.tracker.start_child(
+            self.parent_id,
+            trial_run_name(trial.number, values),
+            tags={ROLE_TAG: "trial", STUDY_TAG: self.cfg.study_name, TRIAL_TAG: str(trial.number)},
+            params=flatten(trial_cfg.model_dump(mode="json")),
+        )
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        logger = EpochLogger(self.tracker, run_id, self.cfg.tracking.flush_seconds)
+        try:
+            model = build_model(self.data, trial_cfg)
+            history = fit(model, self.data, trial_cfg, [logger, PruneCallback(trial)])
+            logger.flush()
+            summary = self.record(run_id, model, history, trial_cfg)
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            reason = "interrupted by the user" if interrupted else f"{type(exc).__name__}: {exc}"
+            self.tracker.finish(run_id, "FAIL", {"failure_reason": reason[:500]})
+            raise
+        for key in (dg.BEST_EPOCH, dg.EPOCHS_TRAINED):
+            trial.set_user_attr(key, int(summary.metrics[key]))
+        trial.set_user_attr("verdict", summary.verdict.verdict)
+        trial.set_user_attr("verdict_reason", summary.verdict.reason)
+        if summary.state == "PRUNED":
+            raise optuna.TrialPruned(
+                summary.verdict.reason if summary.verdict.verdict == "unstable" else None
+            )
+        return summary.value
+
+    def record(self, run_id: str, model: Any, history: Any, cfg: Config) -> TrialSummary:
+        """Summary metrics, verdict tags and artifacts of a finished training; closes the run."""
+        verdict = dg.judge(
+            history.rows, self.naive_val_loss, cfg.diagnostics.verdict, history.unstable_reason
+        )
+        metrics = {
+            dg.BEST_VAL_LOSS: history.best_val_loss,
+            dg.BEST_EPOCH: history.best_epoch,
+            dg.EPOCHS_TRAINED: history.epochs_trained,
+            dg.NAIVE_VAL_LOSS: self.naive_val_loss,
+            dg.OVERFIT_SCORE: verdict.score,
+            "train_seconds": history.seconds,
+        }
+        if verdict.onset_epoch is not None:
+            metrics[dg.OVERFIT_ONSET] = verdict.onset_epoch
+        if history.best_epoch >= 0:
+            best = history.rows[history.best_epoch]
+            metrics |= {f"best_{k}": best[k] for k in (dg.TRAIN_EVAL_LOSS, dg.GAP) if k in best}
+            metrics |= original_unit_errors(model, self.data, "val")
+        self.tracker.log_summary(run_id, metrics)
+        if cfg.diagnostics.level == "full" and history.best_epoch >= 0:
+            self.log_trial_artifacts(run_id, model, history, verdict)
+        pruned = history.stop_reason in ("pruned", "unstable")
+        state = "PRUNED" if pruned else "COMPLETE"
+        self.tracker.finish(
+            run_id,
+            state,
+            {
+                "verdict": verdict.verdict,
+                "verdict_reason": verdict.reason,
+                "stop_reason": history.stop_reason,
+            },
+        )
+        return TrialSummary(state, history.best_val_loss, verdict, metrics)
+
+    def log_trial_artifacts(
+        self, run_id: str, model: Any, history: Any, verdict: dg.Verdict
+    ) -> None:
+        data, k = self.data, self.cfg.diagnostics.k_worst
+        with self.tracker.artifact_dir() as tmp:
+            folder = Path(tmp)
+            artifacts.loss_curves(
+                history.rows, history.best_epoch, verdict.onset_epoch, folder / "loss_curves.png"
+            )
+            if history.weights:
+                artifacts.weight_histograms(history.weights, folder)
+            spans = {}
+            for part in ("val", "test"):
+                windows = data.part(part)
+                prediction = data.to_original(predict(model, windows.x).cpu().numpy(), windows)
+                truth = data.to_original(windows.y.numpy(), windows)
+                spans[part] = (windows.times[:, 0], truth[:, 0, :], prediction[:, 0, :])
+                if part == "val":
+                    worst = dg.worst_windows(truth, prediction, windows.times, data.targets, k)
+                    worst.to_csv(folder / "worst_val_windows.csv", index=False)
+            artifacts.predictions(spans, data.targets, folder / "predictions.png")
+            self.tracker.log_artifacts(run_id, folder, "diagnostics")
+
+
+class ProgressCallback:
+    """Study callback: keeps a tqdm bar's finished/pruned/failed counts and best value."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        best = _best_value(study)
+        self.bar.set_postfix(
+            finished=states.count(TrialState.COMPLETE),
+            pruned=states.count(TrialState.PRUNED),
+            failed=states.count(TrialState.FAIL),
+            best=f"{best:.4g}" if best is not None else "-",
+            refresh=False,
+        )
+        if trial.state in COUNTED:
+            self.bar.update(1)
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    try:
+        return study.best_value
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def optimize(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    n_trials: int,
+    timeout: float | None,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
+) -> None:
+    """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones."""
+    remaining = n_trials - counted_trials(study)
+    if remaining <= 0:
+        return
+    study.optimize(
+        objective,
+        n_trials=remaining,
+        timeout=timeout,
+        callbacks=[*callbacks, optuna.study.MaxTrialsCallback(n_trials, states=COUNTED)],
+        catch=(),
+    )
+
+
+def torch_threads_per_worker(workers: int) -> int:
+    """Share the cores between worker processes so they do not fight over threads."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def trials_frame(study: optuna.Study) -> Any:
+    """The study's trials as a DataFrame, searched values under their dotted config keys."""
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs"))
+    frame.columns = [c.removeprefix("params_").removeprefix("user_attrs_") for c in frame.columns]
+    return frame
+
+
+def best_values(study: optuna.Study) -> dict[str, Any]:
+    params = study.best_trial.params
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}

@@ -1,0 +1,207 @@
+"""MLflow, and the only module that imports it: the sweep's parent run, one nested run per trial,
+batched metric logging and artifacts.
+
+Everything goes through ``MlflowClient`` with explicit run ids, never the fluent active-run
+stack, so trials in several threads or processes cannot log into each other's runs.
+
+Run status mapping (Optuna trial state -> MLflow run status, plus tag ``optuna.state``):
+COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED. A pruned run is therefore neither an
+ordinary success nor a crash; ``tags.optuna.state = 'PRUNED'`` filters them in the UI.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from lstm_sweep.config import ConfigError
+
+STORE_ROOT = Path("mlruns")  # local stores, relative to the working directory
+ROLE_TAG = "lstm_sweep.role"  # sweep | trial | reevaluation | final
+STUDY_TAG = "optuna.study"
+TRIAL_TAG = "optuna.trial_number"
+STATE_TAG = "optuna.state"
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+BATCH_LIMIT = 1000  # MLflow's cap on entities per log_batch
+T = TypeVar("T")
+
+
+def default_tracking_uri(root: Path = STORE_ROOT) -> str:
+    """MLflow's recommended local default: a SQLite store under mlruns/, artifacts beside it."""
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def mask_uri(uri: str) -> str:
+    """Hide a password inside a URI before it is printed or logged."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", uri)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"dropout": 0.1}}`` -> ``{"model.dropout": 0.1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+def trial_run_name(number: int, values: Mapping[str, Any]) -> str:
+    """Reads well in the UI's run list: ``trial 007 dropout=0.21 weight_decay=3.1e-04``."""
+    parts = [f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in values.items()]
+    return " ".join([f"trial {number:03d}", *parts])
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2e}" if value != 0 and abs(value) < 1e-2 else f"{value:.3g}"
+    return str(value)
+
+
+def _chunks(items: list[T], size: int = BATCH_LIMIT) -> Iterable[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def with_retries(call: Callable[[], T], attempts: int = 4, first_wait: float = 0.5) -> T:
+    """Retry a tracking call with exponential backoff: a server that blinks loses nothing."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (MlflowException, OSError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(first_wait * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+class Tracker:
+    """One MLflow experiment and the runs of one sweep in it."""
+
+    def __init__(self, uri: str | None, experiment: str, source: str = "tracking.uri") -> None:
+        self.uri = uri or default_tracking_uri()
+        self.client = MlflowClient(self.uri, registry_uri=self.uri)
+        try:
+            self.experiment_id = self._experiment(experiment)
+        except Exception as exc:  # any driver or HTTP error means the same to the user
+            reason = str(exc).splitlines()[0][:200]
+            raise ConfigError(source, "tracking.uri", mask_uri(self.uri), f"unreachable: {reason}")
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):  # keep artifacts beside the local store
+            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def ui_command(self) -> str:
+        return f"mlflow ui --backend-store-uri {mask_uri(self.uri)}"
+
+    def open_parent(self, study_name: str, config: Mapping[str, Any]) -> str:
+        """The sweep's parent run: resumed if this study already has one, created otherwise."""
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{STUDY_TAG}` = '{study_name}'",
+            max_results=1,
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=study_name,
+            tags={ROLE_TAG: "sweep", STUDY_TAG: study_name},
+        )
+        self.log_params(run.info.run_id, flatten(config))
+        return run.info.run_id
+
+    def start_child(
+        self, parent_id: str, name: str, tags: Mapping[str, str], params: Mapping[str, Any]
+    ) -> str:
+        run = with_retries(
+            lambda: self.client.create_run(
+                self.experiment_id,
+                run_name=name,
+                tags={MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, **tags},
+            )
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, mask_uri(str(v))) for k, v in params.items()]
+        for chunk in _chunks(items, 100):
+            with_retries(lambda c=chunk: self.client.log_batch(run_id, params=c))
+
+    def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        for chunk in _chunks(metrics):
+            with_retries(lambda c=chunk: self.client.log_batch(run_id, metrics=c))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        with_retries(lambda: self.client.log_batch(run_id, tags=items))
+
+    def log_summary(self, run_id: str, values: Mapping[str, float]) -> None:
+        """Single-value metrics (no step), e.g. best_val_loss."""
+        now = int(time.time() * 1000)
+        self.log_metrics(run_id, [Metric(k, float(v), now, 0) for k, v in values.items()])
+
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        with_retries(lambda: self.client.log_artifacts(run_id, str(folder), artifact_path))
+
+    def finish(self, run_id: str, state: str, tags: Mapping[str, Any] | None = None) -> None:
+        """Close a run; ``state`` is an Optuna state name, mapped by :data:`RUN_STATUS`."""
+        self.set_tags(run_id, {STATE_TAG: state, **(tags or {})})
+        with_retries(lambda: self.client.set_terminated(run_id, RUN_STATUS[state]))
+
+    def close_stale_children(self, parent_id: str, reason: str) -> int:
+        """End child runs still RUNNING from a worker that died: no run stays RUNNING."""
+        stale = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
+        )
+        for run in stale:
+            self.finish(run.info.run_id, "FAIL", {"failure_reason": reason})
+        return len(stale)
+
+    def artifact_dir(self) -> tempfile.TemporaryDirectory[str]:
+        return tempfile.TemporaryDirectory(prefix="lstm_sweep_")
+
+
+class EpochLogger:
+    """Training callback: buffers each epoch's row and writes it in few batched calls."""
+
+    def __init__(self, tracker: Tracker, run_id: str, flush_seconds: float) -> None:
+        self.tracker, self.run_id, self.flush_seconds = tracker, run_id, flush_seconds
+        self.pending: list[Metric] = []
+        self.last_flush = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, row: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, epoch) for k, v in row.items()]
+        if time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.tracker.log_metrics(self.run_id, self.pending)
+        self.pending, self.last_flush = [], time.monotonic()
+
+
+def terminal_status(status: str) -> bool:
+    return RunStatus.is_terminated(RunStatus.from_string(status))
