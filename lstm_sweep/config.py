@@ -156,6 +156,11 @@ class DiagnosticsConfig(_Section):
     dead_std: float = Field(1e-3, ge=0)  # a unit whose output std is below this never moves
     verdict: VerdictRules = VerdictRules()
 
+    @field_validator("level", mode="before")
+    @classmethod
+    def _yaml_off_is_false(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
 
 class Config(_Section):
     experiment: str = "lstm_sweep"  # MLflow experiment, and the default study name
@@ -180,7 +185,9 @@ class Config(_Section):
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
+    section, _, rest = key.partition(".")
+    # a search entry's name is itself a dotted key: `search.model.dropout={type: ...}`
+    *parents, leaf = [section, rest] if section == "search" and rest else key.split(".")
     node = raw
     for part in parents:
         child = node.get(part)

@@ -207,7 +207,7 @@ def load_forecast_data(cfg: DataConfig) -> ForecastData:
     frame = _fill_missing(frame, columns, cfg.missing, source)
     times = _parse_time(frame, cfg, source).to_numpy()
     levels = frame[cfg.targets].to_numpy(dtype=float)  # original units, row-aligned
-    values = frame[columns].to_numpy(dtype=float)
+    values = frame[columns].to_numpy(dtype=float, copy=True)
 
     if cfg.transform == "log":
         if (levels <= 0).any():

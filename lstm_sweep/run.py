@@ -8,6 +8,7 @@ first run or trial exists, and reported as one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from lstm_sweep.report import format_summary, output_dir, summarise, write_best_
 from lstm_sweep.study import (
     Objective,
     ProgressCallback,
+    StopStudy,
     counted_trials,
     enqueue_retries,
     open_study,
@@ -55,6 +57,30 @@ examples:
 
 A rerun of the same command resumes the study: it completes only the trials that are missing.
 """
+
+
+class GracefulStop:
+    """First Ctrl-C: finish the current epoch, close the trial as failed (it is retried on the
+    next run) and exit 130. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> GracefulStop:
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this epoch (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __call__(self) -> bool:
+        return self.requested
 
 
 @dataclass
@@ -98,18 +124,22 @@ def run_sweep(sweep: Sweep, progress: bool = True) -> str:
     torch.set_num_threads(torch_threads_per_worker(cfg.study.workers))
     parent_id = tracker.open_parent(cfg.study_name, cfg.model_dump(mode="json"))
     enqueue_retries(study)
-    objective = Objective(cfg, sweep.data, tracker, parent_id)
     bar = tqdm(
         total=cfg.study.n_trials, initial=counted_trials(study), desc=cfg.study_name,
         unit="trial", disable=not progress, file=sys.stderr,
     )
-    try:
-        optimize(study, objective, cfg.study.n_trials, cfg.study.timeout, [ProgressCallback(bar)])
-    except KeyboardInterrupt:
-        tracker.finish(parent_id, "FAIL", {"failure_reason": "interrupted by the user"})
-        raise
-    finally:
-        bar.close()
+    with GracefulStop() as stop:
+        objective = Objective(cfg, sweep.data, tracker, parent_id, stop)
+        callbacks = [ProgressCallback(bar), StopStudy(stop)]
+        try:
+            optimize(study, objective, cfg.study.n_trials, cfg.study.timeout, callbacks)
+            if stop.requested:  # asked between two trials
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            tracker.finish(parent_id, "FAIL", {"failure_reason": "interrupted by the user"})
+            raise
+        finally:
+            bar.close()
     return finish_sweep(sweep, parent_id)
 
 

@@ -35,7 +35,7 @@ RUN_ID_ATTR = "mlflow_run_id"
 RETRY_ATTR = "retry_of"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # we report trials ourselves
 
 
 def default_storage(root: Path = STORE_ROOT) -> str:
@@ -135,6 +135,16 @@ class PruneCallback:
         return "pruned" if self.trial.should_prune() else None
 
 
+class StopCallback:
+    """Training callback: end the epoch loop when the user asked the sweep to stop (Ctrl-C)."""
+
+    def __init__(self, stop_requested: Callable[[], bool]) -> None:
+        self.stop_requested = stop_requested
+
+    def on_epoch_end(self, epoch: int, row: Mapping[str, float]) -> str | None:
+        return "interrupted" if self.stop_requested() else None
+
+
 @dataclass(frozen=True)
 class TrialSummary:
     state: str  # COMPLETE or PRUNED
@@ -146,8 +156,16 @@ class TrialSummary:
 class Objective:
     """One trial: sample, train with pruning, judge, and record it all in one nested run."""
 
-    def __init__(self, cfg: Config, data: ForecastData, tracker: Tracker, parent_id: str) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        data: ForecastData,
+        tracker: Tracker,
+        parent_id: str,
+        stop_requested: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.cfg, self.data, self.tracker, self.parent_id = cfg, data, tracker, parent_id
+        self.stop_requested = stop_requested
         self.naive_val_loss = naive_loss(data, "val")
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -163,8 +181,11 @@ class Objective:
         logger = EpochLogger(self.tracker, run_id, self.cfg.tracking.flush_seconds)
         try:
             model = build_model(self.data, trial_cfg)
-            history = fit(model, self.data, trial_cfg, [logger, PruneCallback(trial)])
+            stop = StopCallback(self.stop_requested)
+            history = fit(model, self.data, trial_cfg, [logger, PruneCallback(trial), stop])
             logger.flush()
+            if history.stop_reason == "interrupted":
+                raise KeyboardInterrupt
             summary = self.record(run_id, model, history, trial_cfg)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
@@ -258,6 +279,17 @@ class ProgressCallback:
         )
         if trial.state in COUNTED:
             self.bar.update(1)
+
+
+class StopStudy:
+    """Study callback: no new trial once the user asked the sweep to stop."""
+
+    def __init__(self, stop_requested: Callable[[], bool]) -> None:
+        self.stop_requested = stop_requested
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.stop_requested():
+            study.stop()
 
 
 def _best_value(study: optuna.Study) -> float | None:

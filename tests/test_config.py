@@ -1,0 +1,118 @@
+"""Sweep files: the shipped ones load; every kind of bad input is one clear ConfigError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lstm_sweep.config import ConfigError, load_config, parse_override
+from tests.conftest import FORECAST, QUICK, ROOT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+data:
+  path: {data}
+  time_column: date
+  target: co2
+"""
+
+
+@pytest.mark.parametrize("sweep", [FORECAST, QUICK])
+def test_shipped_sweep_files_load_and_resolve_data_path_against_their_folder(sweep: Path) -> None:
+    cfg = load_config(sweep)
+    assert cfg.data.path == ROOT / "sweeps" / "data" / "co2_weekly.csv"
+    assert cfg.data.path.is_file()
+    assert {"model.dropout", "train.weight_decay", "train.learning_rate"} <= set(cfg.search)
+
+
+def test_overrides_are_typed_as_yaml() -> None:
+    cfg = load_config(QUICK, ["study.n_trials=5", "train.learning_rate=3e-3", "data.target=[co2]"])
+    assert cfg.study.n_trials == 5
+    assert cfg.train.learning_rate == pytest.approx(3e-3)
+    assert cfg.data.targets == ["co2"]
+
+
+def test_with_values_puts_sampled_values_in_and_validates_again() -> None:
+    cfg = load_config(QUICK)
+    trial = cfg.with_values({"model.dropout": 0.3, "model.hidden_size": 16})
+    assert (trial.model.dropout, trial.model.hidden_size) == (0.3, 16)
+    assert cfg.model.dropout == 0.0  # the base config is untouched
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("data: [unclosed", "", "malformed YAML at line 1"),
+        ("- just\n- a list", "", "must be a mapping"),
+        (BASE + "modle:\n  dropout: 0.1\n", "modle", "did you mean 'model'"),
+        (BASE + "model:\n  hiden_size: 8\n", "model.hiden_size", "did you mean 'model.hidden_size'"),
+        (BASE + "model:\n  hidden_size: lots\n", "model.hidden_size", "valid integer"),
+        (BASE + "model:\n  dropout: 1.5\n", "model.dropout", "less than 1"),
+        (BASE + "train:\n  learning_rate: 0\n", "train.learning_rate", "greater than 0"),
+        (BASE + "  split: [0.5, 0.2, 0.2]\n", "data.split", "add up to 1"),
+        (
+            BASE + "search:\n  model.dropout: {type: float, low: 0.4, high: 0.1}\n",
+            "search.model.dropout",
+            "`low <= high` must hold",
+        ),
+        (
+            BASE + "search:\n  model.hidden_size: {type: categorical, choices: []}\n",
+            "search.model.hidden_size",
+            "non-empty list",
+        ),
+        (
+            BASE + "search:\n  model.dropout: {type: float, low: 0.0, high: 1.5}\n",
+            "search.model.dropout",
+            "out of range",
+        ),
+        (
+            BASE + "search:\n  model.dropuot: {type: float, low: 0.0, high: 0.5}\n",
+            "search.model.dropuot",
+            "did you mean 'model.dropout'",
+        ),
+        (
+            BASE + "search:\n  study.n_trials: {type: int, low: 1, high: 5}\n",
+            "search.study.n_trials",
+            "cannot be searched",
+        ),
+        (
+            BASE + "search:\n  train.weight_decay: {type: float, low: 0.0, high: 0.1, log: true}\n",
+            "search.train.weight_decay",
+            "`low > 0` must hold",
+        ),
+        ("experiment: x\n", "data", "required key is missing"),
+    ],
+)
+def test_bad_sweep_files_name_file_key_and_rule(
+    tmp_path: Path, text: str, key: str, fragment: str
+) -> None:
+    path = write(tmp_path, text.replace("{data}", str(ROOT / "sweeps" / "data" / "co2_weekly.csv")))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert caught.value.key == key
+    assert message.startswith(str(path))
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_missing_sweep_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such sweep file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_override_without_equals_sign_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("study.n_trials")
+
+
+def test_unknown_override_key_is_caught_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'train.max_epochs'"):
+        load_config(QUICK, ["train.max_epoch=3"])

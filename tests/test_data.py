@@ -1,0 +1,125 @@
+"""Loading, splitting, scaling and windowing: chronological, leak-free, exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.preprocessing import StandardScaler
+
+from lstm_sweep.config import ConfigError, load_config
+from lstm_sweep.data import cut_windows, fit_scaler, load_forecast_data, split_bounds
+from tests.conftest import write_series, write_sweep
+
+
+def load(tmp_path: Path, values: np.ndarray, **data: object):
+    csv = write_series(tmp_path / "series.csv", values)
+    cfg = load_config(write_sweep(tmp_path / "sweep.yaml", csv, data=data))
+    return load_forecast_data(cfg.data)
+
+
+def test_scaler_is_fit_on_train_only(tmp_path: Path) -> None:
+    values = np.arange(200, dtype=float) ** 1.5  # a trend: train and later parts differ
+    data = load(tmp_path, values, split=[0.6, 0.2, 0.2])
+    val_start, _ = split_bounds(200, [0.6, 0.2, 0.2])
+    expected = StandardScaler().fit(values[:val_start, None])
+    assert data.scaler.center[0] == pytest.approx(expected.mean_[0])
+    assert data.scaler.scale[0] == pytest.approx(expected.scale_[0])
+
+
+def test_windows_never_look_forward_across_parts(tmp_path: Path) -> None:
+    values = np.sin(np.arange(300) / 5.0)
+    data = load(tmp_path, values, window=10, horizon=3)
+    last_train_target = data.train.times.max()
+    first_val_target = data.val.times.min()
+    assert last_train_target < first_val_target
+    assert data.val.times.max() < data.test.times.min()
+    # the first validation window reads the last 10 training rows: history, not the future
+    val_start, _ = split_bounds(300, [0.7, 0.15, 0.15])
+    tail = data.scaler.transform(values[val_start - 10 : val_start, None])[:, 0]
+    assert np.allclose(data.val.x[0, :, 0].numpy(), tail, atol=1e-6)
+
+
+def test_cut_windows_pairs_inputs_with_the_following_steps() -> None:
+    values = np.arange(20, dtype=float)[:, None] * np.array([[1.0, 10.0]])  # target, feature
+    x, y, first = cut_windows(values, targets=1, window=3, horizon=2, start=10, stop=15)
+    assert first.tolist() == [10, 11, 12, 13]
+    assert x[0, :, 0].tolist() == [7.0, 8.0, 9.0]  # the three rows before the first target
+    assert x[0, :, 1].tolist() == [70.0, 80.0, 90.0]
+    assert y[0, :, 0].tolist() == [10.0, 11.0]
+    assert y[-1, :, 0].tolist() == [13.0, 14.0]  # the last window ends inside the part
+
+
+@pytest.mark.parametrize("transform", ["none", "log", "diff"])
+def test_targets_round_trip_to_original_units(tmp_path: Path, transform: str) -> None:
+    rng = np.random.default_rng(0)
+    values = 50 + np.cumsum(rng.normal(0.1, 1.0, 300))
+    data = load(tmp_path, values, window=6, horizon=3, transform=transform, scaler="minmax")
+    for part in ("train", "val", "test"):
+        windows = data.part(part)
+        original = data.to_original(windows.y.numpy().astype(float), windows)
+        frame = pd.Series(values, index=pd.date_range("2000-01-01", periods=300, freq="W"))
+        expected = frame.loc[windows.times.ravel()].to_numpy().reshape(windows.times.shape)
+        assert np.allclose(original[:, :, 0], expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("transform", ["none", "diff"])
+def test_naive_forecast_repeats_the_last_observed_value(tmp_path: Path, transform: str) -> None:
+    values = np.cos(np.arange(200) / 3.0) * 5 + 20
+    data = load(tmp_path, values, window=5, horizon=2, transform=transform)
+    windows = data.val
+    naive = data.to_original(data.naive_forecast(windows).numpy().astype(float), windows)
+    last_seen = windows.last_level[:, 0]
+    assert np.allclose(naive[:, 0, 0], last_seen, atol=1e-4)
+    assert np.allclose(naive[:, 1, 0], last_seen, atol=1e-4)
+
+
+def test_fit_scaler_kinds_invert_exactly() -> None:
+    train = np.random.default_rng(1).normal(3, 2, (50, 2))
+    for kind in ("standard", "minmax", "robust", "none"):
+        scaler = fit_scaler(kind, train)
+        assert np.allclose(scaler.inverse(scaler.transform(train), [0, 1]), train)
+    assert np.allclose(fit_scaler("minmax", train).transform(train).min(axis=0), 0.0)
+
+
+def test_missing_values_are_interpolated_when_asked(tmp_path: Path) -> None:
+    values = np.arange(100, dtype=float)
+    values[40] = np.nan
+    data = load(tmp_path, values, missing="interpolate", scaler="none")
+    assert not np.isnan(data.train.x.numpy()).any()
+    assert 40.0 in data.train.y.numpy()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "data", "key", "fragment"),
+    [
+        (lambda f: f.drop(columns="y"), {}, "data.target", "no such column"),
+        (lambda f: f.assign(y="a"), {}, "data.target", "not numeric"),
+        (lambda f: f.assign(y=f.y.where(f.index != 3)), {}, "data.missing", "missing values"),
+        (lambda f: f.iloc[::-1], {}, "data.time_column", "not sorted"),
+        (lambda f: f.assign(date=f.date.where(f.index != 5, f.date[4])), {}, "data.time_column",
+         "appears twice"),
+        (lambda f: f.head(25), {"window": 20}, "data.window", "too few rows"),
+        (lambda f: f, {"features": ["nope"]}, "data.features", "no such column"),
+        (lambda f: f.assign(y=-f.y), {"transform": "log"}, "data.transform", "must be > 0"),
+    ],
+)
+def test_bad_data_names_file_key_and_value(
+    tmp_path: Path, mutate, data: dict, key: str, fragment: str
+) -> None:
+    csv = write_series(tmp_path / "series.csv", np.arange(1.0, 101.0))
+    mutate(pd.read_csv(csv)).to_csv(csv, index=False)
+    cfg = load_config(write_sweep(tmp_path / "sweep.yaml", csv, data=data))
+    with pytest.raises(ConfigError) as caught:
+        load_forecast_data(cfg.data)
+    assert caught.value.key == key
+    assert str(csv) in str(caught.value)
+    assert fragment in str(caught.value)
+
+
+def test_missing_data_file_is_a_config_error(tmp_path: Path) -> None:
+    cfg = load_config(write_sweep(tmp_path / "sweep.yaml", tmp_path / "absent.csv"))
+    with pytest.raises(ConfigError, match="no such data file"):
+        load_forecast_data(cfg.data)

@@ -1,0 +1,102 @@
+"""Diagnostics against numbers computed by hand or directly with torch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lstm_sweep import diagnostics as dg
+from lstm_sweep.config import ModelConfig, VerdictRules
+from lstm_sweep.model import LSTMForecaster
+
+
+def test_honest_gap_is_difference_and_ratio() -> None:
+    assert dg.honest_gap(0.5, 0.75) == {dg.GAP: 0.25, dg.GAP_RATIO: 1.5}
+
+
+def small_model() -> LSTMForecaster:
+    torch.manual_seed(3)
+    return LSTMForecaster(2, 1, 2, ModelConfig(hidden_size=3))
+
+
+def test_gradient_statistics_equal_direct_torch_computation() -> None:
+    model = small_model()
+    loss = model(torch.randn(5, 4, 2)).pow(2).mean()
+    loss.backward()
+    named = [(n, p.grad) for n, p in model.named_parameters()]
+    by_group = dg.grad_norms_by_group(named)
+    expected_recurrent = model.lstm.weight_hh_l0.grad.norm()
+    assert by_group[1] == pytest.approx(float(expected_recurrent), rel=1e-5)
+    biases = torch.cat([model.lstm.bias_ih_l0.grad, model.lstm.bias_hh_l0.grad, model.head.bias.grad])
+    assert by_group[2] == pytest.approx(float(biases.norm()), rel=1e-5)
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert float(by_group.norm()) == pytest.approx(float(total), rel=1e-5)
+
+    steps = torch.tensor([0.5, 2.0, 1.5, 0.25])
+    summary = dg.gradient_summary(steps, grad_clip=1.0, group_norms=torch.ones(4, 4))
+    assert summary[dg.GRAD_NORM_MEAN] == pytest.approx(1.0625)
+    assert summary[dg.GRAD_NORM_MAX] == 2.0
+    assert summary[dg.CLIP_FRACTION] == 0.5
+    assert summary["grad_norm_head"] == 1.0
+
+
+def test_weight_statistics_equal_direct_torch_computation() -> None:
+    model = small_model()
+    stats = dg.weight_stats(dg.group_values(model))
+    w = model.head.weight.detach().reshape(-1)
+    assert stats["weight_head_norm"] == pytest.approx(float(w.norm()))
+    assert stats["weight_head_mean"] == pytest.approx(float(w.mean()))
+    assert stats["weight_head_std"] == pytest.approx(float(w.std()))
+    assert stats["weight_head_max_abs"] == pytest.approx(float(w.abs().max()))
+    assert stats["weight_head_q50"] == pytest.approx(float(np.percentile(w.numpy(), 50)))
+    assert stats["weight_head_q95"] == pytest.approx(float(np.percentile(w.numpy(), 95)))
+
+
+def test_hidden_statistics_by_hand() -> None:
+    h = torch.tensor([[[0.99, 0.0, 0.5]], [[-0.98, 0.0, -0.5]]])  # (2 samples, 1 step, 3 units)
+    stats = dg.hidden_stats([h], saturation=0.95, dead_std=1e-3)
+    assert stats["hidden_mean_abs_l0"] == pytest.approx((0.99 + 0.98 + 1.0) / 6)
+    assert stats["hidden_saturated_l0"] == pytest.approx(2 / 6)
+    assert stats["hidden_dead_l0"] == pytest.approx(1 / 3)  # the unit stuck at 0
+
+
+def rows(val: list[float], train: list[float]) -> list[dict[str, float]]:
+    return [{dg.VAL_LOSS: v, dg.TRAIN_EVAL_LOSS: t, dg.TRAIN_LOSS: t} for v, t in zip(val, train)]
+
+
+def test_onset_is_the_best_epoch_when_val_rises_while_train_falls() -> None:
+    assert dg.overfit_onset([1.0, 0.5, 0.6, 0.7], [1.0, 0.5, 0.4, 0.3]) == 1
+    assert dg.overfit_onset([1.0, 0.5, 0.4, 0.3], [1.0, 0.5, 0.4, 0.3]) is None
+    assert dg.overfit_onset([1.0, 0.5, 0.6], [1.0, 0.5, 0.6]) is None  # train rose too
+    assert dg.overfit_score([1.0, 0.5, 0.6]) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    ("val", "train", "naive", "unstable", "expected"),
+    [
+        ([1.0, 0.5, 0.6, 0.7], [1.0, 0.4, 0.3, 0.2], 2.0, None, "overfitting"),
+        ([1.0, 0.5, 0.45, 0.44], [1.0, 0.5, 0.45, 0.44], 2.0, None, "healthy"),
+        ([1.0, 0.99, 0.98], [1.0, 0.99, 0.98], 1.0, None, "underfitting"),
+        ([1.0, math.nan], [1.0, math.nan], 2.0, "val_loss became nan", "unstable"),
+    ],
+)
+def test_judge_applies_the_documented_rules(val, train, naive, unstable, expected) -> None:
+    verdict = dg.judge(rows(val, train), naive, VerdictRules(), unstable)
+    assert verdict.verdict == expected
+    assert verdict.reason
+    if expected == "overfitting":
+        assert verdict.onset_epoch == 1
+        assert "40.0%" in verdict.reason
+
+
+def test_worst_windows_are_ranked_by_mean_absolute_error() -> None:
+    truth = np.zeros((4, 2, 1))
+    prediction = np.array([1.0, 3.0, 0.0, 2.0])[:, None, None] * np.ones((4, 2, 1))
+    times = np.array([["a", "b"], ["c", "d"], ["e", "f"], ["g", "h"]])
+    table = dg.worst_windows(truth, prediction, times, ["y"], k=2)
+    assert table["window"].tolist() == [1, 3]
+    assert table["start"].tolist() == ["c", "g"]
+    assert table["mae"].tolist() == [3.0, 2.0]
