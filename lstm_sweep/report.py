@@ -17,8 +17,11 @@ import pandas as pd
 import yaml
 
 from lstm_sweep import diagnostics as dg
-from lstm_sweep.config import Config, ConfigError, load_config
+from lstm_sweep.config import Config, ConfigError
+from lstm_sweep.study import trials_frame
+from lstm_sweep.sweep import Sweep, prepare
 from lstm_sweep.tracking import STORE_ROOT
+from lstm_sweep.train import naive_loss
 
 SUMMARY_COLUMNS = [
     "number", "state", "value", "verdict", dg.BEST_EPOCH, dg.EPOCHS_TRAINED,
@@ -105,28 +108,37 @@ def format_summary(summary: SweepSummary, ui_command: str, top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from lstm_sweep.data import load_forecast_data
-    from lstm_sweep.study import open_study, trials_frame
-    from lstm_sweep.tracking import Tracker
-    from lstm_sweep.train import naive_loss
+def finish(sweep: Sweep, parent_id: str) -> str:
+    """Build the sweep's report from the stores, attach it to the parent run and close it."""
+    cfg, tracker = sweep.cfg, sweep.tracker
+    summary = summarise(
+        trials_frame(sweep.study), list(cfg.search), naive_loss(sweep.data), cfg.study.direction
+    )
+    folder = output_dir(cfg)
+    (folder / "resolved_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    summary.table.to_csv(folder / "trials.csv", index=False)
+    if summary.best_number is not None and summary.best_value is not None:
+        write_best_config(cfg, summary.best_values, folder / "best_config.yaml")
+        tracker.log_summary(parent_id, {"best_val_loss": summary.best_value})
+        tracker.set_tags(parent_id, {"best_trial": summary.best_number})
+    tracker.log_summary(parent_id, {"naive_val_loss": summary.naive_val_loss})
+    tracker.log_artifacts(parent_id, folder, "report")
+    tracker.finish(parent_id, "COMPLETE")
+    return format_summary(summary, tracker.ui_command()) + f"\nReport files: {folder}"
 
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lstm_sweep.report", description=__doc__)
     parser.add_argument("sweep", help="the sweep's YAML file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.sweep, args.set)
-        data = load_forecast_data(cfg.data)
-        tracker = Tracker(cfg.tracking.uri, cfg.experiment, args.sweep)
-        study = open_study(cfg, args.sweep)
+        sweep = prepare(args.sweep, args.set)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = summarise(
-        trials_frame(study), list(cfg.search), naive_loss(data), cfg.study.direction
-    )
-    print(format_summary(summary, tracker.ui_command()))
+    parent_id = sweep.tracker.open_parent(sweep.cfg.study_name, sweep.cfg.model_dump(mode="json"))
+    print(finish(sweep, parent_id))
     return 0
 
 

@@ -3,8 +3,12 @@ the objective that turns one trial into one trained, tracked model."""
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
+import time
+import warnings
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from lstm_sweep import artifacts
@@ -32,7 +37,10 @@ from lstm_sweep.tracking import (
 from lstm_sweep.train import build_model, fit, naive_loss, original_unit_errors, predict
 
 RUN_ID_ATTR = "mlflow_run_id"
-RETRY_ATTR = "retry_of"
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+HEARTBEAT_SECONDS = 5  # a running trial's worker writes a heartbeat this often
+GRACE_SECONDS = 20  # a trial without a heartbeat this long belongs to a lost worker
+MAX_RETRY = 2  # a trial's settings are retried at most this often, so a crash cannot loop
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # we report trials ourselves
@@ -43,8 +51,14 @@ def default_storage(root: Path = STORE_ROOT) -> str:
     return f"sqlite:///{(root / 'optuna.db').resolve()}"
 
 
-def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
-    seed, startup = cfg.train.seed, cfg.study.n_startup_trials
+def storage_url(cfg: Config) -> str:
+    return cfg.study.storage or default_storage()
+
+
+def make_sampler(cfg: Config, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded with train.seed (plus an offset per parallel worker, or
+    every worker would propose the same settings)."""
+    seed, startup = cfg.train.seed + seed_offset, cfg.study.n_startup_trials
     match cfg.study.sampler:
         case "tpe":
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
@@ -75,21 +89,81 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     raise ValueError(f"unknown pruner {p.type!r}")
 
 
-def open_study(cfg: Config, source: str = "study.storage") -> optuna.Study:
+def make_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None):
+    """An RDB storage with heartbeats, so a killed worker's trial is failed and retried."""
+    if not url.startswith(RDB_SCHEMES):
+        return url  # e.g. a journal storage given by the user as an object elsewhere
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=GRACE_SECONDS,
+        heartbeat_stale_trial_callback=on_stale,
+    )
+
+
+def open_study(
+    cfg: Config,
+    source: str = "study.storage",
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    seed_offset: int = 0,
+) -> optuna.Study:
     """Create the study, or load it to resume; an unreachable storage is a ConfigError."""
-    storage = cfg.study.storage or default_storage()
+    url = storage_url(cfg)
     try:
         return optuna.create_study(
             study_name=cfg.study_name,
-            storage=storage,
-            sampler=make_sampler(cfg),
+            storage=make_storage(url, on_stale),
+            sampler=make_sampler(cfg, seed_offset),
             pruner=make_pruner(cfg),
             direction=cfg.study.direction,
             load_if_exists=True,
         )
     except Exception as exc:  # driver errors vary by database; the user needs the URI and why
         reason = str(exc).splitlines()[0][:200]
-        raise ConfigError(source, "study.storage", mask_uri(storage), f"unreachable: {reason}")
+        raise ConfigError(source, "study.storage", mask_uri(url), f"unreachable: {reason}")
+
+
+class StudyLock:
+    """A lock shared by every worker of a study, on any host that reaches its storage.
+
+    It makes "count the trials, then start one" atomic, so N workers finish exactly n_trials:
+    a PostgreSQL advisory lock on the Optuna database, or a file lock beside a SQLite file.
+    """
+
+    def __init__(self, url: str, study_name: str) -> None:
+        self.url, self.key = url, zlib.crc32(study_name.encode())
+        self._release: Callable[[], None] | None = None
+
+    def acquire(self) -> None:
+        if self.url.startswith("sqlite:///"):
+            handle = open(self.url.removeprefix("sqlite:///") + ".lock", "a")  # noqa: SIM115
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._release = handle.close  # closing drops the flock
+        elif self.url.startswith("postgresql"):
+            engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+            connection = engine.connect()
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+
+            def release() -> None:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+                connection.close()
+                engine.dispose()
+
+            self._release = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    def __enter__(self) -> StudyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def suggest_params(trial: optuna.Trial, search: Mapping[str, SearchParam]) -> dict[str, Any]:
@@ -110,15 +184,32 @@ def counted_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
-def enqueue_retries(study: optuna.Study) -> int:
-    """Queue the settings of every failed trial (a crash, Ctrl-C, a killed worker) that has not
-    been retried yet, so a resumed sweep finishes exactly what was lost."""
+def retry_failed(study: optuna.Study, max_retry: int = MAX_RETRY) -> int:
+    """Queue the settings of every failed trial (a crash, Ctrl-C, a lost worker) not yet
+    retried, so a resumed sweep finishes exactly what was lost; Optuna's own retry callback
+    records which trial each retry replaces."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     lost = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
-    for t in lost:
-        study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number}, skip_if_exists=False)
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
+    for trial in lost:
+        retry(study, trial)
     return len(lost)
+
+
+class StaleTrialHandler:
+    """Storage callback for a trial whose worker stopped beating: close its MLflow run as
+    failed, then queue it again with the same settings."""
+
+    def __init__(self, tracker: Tracker, max_retry: int = MAX_RETRY) -> None:
+        self.tracker = tracker
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            self.tracker.finish(run_id, "FAIL", {"failure_reason": "worker lost (no heartbeat)"})
+        self.retry(study, trial)
 
 
 class PruneCallback:
@@ -281,17 +372,6 @@ class ProgressCallback:
             self.bar.update(1)
 
 
-class StopStudy:
-    """Study callback: no new trial once the user asked the sweep to stop."""
-
-    def __init__(self, stop_requested: Callable[[], bool]) -> None:
-        self.stop_requested = stop_requested
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.stop_requested():
-            study.stop()
-
-
 def _best_value(study: optuna.Study) -> float | None:
     try:
         return study.best_value
@@ -303,20 +383,42 @@ def optimize(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], float],
     n_trials: int,
-    timeout: float | None,
+    lock: StudyLock,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
+    timeout: float | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    poll_seconds: float = 1.0,
 ) -> None:
-    """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones."""
-    remaining = n_trials - counted_trials(study)
-    if remaining <= 0:
-        return
-    study.optimize(
-        objective,
-        n_trials=remaining,
-        timeout=timeout,
-        callbacks=[*callbacks, optuna.study.MaxTrialsCallback(n_trials, states=COUNTED)],
-        catch=(),
-    )
+    """This worker's loop: run trials until the study holds ``n_trials`` finished (complete or
+    pruned) ones, alone or beside other workers on the same storage.
+
+    Counting and starting a trial happen under ``lock``, and trials that other workers are
+    running count as taken, so the study ends with exactly ``n_trials``; a worker that finds
+    all remaining trials taken waits, in case one of them is lost and comes back for retry.
+    """
+    deadline = time.monotonic() + timeout if timeout else math.inf
+    while time.monotonic() < deadline and not stop_requested():
+        lock.acquire()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a lost worker's trial is retried
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            finished = sum(states.count(s) for s in COUNTED)
+            if finished >= n_trials:
+                return
+            if finished + states.count(TrialState.RUNNING) >= n_trials:
+                lock.release()
+                time.sleep(poll_seconds)
+                continue
+
+            def run_released(trial: optuna.Trial) -> float:
+                lock.release()  # the trial is RUNNING in storage now: others see it as taken
+                return objective(trial)
+
+            study.optimize(run_released, n_trials=1, callbacks=callbacks, catch=())
+        finally:
+            lock.release()
 
 
 def torch_threads_per_worker(workers: int) -> int:

@@ -178,7 +178,7 @@ def test_ctrl_c_then_rerun_finishes_the_study_with_nothing_lost(stores: Path) ->
     counted = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(counted) == 5
     assert {t.number: t.params for t in counted if t.number in finished_before} == finished_before
-    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted.number]
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == interrupted.number]
     assert len(retry) == 1 and retry[0].params == interrupted.params
     runs = trial_runs(client, experiment)
     assert all(r.info.status != "RUNNING" for r in runs)
