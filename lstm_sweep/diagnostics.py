@@ -7,15 +7,16 @@ pruner, the report and the tests all use these constants.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from lstm_sweep.config import VerdictRules
+from lstm_sweep.config import Config, SearchParam, VerdictRules
 from lstm_sweep.model import GROUPS, parameter_group
 
 TRAIN_LOSS = "train_loss"  # running mean over the epoch's steps: dropout on, weights moving
@@ -190,3 +191,50 @@ def worst_windows(
             row[f"{name}_pred"] = prediction[i, :, t].round(6).tolist()
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that cannot do what the user probably thinks they do."""
+    warnings = []
+    layers = cfg.search.get("model.num_layers")
+    can_stack = cfg.model.num_layers > 1 or (layers is not None and max(layers.bounds()) > 1)
+    if not can_stack and (cfg.model.dropout > 0 or "model.dropout" in cfg.search):
+        warnings.append(
+            "model.dropout is nn.LSTM's dropout between layers: with num_layers = 1 it does"
+            " nothing; use model.head_dropout or more layers"
+        )
+    optimizers = cfg.search.get("train.optimizer")
+    uses_adam = cfg.train.optimizer == "adam" or (
+        optimizers is not None and "adam" in optimizers.bounds()
+    )
+    decays = cfg.train.weight_decay > 0 or "train.weight_decay" in cfg.search
+    if uses_adam and decays:
+        warnings.append(
+            "train.optimizer = adam couples weight_decay into the gradient (L2, scaled by Adam's"
+            " step size), unlike adamw's decoupled decay: the same value means less there"
+        )
+    return warnings
+
+
+def edge_warnings(
+    best: Sequence[Mapping[str, Any]], search: Mapping[str, SearchParam], margin: float = 0.05
+) -> list[str]:
+    """Searched keys whose best trials all sit at one edge of the range: widen it."""
+    warnings = []
+    for key, param in search.items():
+        if param.type == "categorical" or not best:
+            continue
+        low, high = float(param.low), float(param.high)  # type: ignore[arg-type]
+        scale = (lambda v: math.log(v)) if param.log else (lambda v: v)
+        span = scale(high) - scale(low)
+        if span <= 0:
+            continue
+        positions = [(scale(float(t[key])) - scale(low)) / span for t in best if key in t]
+        for edge, near in (("low", all(p <= margin for p in positions)),
+                           ("high", all(p >= 1 - margin for p in positions))):
+            if positions and near:
+                warnings.append(
+                    f"search.{key}: the best {len(positions)} trial(s) sit at the {edge} edge of"
+                    f" [{low:g}, {high:g}]; widen the range"
+                )
+    return warnings

@@ -17,6 +17,7 @@ import torch
 
 from lstm_sweep.config import Config, load_config
 from lstm_sweep.data import ForecastData, load_forecast_data
+from lstm_sweep.diagnostics import config_warnings
 from lstm_sweep.study import (
     Objective,
     StaleTrialHandler,
@@ -65,6 +66,11 @@ def start(sweep: Sweep) -> str:
             sweep.cfg.study_name, sweep.cfg.model_dump(mode="json")
         )
         retry_failed(sweep.study)
+    warnings = config_warnings(sweep.cfg)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if warnings:
+        sweep.tracker.set_tags(parent_id, {"sanity_warnings": " | ".join(warnings)})
     return parent_id
 
 

@@ -100,3 +100,31 @@ def test_worst_windows_are_ranked_by_mean_absolute_error() -> None:
     assert table["window"].tolist() == [1, 3]
     assert table["start"].tolist() == ["c", "g"]
     assert table["mae"].tolist() == [3.0, 2.0]
+
+
+def test_sanity_warnings_name_settings_that_do_nothing() -> None:
+    from lstm_sweep.config import load_config
+    from tests.conftest import QUICK
+
+    one_layer = load_config(QUICK, ["model.num_layers=1"])
+    assert any("does nothing" in w for w in dg.config_warnings(one_layer))
+    stacked = load_config(QUICK, ["model.num_layers=2"])
+    assert not any("does nothing" in w for w in dg.config_warnings(stacked))
+    adam = load_config(QUICK, ["train.optimizer=adam"])
+    assert any("couples weight_decay" in w for w in dg.config_warnings(adam))
+    assert not any("couples" in w for w in dg.config_warnings(stacked))
+
+
+def test_edge_warning_when_the_best_trials_sit_at_a_range_edge() -> None:
+    from lstm_sweep.config import SearchParam
+
+    search = {
+        "train.weight_decay": SearchParam(type="float", low=1e-6, high=1e-1, log=True),
+        "model.dropout": SearchParam(type="float", low=0.0, high=0.5),
+    }
+    best = [
+        {"train.weight_decay": 0.09, "model.dropout": 0.2},
+        {"train.weight_decay": 0.1, "model.dropout": 0.01},
+    ]
+    warnings = dg.edge_warnings(best, search)
+    assert len(warnings) == 1 and "search.train.weight_decay" in warnings[0] and "high" in warnings[0]
