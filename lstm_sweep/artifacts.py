@@ -1,4 +1,5 @@
-"""A trial's pictures and data files: loss curves, weight histograms, predictions, worst windows.
+"""A trial's pictures and data files: loss curves, weight histograms, predictions or a confusion
+matrix, and its worst validation samples.
 
 Written only at the few moments the diagnostics name (first, best and last epoch), into a
 folder the tracker uploads in one call.
@@ -16,7 +17,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
 from lstm_sweep import diagnostics as dg  # noqa: E402
+from lstm_sweep.data import ClassificationData, ForecastData  # noqa: E402
+from lstm_sweep.train import History, TrainingData, predict  # noqa: E402
 
 
 def loss_curves(
@@ -80,3 +85,45 @@ def predictions(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 1 + 0.5 * len(classes)))
+    ConfusionMatrixDisplay.from_predictions(
+        truth, predicted, labels=range(len(classes)), display_labels=classes, ax=ax,
+        colorbar=False,
+    )
+    ax.set(title="Validation confusion matrix (best epoch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def trial_artifacts(
+    folder: Path, model: torch.nn.Module, data: TrainingData, history: History,
+    verdict: dg.Verdict, k: int,
+) -> None:
+    """Everything a trial saves at its best epoch, into ``folder``."""
+    loss_curves(history.rows, history.best_epoch, verdict.onset_epoch, folder / "loss_curves.png")
+    if history.weights:
+        weight_histograms(history.weights, folder)
+    if isinstance(data, ClassificationData):
+        logits = predict(model, data.val.x).cpu()
+        truth = data.val.y.numpy()
+        confusion_matrix(truth, logits.argmax(dim=1).numpy(), data.classes,
+                         folder / "confusion_matrix.png")
+        worst = dg.confidently_wrong(torch.softmax(logits, dim=1).numpy(), truth, data.val.ids,
+                                     data.classes, k)
+        worst.to_csv(folder / "worst_val_samples.csv", index=False)
+        return
+    spans = {}
+    for part in ("val", "test"):
+        windows = data.part(part)
+        prediction = data.to_original(predict(model, windows.x).cpu().numpy(), windows)
+        truth = data.to_original(windows.y.numpy(), windows)
+        spans[part] = (windows.times[:, 0], truth[:, 0, :], prediction[:, 0, :])
+        if part == "val":
+            worst = dg.worst_windows(truth, prediction, windows.times, data.targets, k)
+            worst.to_csv(folder / "worst_val_windows.csv", index=False)
+    predictions(spans, data.targets, folder / "predictions.png")

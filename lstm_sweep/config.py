@@ -32,10 +32,13 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    path: Path  # CSV or Parquet; relative paths are resolved against the YAML file's folder
-    time_column: str
-    target: str | list[str]  # one column, or several predicted jointly
+    path: Path  # CSV, Parquet (or .npz for classification); relative to the YAML file's folder
+    time_column: str | None = None  # forecast: the time stamps, sorted, no duplicates
+    target: str | list[str] | None = None  # forecast: one column, or several predicted jointly
     features: list[str] = []  # extra input columns (the targets are always inputs too)
+    id_column: str | None = None  # classification table: which sequence a row belongs to
+    order_column: str | None = None  # classification table: step order within a sequence
+    label_column: str | None = None  # classification table: the sequence's class
     window: int = Field(52, ge=1)  # input steps per sample
     horizon: int = Field(1, ge=1)  # steps ahead, predicted jointly
     split: list[float] = [0.7, 0.15, 0.15]  # chronological train/val/test fractions
@@ -46,12 +49,14 @@ class DataConfig(_Section):
 
     @property
     def targets(self) -> list[str]:
+        if self.target is None:
+            return []
         return [self.target] if isinstance(self.target, str) else list(self.target)
 
     @field_validator("target")
     @classmethod
-    def _target_not_empty(cls, value: str | list[str]) -> str | list[str]:
-        if not value:
+    def _target_not_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None and not value:
             raise ValueError("needs at least one target column")
         return value
 
@@ -81,8 +86,9 @@ class TrainConfig(_Section):
     patience: int = Field(10, ge=1)  # epochs without a better val loss before stopping
     min_delta: float = Field(0.0, ge=0.0)  # an improvement smaller than this does not count
     grad_clip: float = Field(1.0, ge=0.0)  # clip the global grad norm at this value; 0 disables
-    seed: int = 0  # seeds data subsampling, initialisation, batching and the sampler
+    seed: int = 0  # seeds the split, subsampling, initialisation, batching and the sampler
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"  # early stopping, pruning, value
 
 
 class SearchParam(_Section):
@@ -130,8 +136,19 @@ class StudyConfig(_Section):
     n_startup_trials: int = Field(5, ge=0)  # random trials before a model-based sampler kicks in
     pruner: PrunerConfig = PrunerConfig()
     storage: str | None = None  # Optuna storage URL; default: sqlite under mlruns/
-    direction: Literal["minimize", "maximize"] = "minimize"
+    direction: Literal["minimize", "maximize"] | None = None  # default: follows train.monitor
     workers: int = Field(1, ge=1)  # worker processes on this machine
+    heartbeat_seconds: int = Field(5, ge=1)  # a running trial's worker beats this often
+    grace_seconds: int = Field(20, ge=1)  # no beat for this long: the worker is lost, retry
+
+    @model_validator(mode="after")
+    def _grace_outlasts_heartbeats(self) -> StudyConfig:
+        if self.grace_seconds <= self.heartbeat_seconds:
+            raise ValueError(
+                "`grace_seconds > heartbeat_seconds` must hold, but got "
+                f"(grace_seconds={self.grace_seconds}, heartbeat_seconds={self.heartbeat_seconds})"
+            )
+        return self
 
 
 class TrackingConfig(_Section):
@@ -144,6 +161,7 @@ class VerdictRules(_Section):
 
     overfit_rise: float = Field(0.05, ge=0)  # val ends this fraction above its best: overfitting
     overfit_gap_ratio: float = Field(1.5, ge=1)  # or val/train_eval at the end is above this
+    overfit_accuracy_gap: float = Field(0.1, ge=0)  # or train - val accuracy ends above this
     underfit_naive_ratio: float = Field(0.9, gt=0)  # best val above this x naive: underfitting
     explode_grad_norm: float = Field(1e4, gt=0)  # a pre-clip gradient norm above this: unstable
 
@@ -162,8 +180,27 @@ class DiagnosticsConfig(_Section):
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
+class ReportConfig(_Section):
+    """What the sweep's closing report does beyond the table: re-evaluate, retrain, register."""
+
+    top_k: int = Field(3, ge=1)  # best settings retrained with several seeds
+    seeds: int = Field(3, ge=1)  # seeds per setting (train.seed, +1, ...); 1 gives no spread
+    final_model: bool = True  # retrain the recommendation on train+val, test it, register it
+    model_name: str | None = None  # MLflow Model Registry name; default: the study name
+    edge_fraction: float = Field(0.1, ge=0, lt=0.5)  # this close to a bound is "at the edge"
+    near_best: float = Field(0.1, ge=0)  # trials within this fraction of the best are "good"
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a non-empty name, or left out for the study name")
+        return value
+
+
 class Config(_Section):
     experiment: str = "lstm_sweep"  # MLflow experiment, and the default study name
+    task: Literal["forecast", "classification"] = "forecast"
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -171,10 +208,17 @@ class Config(_Section):
     study: StudyConfig = StudyConfig()
     tracking: TrackingConfig = TrackingConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    report: ReportConfig = ReportConfig()
 
     @property
     def study_name(self) -> str:
         return self.study.name or self.experiment
+
+    @property
+    def direction(self) -> str:
+        """The study's direction: stated, or the one the monitored metric needs."""
+        natural = "maximize" if self.train.monitor == "val_accuracy" else "minimize"
+        return self.study.direction or natural
 
     def with_values(self, values: dict[str, Any]) -> Config:
         """A copy with dotted keys set (a trial's sampled values), validated again."""
@@ -269,6 +313,31 @@ def _check_search_space(source: str, cfg: Config) -> None:
                 raise ConfigError(source, f"search.{key}", value, f"out of range: {rule}") from None
 
 
+TASK_KEYS = {
+    "forecast": ("time_column", "target"),
+    "classification": ("label_column", "id_column", "order_column"),
+}
+
+
+def _check_task(source: str, cfg: Config) -> None:
+    """Keys each task needs, and a monitor and direction that agree."""
+    is_npz = cfg.data.path.suffix.lower() == ".npz"
+    if cfg.task == "forecast" or not is_npz:
+        for key in TASK_KEYS[cfg.task]:
+            if getattr(cfg.data, key) is None:
+                raise ConfigError(source, f"data.{key}", None, f"required for task {cfg.task}")
+    if cfg.task == "forecast" and is_npz:
+        raise ConfigError(source, "data.path", str(cfg.data.path), "forecast reads CSV or Parquet")
+    if cfg.task == "forecast" and cfg.train.monitor != "val_loss":
+        raise ConfigError(source, "train.monitor", cfg.train.monitor, "forecast monitors val_loss")
+    natural = "maximize" if cfg.train.monitor == "val_accuracy" else "minimize"
+    if cfg.study.direction not in (None, natural):
+        raise ConfigError(
+            source, "study.direction", cfg.study.direction,
+            f"train.monitor = {cfg.train.monitor} is to {natural}",
+        )
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read, override and validate a sweep file; raise :class:`ConfigError` on any fault."""
     path = Path(path)
@@ -293,5 +362,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise _error_from_validation(source, raw, exc) from None
     if not cfg.data.path.is_absolute():
         cfg.data.path = (path.parent / cfg.data.path).resolve()
+    _check_task(source, cfg)
     _check_search_space(source, cfg)
     return cfg

@@ -15,9 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
+from sklearn.metrics import balanced_accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import MinMaxScaler, RobustScaler, StandardScaler
+from torch import nn
 
-from lstm_sweep.config import ConfigError, DataConfig
+from lstm_sweep.config import Config, ConfigError, DataConfig
 
 PARTS = ("train", "val", "test")
 
@@ -90,6 +93,20 @@ class ForecastData:
     @property
     def horizon(self) -> int:
         return self.train.y.shape[1]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.horizon, len(self.targets))  # one prediction per step and target
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(prediction, target)
+
+    def score(self, part: str, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Per-epoch metrics beyond the loss: none for forecasting."""
+        return {}
+
+    def naive_prediction(self, part: str) -> torch.Tensor:
+        return self.naive_forecast(self.part(part))
 
     def part(self, name: str) -> Windows:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -243,3 +260,150 @@ def load_forecast_data(cfg: DataConfig) -> ForecastData:
         **parts, inputs=columns, targets=cfg.targets, scaler=scaler,
         transform=cfg.transform, season=cfg.season,
     )
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """One part of a classification set."""
+
+    x: torch.Tensor  # (n, steps, features): scaled
+    y: torch.Tensor  # (n,): class index
+    ids: np.ndarray  # (n,): the sequence ids, for reading results back
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass(frozen=True)
+class ClassificationData:
+    """Labelled sequences, split with stratification and scaled on train only."""
+
+    train: Sequences
+    val: Sequences
+    test: Sequences
+    inputs: list[str]
+    classes: list[str]  # class names, by index
+    scaler: Scaler
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (len(self.classes),)  # one logit per class
+
+    def part(self, name: str) -> Sequences:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(prediction, target)
+
+    def score(self, part: str, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Accuracy (every part); balanced accuracy and macro F1 on validation."""
+        return classification_scores(part, prediction.argmax(dim=1).cpu().numpy(),
+                                     target.cpu().numpy(), detailed=part == "val")
+
+    def naive_prediction(self, part: str) -> torch.Tensor:
+        """Logits of the training class frequencies: the majority-class predictor's loss."""
+        counts = torch.bincount(self.train.y, minlength=len(self.classes)).float()
+        log_prior = torch.log(counts.clamp(min=1) / counts.sum())
+        return log_prior.expand(len(self.part(part)), -1).clone()
+
+
+def classification_scores(
+    part: str, predicted: np.ndarray, truth: np.ndarray, detailed: bool = True
+) -> dict[str, float]:
+    scores = {f"{part}_accuracy": float((predicted == truth).mean())}
+    if detailed:
+        scores[f"{part}_balanced_accuracy"] = float(balanced_accuracy_score(truth, predicted))
+        scores[f"{part}_macro_f1"] = float(f1_score(truth, predicted, average="macro"))
+    return scores
+
+
+def _sequences_from_table(frame: pd.DataFrame, cfg: DataConfig, source: str):
+    """Rows (id, order, features..., label) -> arrays (n, steps, features), labels, ids."""
+    for key in ("id_column", "order_column", "label_column"):
+        column = getattr(cfg, key)
+        if column not in frame.columns:
+            raise ConfigError(source, f"data.{key}", column, f"no such column in {list(frame.columns)}")
+    for name in cfg.features:
+        if name not in frame.columns:
+            raise ConfigError(source, "data.features", name, f"no such column in {list(frame.columns)}")
+        if not pd.api.types.is_numeric_dtype(frame[name]):
+            raise ConfigError(source, "data.features", name, "column is not numeric")
+    if not cfg.features:
+        raise ConfigError(source, "data.features", [], "needs at least one feature column")
+    frame = _fill_missing(frame, cfg.features, cfg.missing, source)
+    frame = frame.sort_values([cfg.id_column, cfg.order_column], kind="stable")
+    groups = frame.groupby(cfg.id_column, sort=False)
+    lengths = groups.size()
+    if lengths.nunique() != 1:
+        odd = lengths[lengths != lengths.mode()[0]].index[0]
+        raise ConfigError(
+            source, "data.id_column", str(odd),
+            f"sequence has {lengths[odd]} steps, others {lengths.mode()[0]}: lengths must agree",
+        )
+    labels = groups[cfg.label_column].nunique()
+    if (labels > 1).any():
+        raise ConfigError(source, "data.label_column", str(labels[labels > 1].index[0]),
+                          "a sequence carries more than one label")
+    steps = int(lengths.iloc[0])
+    x = frame[cfg.features].to_numpy(dtype=float).reshape(len(lengths), steps, len(cfg.features))
+    return x, groups[cfg.label_column].first().to_numpy(), lengths.index.to_numpy()
+
+
+def _sequences_from_npz(path: Path, source: str):
+    with np.load(path, allow_pickle=False) as arrays:
+        for key in ("x", "y"):
+            if key not in arrays:
+                raise ConfigError(source, "data.path", str(path), f"the .npz needs an array {key!r}")
+        x, y = arrays["x"].astype(float), arrays["y"]
+    if x.ndim != 3 or len(x) != len(y):
+        raise ConfigError(source, "data.path", str(path),
+                          f"x must be (n, steps, features) and y (n,), got {x.shape} and {y.shape}")
+    return x, y, np.arange(len(y))
+
+
+def load_classification_data(cfg: DataConfig, seed: int) -> ClassificationData:
+    """Read labelled sequences; stratified, seeded train/val/test split; scaler fit on train."""
+    source = str(cfg.path)
+    if cfg.path.suffix.lower() == ".npz":
+        if not cfg.path.is_file():
+            raise ConfigError(source, "data.path", source, "no such data file")
+        x, labels, ids = _sequences_from_npz(cfg.path, source)
+        inputs = [f"f{i}" for i in range(x.shape[2])]
+    else:
+        x, labels, ids = _sequences_from_table(read_table(cfg.path), cfg, source)
+        inputs = list(cfg.features)
+    classes, y = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise ConfigError(source, "data.label_column", cfg.label_column, "needs two classes or more")
+    index = np.arange(len(y))
+    train_frac, val_frac, test_frac = cfg.split
+    try:
+        train_idx, rest = train_test_split(index, train_size=train_frac, stratify=y, random_state=seed)
+        val_idx, test_idx = train_test_split(
+            rest, test_size=test_frac / (val_frac + test_frac), stratify=y[rest], random_state=seed
+        )
+    except ValueError as exc:
+        raise ConfigError(source, "data.split", cfg.split, f"cannot stratify: {exc}") from None
+    steps, features = x.shape[1], x.shape[2]
+    scaler = fit_scaler(cfg.scaler, x[train_idx].reshape(-1, features))
+    scaled = scaler.transform(x.reshape(-1, features)).reshape(-1, steps, features)
+
+    def part(idx: np.ndarray) -> Sequences:
+        return Sequences(
+            torch.from_numpy(scaled[idx].astype(np.float32)), torch.from_numpy(y[idx]), ids[idx]
+        )
+
+    return ClassificationData(
+        part(train_idx), part(val_idx), part(test_idx), inputs, [str(c) for c in classes], scaler
+    )
+
+
+def load_data(cfg: Config) -> ForecastData | ClassificationData:
+    """The task's data, built once per sweep."""
+    if cfg.task == "classification":
+        return load_classification_data(cfg.data, cfg.train.seed)
+    return load_forecast_data(cfg.data)

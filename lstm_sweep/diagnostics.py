@@ -22,6 +22,9 @@ from lstm_sweep.model import GROUPS, parameter_group
 TRAIN_LOSS = "train_loss"  # running mean over the epoch's steps: dropout on, weights moving
 TRAIN_EVAL_LOSS = "train_eval_loss"  # eval mode on a fixed training subsample: comparable to val
 VAL_LOSS = "val_loss"
+TRAIN_ACCURACY = "train_accuracy"  # classification, eval mode, on the training subsample
+VAL_ACCURACY = "val_accuracy"
+ACCURACY_GAP = "accuracy_gap"  # train_accuracy - val_accuracy
 GAP = "gap"  # val_loss - train_eval_loss
 GAP_RATIO = "gap_ratio"  # val_loss / train_eval_loss
 GRAD_NORM_MEAN = "grad_norm_mean"  # global L2 norm before clipping, over the epoch's steps
@@ -138,32 +141,47 @@ def judge(
     """Turn a trial's per-epoch rows into a verdict. The rules, in order:
 
     1. unstable: the loss turned NaN/inf or a gradient norm exceeded ``explode_grad_norm``.
-    2. underfitting: the best val loss is above ``underfit_naive_ratio`` x the naive forecast's.
-    3. overfitting: val rose after its best while training loss kept falling (an onset exists),
-       and either val ended ``overfit_rise`` above its best or val/train_eval ended above
-       ``overfit_gap_ratio``.
+    2. overfitting: the model fits its training data (final training loss, eval mode, below
+       ``underfit_naive_ratio`` x the naive predictor's loss) and either val rose after its
+       best epoch while training loss kept falling (the onset), ending ``overfit_rise`` above
+       its best or ``overfit_gap_ratio`` above the training loss; or, for classification,
+       train accuracy ended more than ``overfit_accuracy_gap`` above val accuracy.
+    3. underfitting: the best val loss is above ``underfit_naive_ratio`` x the naive
+       predictor's (the last value carried forward, or the majority class).
     4. healthy otherwise.
     """
     val = [r[VAL_LOSS] for r in rows if math.isfinite(r.get(VAL_LOSS, math.nan))]
     if unstable_reason or not val:
         return Verdict("unstable", unstable_reason or "no finite validation loss", None, math.nan)
-    train_key = TRAIN_EVAL_LOSS if TRAIN_EVAL_LOSS in rows[0] else TRAIN_LOSS
+    last = rows[len(val) - 1]
+    train_key = TRAIN_EVAL_LOSS if TRAIN_EVAL_LOSS in last else TRAIN_LOSS
     train = [r[train_key] for r in rows[: len(val)]]
     best = min(val)
     onset, score = overfit_onset(val, train), overfit_score(val)
     ratio = val[-1] / train[-1] if train[-1] > 0 else math.inf
-    if best > rules.underfit_naive_ratio * naive_val_loss:
-        return Verdict(
-            "underfitting",
-            f"best val loss {best:.4g} is not below {rules.underfit_naive_ratio:g} x the naive"
-            f" forecast's {naive_val_loss:.4g}",
-            onset, score,
-        )
-    if onset is not None and (score >= rules.overfit_rise or ratio > rules.overfit_gap_ratio):
+    fits_train = train[-1] < rules.underfit_naive_ratio * naive_val_loss
+    if fits_train and onset is not None and (
+        score >= rules.overfit_rise or ratio > rules.overfit_gap_ratio
+    ):
         return Verdict(
             "overfitting",
             f"val loss rose {score:.1%} from its best {best:.4g} at epoch {onset} while"
             f" {train_key} fell to {train[-1]:.4g} (val/train {ratio:.2f})",
+            onset, score,
+        )
+    accuracy_gap = last.get(ACCURACY_GAP, -math.inf)
+    if fits_train and accuracy_gap > rules.overfit_accuracy_gap:
+        return Verdict(
+            "overfitting",
+            f"train accuracy {last[TRAIN_ACCURACY]:.1%} ended {accuracy_gap:.1%} above val"
+            f" accuracy {last[VAL_ACCURACY]:.1%} (limit {rules.overfit_accuracy_gap:.0%})",
+            onset, score,
+        )
+    if best > rules.underfit_naive_ratio * naive_val_loss:
+        return Verdict(
+            "underfitting",
+            f"best val loss {best:.4g} is not below {rules.underfit_naive_ratio:g} x the naive"
+            f" predictor's {naive_val_loss:.4g} (train {train[-1]:.4g})",
             onset, score,
         )
     return Verdict(
@@ -238,3 +256,23 @@ def edge_warnings(
                     f" [{low:g}, {high:g}]; widen the range"
                 )
     return warnings
+
+
+def confidently_wrong(
+    probabilities: np.ndarray, truth: np.ndarray, ids: np.ndarray, classes: list[str], k: int
+) -> pd.DataFrame:
+    """The k misclassified samples the model was surest of, surest first.
+
+    ``probabilities`` is (n, classes); ``truth`` and ``ids`` are (n,).
+    """
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities[np.arange(len(truth)), predicted]
+    wrong = np.flatnonzero(predicted != truth)
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:k]
+    return pd.DataFrame({
+        "id": ids[order],
+        "true": [classes[i] for i in truth[order]],
+        "predicted": [classes[i] for i in predicted[order]],
+        "confidence": confidence[order],
+        "p_true": probabilities[order, truth[order]],
+    })

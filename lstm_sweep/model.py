@@ -1,6 +1,8 @@
-"""The LSTM forecaster and its parameter groups. Knows nothing of training, Optuna or MLflow."""
+"""The LSTM network and its parameter groups. Knows nothing of training, Optuna or MLflow."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -23,12 +25,15 @@ def parameter_group(name: str) -> str:
     return "head"
 
 
-class LSTMForecaster(nn.Module):
-    """A stacked LSTM reading `window` steps; a linear head predicts `horizon` steps jointly."""
+class LSTMNet(nn.Module):
+    """A stacked LSTM reading a sequence; a linear head on its last hidden state.
 
-    def __init__(self, n_inputs: int, n_targets: int, horizon: int, cfg: ModelConfig) -> None:
+    ``output_shape`` is (horizon, targets) for forecasting, (classes,) for classification.
+    """
+
+    def __init__(self, n_inputs: int, output_shape: tuple[int, ...], cfg: ModelConfig) -> None:
         super().__init__()
-        self.horizon, self.n_targets = horizon, n_targets
+        self.output_shape = tuple(output_shape)
         self.lstm = nn.LSTM(
             n_inputs,
             cfg.hidden_size,
@@ -37,12 +42,12 @@ class LSTMForecaster(nn.Module):
             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,  # nn.LSTM warns otherwise
         )
         self.head_dropout = nn.Dropout(cfg.head_dropout)
-        self.head = nn.Linear(cfg.hidden_size, horizon * n_targets)
+        self.head = nn.Linear(cfg.hidden_size, math.prod(self.output_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(x)  # (batch, window, hidden)
+        out, _ = self.lstm(x)  # (batch, steps, hidden)
         last = self.head_dropout(out[:, -1, :])  # (batch, hidden): final time step
-        return self.head(last).view(-1, self.horizon, self.n_targets)  # (batch, horizon, targets)
+        return self.head(last).view(-1, *self.output_shape)  # (batch, *output_shape)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:

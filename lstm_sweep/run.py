@@ -18,9 +18,12 @@ from lstm_sweep.config import ConfigError
 from lstm_sweep.report import finish
 from lstm_sweep.study import ProgressCallback, counted_trials
 from lstm_sweep.sweep import GracefulStop, Sweep, prepare, start, work, worker_process
+from lstm_sweep.tracking import TrackingUnavailable
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+RESUME_HINT = "every finished trial is kept: run the same command again to resume"
 
 EPILOG = """\
 sweep file sections (see sweeps/forecast.yaml for every key with a comment):
@@ -86,9 +89,20 @@ def run_workers(sweep: Sweep, parent_id: str, bar: tqdm) -> None:
     bar.update(counted_trials(sweep.study) - bar.n)
     if stop.requested or any(p.exitcode == EXIT_INTERRUPTED for p in processes):
         raise KeyboardInterrupt
-    failed = [p.exitcode for p in processes if p.exitcode]
-    if failed:
-        raise RuntimeError(f"{len(failed)} worker(s) failed with exit codes {failed}")
+    lost = [p.exitcode for p in processes if p.exitcode]
+    counted, wanted = counted_trials(sweep.study), sweep.cfg.study.n_trials
+    if lost and counted < wanted:
+        raise SweepIncomplete(
+            f"{len(lost)} of {len(processes)} workers exited with codes {lost} and the study"
+            f" holds {counted} of {wanted} trials"
+        )
+    if lost:  # e.g. a killed worker: the others retried its trial, the sweep is whole
+        print(f"warning: {len(lost)} worker(s) lost (exit codes {lost});"
+              " their trials were retried by the others", file=sys.stderr)
+
+
+class SweepIncomplete(RuntimeError):
+    """Workers stopped before the study held n_trials (all of them crashed or were killed)."""
 
 
 def run_sweep(sweep: Sweep, progress: bool = True) -> str:
@@ -107,6 +121,9 @@ def run_sweep(sweep: Sweep, progress: bool = True) -> str:
             run_workers(sweep, parent_id, bar)
     except KeyboardInterrupt:
         sweep.tracker.finish(parent_id, "FAIL", {"failure_reason": "interrupted by the user"})
+        raise
+    except SweepIncomplete as exc:
+        sweep.tracker.finish(parent_id, "FAIL", {"failure_reason": str(exc)})
         raise
     finally:
         bar.close()
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except (SweepIncomplete, TrackingUnavailable) as exc:
+        print(f"error: {exc}; {RESUME_HINT}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

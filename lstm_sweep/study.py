@@ -30,20 +30,22 @@ from lstm_sweep.tracking import (
     TRIAL_TAG,
     EpochLogger,
     Tracker,
+    TrackingUnavailable,
     flatten,
     mask_uri,
     trial_run_name,
 )
-from lstm_sweep.train import build_model, fit, naive_loss, original_unit_errors, predict
+from lstm_sweep.train import TrainingData, build_model, fit, naive_loss, original_unit_errors
 
 RUN_ID_ATTR = "mlflow_run_id"
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
-HEARTBEAT_SECONDS = 5  # a running trial's worker writes a heartbeat this often
-GRACE_SECONDS = 20  # a trial without a heartbeat this long belongs to a lost worker
 MAX_RETRY = 2  # a trial's settings are retried at most this often, so a crash cannot loop
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
+BEST_EPOCH_METRICS = (dg.TRAIN_EVAL_LOSS, dg.GAP, dg.VAL_ACCURACY, dg.ACCURACY_GAP)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # we report trials ourselves
+# heartbeats and retry callbacks are marked experimental; we rely on them knowingly
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def default_storage(root: Path = STORE_ROOT) -> str:
@@ -89,7 +91,12 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     raise ValueError(f"unknown pruner {p.type!r}")
 
 
-def make_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None):
+def make_storage(
+    url: str,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None,
+    heartbeat_seconds: int,
+    grace_seconds: int,
+):
     """An RDB storage with heartbeats, so a killed worker's trial is failed and retried."""
     if not url.startswith(RDB_SCHEMES):
         return url  # e.g. a journal storage given by the user as an object elsewhere
@@ -97,8 +104,8 @@ def make_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]
     return optuna.storages.RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=GRACE_SECONDS,
+        heartbeat_interval=heartbeat_seconds,
+        grace_period=grace_seconds,
         heartbeat_stale_trial_callback=on_stale,
     )
 
@@ -114,10 +121,12 @@ def open_study(
     try:
         return optuna.create_study(
             study_name=cfg.study_name,
-            storage=make_storage(url, on_stale),
+            storage=make_storage(
+                url, on_stale, cfg.study.heartbeat_seconds, cfg.study.grace_seconds
+            ),
             sampler=make_sampler(cfg, seed_offset),
             pruner=make_pruner(cfg),
-            direction=cfg.study.direction,
+            direction=cfg.direction,
             load_if_exists=True,
         )
     except Exception as exc:  # driver errors vary by database; the user needs the URI and why
@@ -184,15 +193,22 @@ def counted_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
-def retry_failed(study: optuna.Study, max_retry: int = MAX_RETRY) -> int:
+def retry_failed(
+    study: optuna.Study, tracker: Tracker | None = None, max_retry: int = MAX_RETRY
+) -> int:
     """Queue the settings of every failed trial (a crash, Ctrl-C, a lost worker) not yet
     retried, so a resumed sweep finishes exactly what was lost; Optuna's own retry callback
-    records which trial each retry replaces."""
+    records which trial each retry replaces. With a ``tracker``, a failed trial's run that was
+    never closed (the tracking server was down when it failed) is closed as FAILED."""
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     lost = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
     retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
     for trial in lost:
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if tracker is not None and run_id:
+            reason = "failed while its run could not be closed (tracking unreachable)"
+            tracker.finish_if_running(run_id, "FAIL", {"failure_reason": reason})
         retry(study, trial)
     return len(lost)
 
@@ -213,13 +229,14 @@ class StaleTrialHandler:
 
 
 class PruneCallback:
-    """Training callback: report val loss to Optuna each epoch and stop when it says prune."""
+    """Training callback: report the monitored metric to Optuna each epoch and stop when it
+    says prune."""
 
-    def __init__(self, trial: optuna.Trial) -> None:
-        self.trial = trial
+    def __init__(self, trial: optuna.Trial, monitor: str) -> None:
+        self.trial, self.monitor = trial, monitor
 
     def on_epoch_end(self, epoch: int, row: Mapping[str, float]) -> str | None:
-        value = row[dg.VAL_LOSS]
+        value = row[self.monitor]
         if not math.isfinite(value):
             return None  # the loop's own instability check ends the trial
         self.trial.report(value, epoch)
@@ -250,7 +267,7 @@ class Objective:
     def __init__(
         self,
         cfg: Config,
-        data: ForecastData,
+        data: TrainingData,
         tracker: Tracker,
         parent_id: str,
         stop_requested: Callable[[], bool] = lambda: False,
@@ -273,12 +290,14 @@ class Objective:
         try:
             model = build_model(self.data, trial_cfg)
             stop = StopCallback(self.stop_requested)
-            history = fit(model, self.data, trial_cfg, [logger, PruneCallback(trial), stop])
+            history = fit(model, self.data, trial_cfg, [logger, PruneCallback(trial, trial_cfg.train.monitor), stop])
             logger.flush()
             if history.stop_reason == "interrupted":
                 raise KeyboardInterrupt
             summary = self.record(run_id, model, history, trial_cfg)
         except BaseException as exc:
+            if isinstance(exc, TrackingUnavailable):
+                raise  # closing the run would only wait again; the next start closes it
             interrupted = isinstance(exc, KeyboardInterrupt)
             reason = "interrupted by the user" if interrupted else f"{type(exc).__name__}: {exc}"
             self.tracker.finish(run_id, "FAIL", {"failure_reason": reason[:500]})
@@ -310,11 +329,16 @@ class Objective:
             metrics[dg.OVERFIT_ONSET] = verdict.onset_epoch
         if history.best_epoch >= 0:
             best = history.rows[history.best_epoch]
-            metrics |= {f"best_{k}": best[k] for k in (dg.TRAIN_EVAL_LOSS, dg.GAP) if k in best}
-            metrics |= original_unit_errors(model, self.data, "val")
+            metrics |= {f"best_{k}": v for k, v in best.items() if k in BEST_EPOCH_METRICS}
+            if isinstance(self.data, ForecastData):
+                metrics |= original_unit_errors(model, self.data, "val")
         self.tracker.log_summary(run_id, metrics)
         if cfg.diagnostics.level == "full" and history.best_epoch >= 0:
-            self.log_trial_artifacts(run_id, model, history, verdict)
+            with self.tracker.artifact_dir() as tmp:
+                artifacts.trial_artifacts(
+                    Path(tmp), model, self.data, history, verdict, cfg.diagnostics.k_worst
+                )
+                self.tracker.log_artifacts(run_id, Path(tmp), "diagnostics")
         pruned = history.stop_reason in ("pruned", "unstable")
         state = "PRUNED" if pruned else "COMPLETE"
         self.tracker.finish(
@@ -326,30 +350,7 @@ class Objective:
                 "stop_reason": history.stop_reason,
             },
         )
-        return TrialSummary(state, history.best_val_loss, verdict, metrics)
-
-    def log_trial_artifacts(
-        self, run_id: str, model: Any, history: Any, verdict: dg.Verdict
-    ) -> None:
-        data, k = self.data, self.cfg.diagnostics.k_worst
-        with self.tracker.artifact_dir() as tmp:
-            folder = Path(tmp)
-            artifacts.loss_curves(
-                history.rows, history.best_epoch, verdict.onset_epoch, folder / "loss_curves.png"
-            )
-            if history.weights:
-                artifacts.weight_histograms(history.weights, folder)
-            spans = {}
-            for part in ("val", "test"):
-                windows = data.part(part)
-                prediction = data.to_original(predict(model, windows.x).cpu().numpy(), windows)
-                truth = data.to_original(windows.y.numpy(), windows)
-                spans[part] = (windows.times[:, 0], truth[:, 0, :], prediction[:, 0, :])
-                if part == "val":
-                    worst = dg.worst_windows(truth, prediction, windows.times, data.targets, k)
-                    worst.to_csv(folder / "worst_val_windows.csv", index=False)
-            artifacts.predictions(spans, data.targets, folder / "predictions.png")
-            self.tracker.log_artifacts(run_id, folder, "diagnostics")
+        return TrialSummary(state, history.best_value, verdict, metrics)
 
 
 class ProgressCallback:
@@ -400,9 +401,7 @@ def optimize(
     while time.monotonic() < deadline and not stop_requested():
         lock.acquire()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # a lost worker's trial is retried
+            optuna.storages.fail_stale_trials(study)  # a lost worker's trial is retried
             states = [t.state for t in study.get_trials(deepcopy=False)]
             finished = sum(states.count(s) for s in COUNTED)
             if finished >= n_trials:
@@ -436,3 +435,46 @@ def trials_frame(study: optuna.Study) -> Any:
 def best_values(study: optuna.Study) -> dict[str, Any]:
     params = study.best_trial.params
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
+
+
+def param_importances(study: optuna.Study, seed: int = 0) -> dict[str, float]:
+    """fANOVA importance of each searched key for the objective, summing to 1, largest first;
+    empty when fewer than two trials completed or nothing varied."""
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
+        return {}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    try:
+        return optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (RuntimeError, ValueError):  # e.g. a single distinct value per parameter
+        return {}
+
+
+def write_study_plots(
+    study: optuna.Study, folder: Path, contour: list[str], seed: int = 0
+) -> list[Path]:
+    """Optuna's own views of the study as HTML: history, importances, slices, the ``contour``
+    pair, parallel coordinates. Plotly's script is written once beside them, so the pages
+    open offline without one 4 MB copy each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    plots: dict[str, Callable[[], Any]] = {
+        "optimization_history": lambda: optuna.visualization.plot_optimization_history(study),
+        "param_importances": lambda: optuna.visualization.plot_param_importances(
+            study, evaluator=evaluator
+        ),
+        "slice": lambda: optuna.visualization.plot_slice(study),
+        "contour": lambda: optuna.visualization.plot_contour(study, params=contour),
+        "parallel_coordinate": lambda: optuna.visualization.plot_parallel_coordinate(study),
+    }
+    written = []
+    for name, plot in plots.items():
+        if name == "contour" and len(contour) != 2:
+            continue
+        try:
+            figure = plot()
+        except (RuntimeError, ValueError):  # too few completed trials for this view
+            continue
+        path = folder / f"{name}.html"
+        figure.write_html(path, include_plotlyjs="directory")
+        written.append(path)
+    return written

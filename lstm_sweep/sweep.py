@@ -16,7 +16,7 @@ import optuna
 import torch
 
 from lstm_sweep.config import Config, load_config
-from lstm_sweep.data import ForecastData, load_forecast_data
+from lstm_sweep.data import load_data
 from lstm_sweep.diagnostics import config_warnings
 from lstm_sweep.study import (
     Objective,
@@ -28,7 +28,8 @@ from lstm_sweep.study import (
     storage_url,
     torch_threads_per_worker,
 )
-from lstm_sweep.tracking import Tracker
+from lstm_sweep.tracking import Tracker, TrackingUnavailable
+from lstm_sweep.train import TrainingData
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Sweep:
     path: str
     overrides: list[str]
     cfg: Config
-    data: ForecastData
+    data: TrainingData
     tracker: Tracker
     study: optuna.Study
     lock: StudyLock = field(repr=False)
@@ -48,7 +49,7 @@ def prepare(path: str, overrides: list[str], seed_offset: int = 0) -> Sweep:
     ``seed_offset`` sets parallel workers' samplers apart; only a single worker is reproducible.
     """
     cfg = load_config(path, overrides)
-    data = load_forecast_data(cfg.data)
+    data = load_data(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
     study = open_study(cfg, path, on_stale=StaleTrialHandler(tracker), seed_offset=seed_offset)
     lock = StudyLock(storage_url(cfg), cfg.study_name)
@@ -65,7 +66,7 @@ def start(sweep: Sweep) -> str:
         parent_id = sweep.tracker.open_parent(
             sweep.cfg.study_name, sweep.cfg.model_dump(mode="json")
         )
-        retry_failed(sweep.study)
+        retry_failed(sweep.study, sweep.tracker)
     warnings = config_warnings(sweep.cfg)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -121,3 +122,6 @@ def worker_process(path: str, overrides: list[str], parent_id: str) -> None:
             work(sweep, parent_id, stop)
         except KeyboardInterrupt:
             sys.exit(130)
+        except TrackingUnavailable as exc:  # one line, not a traceback; the main process sums up
+            print(f"worker {os.getpid()}: {exc}", file=sys.stderr)
+            sys.exit(1)

@@ -11,19 +11,32 @@ ordinary success nor a crash; ``tags.optuna.state = 'PRUNED'`` filters them in t
 
 from __future__ import annotations
 
+import os
+import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
+import mlflow
+import numpy as np
+import pandas as pd
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from lstm_sweep.config import ConfigError
+
+# downloads here are small files read by a program, not a person: no progress bars in the log
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 STORE_ROOT = Path("mlruns")  # local stores, relative to the working directory
 ROLE_TAG = "lstm_sweep.role"  # sweep | trial | reevaluation | final
@@ -32,6 +45,12 @@ TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 BATCH_LIMIT = 1000  # MLflow's cap on entities per log_batch
+RETRY_ATTEMPTS = 6  # a failed tracking call is tried this often in all ...
+RETRY_FIRST_WAIT = 1.0  # ... waiting 1, 2, 4, 8, 16 s between: a 30 s outage loses nothing
+HEALTH_TIMEOUT = 5.0  # seconds for a tracking server to answer GET /health at start-up
+# MLflow's own HTTP retries would wait ~4 minutes per call against a closed port; with_retries
+# does the backoff here instead, so an outage is noticed, retried and reported in one place.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 T = TypeVar("T")
 
 
@@ -75,16 +94,37 @@ def _chunks(items: list[T], size: int = BATCH_LIMIT) -> Iterable[list[T]]:
         yield items[start : start + size]
 
 
-def with_retries(call: Callable[[], T], attempts: int = 4, first_wait: float = 0.5) -> T:
-    """Retry a tracking call with exponential backoff: a server that blinks loses nothing."""
+class TrackingUnavailable(RuntimeError):
+    """The tracking store kept failing through every retry; the sweep stops, Optuna's record
+    of each trial stays, and the same command resumes once the store is back."""
+
+
+def with_retries(
+    call: Callable[[], T], attempts: int | None = None, first_wait: float | None = None
+) -> T:
+    """Retry a tracking call with exponential backoff: a server that blinks loses nothing;
+    one that stays down raises :class:`TrackingUnavailable`."""
+    attempts = attempts or RETRY_ATTEMPTS
+    first_wait = RETRY_FIRST_WAIT if first_wait is None else first_wait
     for attempt in range(attempts):
         try:
             return call()
-        except (MlflowException, OSError):
+        except (MlflowException, OSError) as exc:
             if attempt == attempts - 1:
-                raise
+                reason = mask_uri(str(exc).splitlines()[0][:200])
+                waited = first_wait * (2 ** (attempts - 1) - 1)
+                raise TrackingUnavailable(
+                    f"tracking failed {attempts} times over {waited:g} s: {reason}"
+                ) from exc
             time.sleep(first_wait * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
+    """Fail fast (OSError) when nothing answers at an http(s) tracking URI: MLflow's client
+    would retry for minutes first. Any HTTP answer, even an error, means a server is there."""
+    with suppress(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
 
 
 class Tracker:
@@ -94,6 +134,10 @@ class Tracker:
         self.uri = uri or default_tracking_uri()
         self.client = MlflowClient(self.uri, registry_uri=self.uri)
         try:
+            if self.uri.startswith(("http://", "https://")):
+                for name, value in HTTP_DEFAULTS.items():
+                    os.environ.setdefault(name, value)  # the user's own setting wins
+                check_server(self.uri)
             self.experiment_id = self._experiment(experiment)
         except Exception as exc:  # any driver or HTTP error means the same to the user
             reason = str(exc).splitlines()[0][:200]
@@ -109,6 +153,8 @@ class Tracker:
         return self.client.create_experiment(name, artifact_location=location)
 
     def ui_command(self) -> str:
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {mask_uri(self.uri)} (the tracking server's UI)"
         return f"mlflow ui --backend-store-uri {mask_uri(self.uri)}"
 
     def open_parent(self, study_name: str, config: Mapping[str, Any]) -> str:
@@ -169,6 +215,14 @@ class Tracker:
         self.set_tags(run_id, {STATE_TAG: state, **(tags or {})})
         with_retries(lambda: self.client.set_terminated(run_id, RUN_STATUS[state]))
 
+    def finish_if_running(self, run_id: str, state: str, tags: Mapping[str, Any]) -> bool:
+        """Close a run left RUNNING (its worker was killed, or the server went away before the
+        run could be closed); True if it was."""
+        if with_retries(lambda: self.client.get_run(run_id)).info.status != "RUNNING":
+            return False
+        self.finish(run_id, state, tags)
+        return True
+
     def close_stale_children(self, parent_id: str, reason: str) -> int:
         """End child runs still RUNNING from a worker that died: no run stays RUNNING."""
         stale = self.client.search_runs(
@@ -181,6 +235,63 @@ class Tracker:
 
     def artifact_dir(self) -> tempfile.TemporaryDirectory[str]:
         return tempfile.TemporaryDirectory(prefix="lstm_sweep_")
+
+    def child_runs(self, parent_id: str, role: str) -> pd.DataFrame:
+        """The parent's nested runs of one role as ``mlflow.search_runs`` returns them: one row
+        per run, columns ``run_id``, ``status``, ``start_time``, ``end_time``, ``metrics.*``,
+        ``params.*``, ``tags.*``."""
+        query = f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{ROLE_TAG}` = '{role}'"
+        with fluent_uri(self.uri):
+            return with_retries(
+                lambda: mlflow.search_runs([self.experiment_id], filter_string=query)
+            )
+
+    def read_csv_artifact(self, run_id: str, path: str) -> pd.DataFrame | None:
+        """A CSV a run logged, or None if it has none at ``path``."""
+        with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.uri
+                )
+            except (MlflowException, OSError):
+                return None
+            return pd.read_csv(local)
+
+    def log_model(
+        self,
+        run_id: str,
+        model: Any,
+        input_example: np.ndarray,
+        output_example: np.ndarray,
+        extra_files: list[Path],
+        registered_name: str | None,
+    ) -> str:
+        """Log a torch module on a run with ``mlflow.pytorch.log_model`` and register it.
+
+        MLflow 3 saves it as a ``torch.export`` program ("pt2"), loaded again without
+        unpickling code. ``extra_files`` (the scaler, the data config) travel with it under
+        ``extra_files/``. Returns the registered version's URI (``models:/name/version``), or
+        the logged model's URI when ``registered_name`` is None.
+        """
+        import mlflow.pytorch  # the flavour pulls in torch.export; only the final model needs it
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(input_example, output_example)
+        requirements = [f"torch=={version('torch').split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+        with fluent_uri(self.uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch.export on nn.LSTM's flat weights
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=signature,
+                input_example=input_example,
+                extra_files=[str(p) for p in extra_files],
+                pip_requirements=requirements,  # stated: inferring them loads the model again
+                registered_model_name=registered_name,
+            )
+        if registered_name is None:
+            return info.model_uri
+        return f"models:/{registered_name}/{info.registered_model_version}"
 
 
 class EpochLogger:
@@ -201,6 +312,31 @@ class EpochLogger:
         if self.pending:
             self.tracker.log_metrics(self.run_id, self.pending)
         self.pending, self.last_flush = [], time.monotonic()
+
+
+@contextmanager
+def fluent_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (search_runs, log_model, the registry) at ``uri`` for a block;
+    everything else here names its store explicitly through the client."""
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def load_logged_model(model_uri: str, tracking_uri: str | None = None) -> tuple[Any, Path]:
+    """A model logged by :meth:`Tracker.log_model` (``models:/name/1``, ``runs:/id/model`` or a
+    folder), and the local folder holding its ``extra_files/``."""
+    import mlflow.pytorch
+
+    with fluent_uri(tracking_uri or default_tracking_uri()):
+        folder = Path(mlflow.artifacts.download_artifacts(model_uri))
+        model = mlflow.pytorch.load_model(str(folder))
+    return model, folder
 
 
 def terminal_status(status: str) -> bool:

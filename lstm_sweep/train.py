@@ -20,8 +20,10 @@ from torch import nn
 
 from lstm_sweep import diagnostics as dg
 from lstm_sweep.config import Config, TrainConfig
-from lstm_sweep.data import ForecastData
-from lstm_sweep.model import LSTMForecaster, decay_groups, layer_outputs
+from lstm_sweep.data import ClassificationData, ForecastData
+from lstm_sweep.model import LSTMNet, decay_groups, layer_outputs
+
+TrainingData = ForecastData | ClassificationData
 
 EVAL_BATCH = 4096  # windows per forward pass when only scoring
 
@@ -35,9 +37,10 @@ class Callback(Protocol):
 class History:
     """The one record of a training run: every consumer reads its numbers from here."""
 
+    monitor: str = dg.VAL_LOSS  # the metric that picks the best epoch
     rows: list[dict[str, float]] = field(default_factory=list)  # one per epoch, epoch = index
     best_epoch: int = -1
-    best_val_loss: float = math.inf
+    best_value: float = math.nan  # the monitored metric at the best epoch
     stop_reason: str = "max_epochs"  # max_epochs | patience | pruned | unstable
     unstable_reason: str | None = None
     weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # first/best/last
@@ -46,6 +49,10 @@ class History:
     @property
     def epochs_trained(self) -> int:
         return len(self.rows)
+
+    @property
+    def best_val_loss(self) -> float:
+        return self.rows[self.best_epoch][dg.VAL_LOSS] if self.best_epoch >= 0 else math.nan
 
     def column(self, key: str) -> list[float]:
         return [row[key] for row in self.rows if key in row]
@@ -59,10 +66,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(data: ForecastData, cfg: Config) -> LSTMForecaster:
+def build_model(data: TrainingData, cfg: Config) -> LSTMNet:
     """A freshly initialised model; the seed fixes its weights and its dropout masks."""
     torch.manual_seed(cfg.train.seed)
-    return LSTMForecaster(data.n_inputs, len(data.targets), data.horizon, cfg.model)
+    return LSTMNet(data.n_inputs, data.output_shape, cfg.model)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -76,7 +83,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode predictions for all of ``x``, in model space: (n, horizon, targets)."""
+    """Eval-mode outputs for all of ``x``: (n, horizon, targets) forecasts or (n, classes)
+    logits."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -85,8 +93,20 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mse(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    return float(nn.functional.mse_loss(prediction, target.to(prediction.device)))
+def evaluate(
+    model: nn.Module, data: TrainingData, part: str, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, float]:
+    """The training loss in eval mode, and the task's scores, on (x, y) named ``part``."""
+    prediction = predict(model, x)
+    y = y.to(prediction.device)
+    loss_key = dg.VAL_LOSS if part == "val" else dg.TRAIN_EVAL_LOSS
+    return {loss_key: float(data.loss(prediction, y)), **data.score(part, prediction, y)}
+
+
+def improved(value: float, best: float, minimize: bool, min_delta: float) -> bool:
+    if math.isnan(best):
+        return math.isfinite(value)
+    return value < best - min_delta if minimize else value > best + min_delta
 
 
 def fixed_subsample(n: int, size: int, seed: int) -> torch.Tensor:
@@ -107,7 +127,7 @@ def _instability(row: dict[str, float], explode: float) -> str | None:
 
 
 def fit(
-    model: nn.Module, data: ForecastData, cfg: Config, callbacks: Sequence[Callback] = ()
+    model: nn.Module, data: TrainingData, cfg: Config, callbacks: Sequence[Callback] = ()
 ) -> History:
     """Train ``model`` until max_epochs, patience, a callback or instability stops it; the
     model ends holding its best epoch's weights."""
@@ -123,7 +143,8 @@ def fit(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     batches = torch.Generator().manual_seed(train.seed)
     max_norm = train.grad_clip if train.grad_clip > 0 else math.inf
-    history, best_state, since_best = History(), None, 0
+    history, best_state, since_best = History(monitor=train.monitor), None, 0
+    minimize = train.monitor == dg.VAL_LOSS
     started = time.perf_counter()
 
     for epoch in range(train.max_epochs):
@@ -132,7 +153,7 @@ def fit(
         for start in range(0, len(x), train.batch_size):
             idx = order[start : start + train.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+            loss = data.loss(model(x[idx]), y[idx])
             loss.backward()
             if level == "full":
                 group_norms.append(dg.grad_norms_by_group([(n, p.grad) for n, p in named]))
@@ -142,10 +163,12 @@ def fit(
             losses.append(loss.detach())
 
         row = {dg.TRAIN_LOSS: float(torch.stack(losses).mean())}
-        row[dg.VAL_LOSS] = mse(predict(model, data.val.x), data.val.y)
+        row |= evaluate(model, data, "val", data.val.x, data.val.y)
         if level != "off":
-            row[dg.TRAIN_EVAL_LOSS] = mse(predict(model, x[eval_index]), y[eval_index])
+            row |= evaluate(model, data, "train", x[eval_index], y[eval_index])
             row |= dg.honest_gap(row[dg.TRAIN_EVAL_LOSS], row[dg.VAL_LOSS])
+            if dg.TRAIN_ACCURACY in row:
+                row[dg.ACCURACY_GAP] = row[dg.TRAIN_ACCURACY] - row[dg.VAL_ACCURACY]
             stacked = torch.stack(group_norms) if group_norms else None
             row |= dg.gradient_summary(torch.stack(norms), train.grad_clip, stacked)
         if level == "full":
@@ -165,8 +188,8 @@ def fit(
             history.unstable_reason += f" at epoch {epoch}"
             history.stop_reason = "unstable"
             break
-        if row[dg.VAL_LOSS] < history.best_val_loss - train.min_delta:
-            history.best_epoch, history.best_val_loss, since_best = epoch, row[dg.VAL_LOSS], 0
+        if improved(row[train.monitor], history.best_value, minimize, train.min_delta):
+            history.best_epoch, history.best_value, since_best = epoch, row[train.monitor], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if level == "full":
                 history.weights["best"] = values
@@ -187,10 +210,10 @@ def fit(
     return history
 
 
-def naive_loss(data: ForecastData, part: str = "val") -> float:
-    """MSE of the last-value forecast on a part, in the same (scaled) units as the model's."""
-    windows = data.part(part)
-    return mse(data.naive_forecast(windows), windows.y)
+def naive_loss(data: TrainingData, part: str = "val") -> float:
+    """The loss of the naive predictor on a part, in the model's own loss: the last value
+    carried forward for forecasting, the training class frequencies for classification."""
+    return float(data.loss(data.naive_prediction(part), data.part(part).y))
 
 
 def original_unit_errors(

@@ -10,16 +10,16 @@ import torch
 
 from lstm_sweep import diagnostics as dg
 from lstm_sweep.config import ModelConfig, VerdictRules
-from lstm_sweep.model import LSTMForecaster
+from lstm_sweep.model import LSTMNet
 
 
 def test_honest_gap_is_difference_and_ratio() -> None:
     assert dg.honest_gap(0.5, 0.75) == {dg.GAP: 0.25, dg.GAP_RATIO: 1.5}
 
 
-def small_model() -> LSTMForecaster:
+def small_model() -> LSTMNet:
     torch.manual_seed(3)
-    return LSTMForecaster(2, 1, 2, ModelConfig(hidden_size=3))
+    return LSTMNet(2, (2, 1), ModelConfig(hidden_size=3))
 
 
 def test_gradient_statistics_equal_direct_torch_computation() -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from lstm_sweep.config import ModelConfig
-from lstm_sweep.model import GROUPS, LSTMForecaster, decay_groups, layer_outputs, parameter_group
+from lstm_sweep.model import GROUPS, LSTMNet, decay_groups, layer_outputs, parameter_group
 
 
-def make(num_layers: int = 2) -> LSTMForecaster:
+def make(num_layers: int = 2) -> LSTMNet:
     torch.manual_seed(0)
-    return LSTMForecaster(3, 2, 4, ModelConfig(num_layers=num_layers, hidden_size=5, dropout=0.2))
+    return LSTMNet(3, (4, 2), ModelConfig(num_layers=num_layers, hidden_size=5, dropout=0.2))
 
 
 def test_forecaster_predicts_horizon_by_targets() -> None:

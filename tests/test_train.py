@@ -11,7 +11,7 @@ import torch
 from lstm_sweep import diagnostics as dg
 from lstm_sweep.config import Config, load_config
 from lstm_sweep.data import ForecastData, load_forecast_data
-from lstm_sweep.train import build_model, fit, mse, naive_loss, predict
+from lstm_sweep.train import build_model, evaluate, fit, naive_loss
 from tests.conftest import QUICK, TINY, write_series, write_sweep
 
 
@@ -39,7 +39,7 @@ def test_same_seed_gives_the_same_numbers_twice(co2) -> None:
 def test_best_weights_are_restored_and_are_the_trial_value(co2) -> None:
     cfg, data = co2
     model, history = train(cfg, data, **{"train.max_epochs": 6, "train.learning_rate": 0.05})
-    restored = mse(predict(model, data.val.x), data.val.y)
+    restored = evaluate(model, data, "val", data.val.x, data.val.y)[dg.VAL_LOSS]
     assert restored == pytest.approx(history.best_val_loss, rel=1e-5)
     assert history.best_val_loss == min(history.column(dg.VAL_LOSS))
 

@@ -1,0 +1,131 @@
+"""Forecasts an LSTM has to beat, made on the very windows it is scored on.
+
+Three classics: the last value carried forward (naive), the value one season back (seasonal
+naive), and a linear autoregression (scikit-learn Ridge on the same scaled input windows the LSTM
+reads). All errors are in the target's own units; MASE divides the MAE by the naive forecast's
+MAE on the training windows, so 1.0 means "as good as carrying the last value forward in-sample".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import Ridge
+
+from lstm_sweep.data import PARTS, ForecastData, Windows
+
+RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # chosen on validation windows only
+METRICS = ("mse", "mae", "mase")
+
+
+def truth(data: ForecastData, part: str) -> np.ndarray:
+    """The targets of a part in original units: (n, horizon, targets)."""
+    windows = data.part(part)
+    return data.to_original(windows.y.numpy(), windows)
+
+
+def naive(data: ForecastData, part: str) -> np.ndarray:
+    """The last observed value carried forward over the horizon, in original units."""
+    windows = data.part(part)
+    return data.to_original(data.naive_forecast(windows).numpy(), windows)
+
+
+def level_series(data: ForecastData) -> pd.DataFrame:
+    """Every target value the windows hold, in original units, one row per time stamp in order:
+    the history a seasonal forecast looks back into."""
+    frames = []
+    for part in PARTS:
+        values = truth(data, part)  # (n, horizon, targets)
+        times = data.part(part).times.reshape(-1)
+        frames.append(pd.DataFrame(values.reshape(-1, values.shape[2]), index=times))
+    series = pd.concat(frames)
+    return series[~series.index.duplicated()].sort_index()
+
+
+def seasonal_naive(data: ForecastData, part: str) -> np.ndarray:
+    """Each step's value one season earlier (k seasons for steps beyond the first season), never
+    later than the forecast origin. ValueError when no season is set or history is too short."""
+    if data.season is None:
+        raise ValueError("data.season is not set")
+    windows = data.part(part)
+    series = level_series(data)
+    rows = series.index.get_indexer(windows.times.reshape(-1)).reshape(windows.times.shape)
+    steps = np.arange(1, rows.shape[1] + 1)  # (horizon,): steps ahead of the origin
+    back = data.season * np.ceil(steps / data.season).astype(int)  # >= steps: no look-ahead
+    source = rows - back[None, :]  # (n, horizon)
+    if (source < 0).any():
+        raise ValueError(f"season {data.season} reaches back before the first known value")
+    return series.to_numpy()[source]  # (n, horizon, targets)
+
+
+def _flat(windows: Windows) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs (n, window * inputs) and targets (n, horizon * targets), as the LSTM sees them."""
+    n = len(windows)
+    return windows.x.reshape(n, -1).numpy(), windows.y.reshape(n, -1).numpy()
+
+
+def _join(first: Windows, second: Windows) -> tuple[np.ndarray, np.ndarray]:
+    (x1, y1), (x2, y2) = _flat(first), _flat(second)
+    return np.concatenate([x1, x2]), np.concatenate([y1, y2])
+
+
+def ridge_alpha(data: ForecastData, alphas: tuple[float, ...] = RIDGE_ALPHAS) -> float:
+    """The Ridge penalty with the lowest validation MSE when fitted on the training windows."""
+    x_train, y_train = _flat(data.train)
+    x_val, y_val = _flat(data.val)
+
+    def val_mse(alpha: float) -> float:
+        fitted = Ridge(alpha=alpha).fit(x_train, y_train)
+        return float(((fitted.predict(x_val) - y_val) ** 2).mean())
+
+    return min(alphas, key=val_mse)
+
+
+def ridge_ar(data: ForecastData, part: str, alpha: float, refit_on_val: bool) -> np.ndarray:
+    """A linear autoregression on the scaled input windows, in original units. With
+    ``refit_on_val`` it learns from training and validation windows, as the final LSTM does."""
+    x, y = _join(data.train, data.val) if refit_on_val else _flat(data.train)
+    windows = data.part(part)
+    prediction = Ridge(alpha=alpha).fit(x, y).predict(_flat(windows)[0])
+    return data.to_original(prediction.reshape(windows.y.shape), windows)
+
+
+def naive_scale(data: ForecastData) -> float:
+    """MASE's denominator: the naive forecast's MAE on the training windows, original units."""
+    return float(np.abs(naive(data, "train") - truth(data, "train")).mean())
+
+
+def errors(prediction: np.ndarray, target: np.ndarray, scale: float) -> dict[str, float]:
+    """MSE, MAE and MASE of a forecast against the truth, both in original units."""
+    error = prediction - target
+    mae = float(np.abs(error).mean())
+    return {
+        "mse": float((error**2).mean()),
+        "mae": mae,
+        "mase": mae / scale if scale > 0 else math.inf,
+    }
+
+
+def evaluate_baselines(
+    data: ForecastData, part: str = "test", refit_on_val: bool = True
+) -> pd.DataFrame:
+    """Each baseline's errors on a part: one row per method (index), columns :data:`METRICS`
+    and ``note``. A baseline that cannot be made (no season) gets a note instead of numbers."""
+    target, scale = truth(data, part), naive_scale(data)
+    alpha = ridge_alpha(data)
+    rows: dict[str, dict[str, object]] = {}
+    makers = {
+        "naive": lambda: naive(data, part),
+        "seasonal_naive": lambda: seasonal_naive(data, part),
+        "ridge_ar": lambda: ridge_ar(data, part, alpha, refit_on_val),
+    }
+    for name, make in makers.items():
+        try:
+            rows[name] = {**errors(make(), target, scale), "note": ""}
+        except ValueError as exc:
+            rows[name] = {**dict.fromkeys(METRICS, math.nan), "note": str(exc)}
+    rows["seasonal_naive"]["note"] = rows["seasonal_naive"]["note"] or f"season {data.season}"
+    rows["ridge_ar"]["note"] = f"alpha {alpha:g} chosen on validation"
+    return pd.DataFrame.from_dict(rows, orient="index")[[*METRICS, "note"]]

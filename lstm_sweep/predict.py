@@ -1,0 +1,141 @@
+"""Forecasts from a logged model: ``python -m lstm_sweep.predict MODEL_URI data.csv``.
+
+The model travels with the scaler fitted on its training rows and the data section of its
+config, so a CSV with the same columns becomes windows exactly as in training, and forecasts
+come out in the target's own units. One forecast per origin: every row with a full window of
+history before it, the last row included (its forecast is the future).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from numpy.lib.stride_tricks import sliding_window_view
+
+from lstm_sweep.config import ConfigError, DataConfig
+from lstm_sweep.data import (
+    ForecastData,
+    Scaler,
+    Windows,
+    _check_columns,
+    _fill_missing,
+    _parse_time,
+    read_table,
+)
+from lstm_sweep.tracking import load_logged_model
+
+EXIT_BAD_INPUT = 2
+
+
+def load_bundle(model_uri: str, tracking_uri: str | None = None):
+    """The model, its data config and its scaler, as :func:`select.write_model_files` left them."""
+    model, folder = load_logged_model(model_uri, tracking_uri)
+    extra = folder / "extra_files"
+    data_cfg = DataConfig.model_validate(yaml.safe_load((extra / "data_config.yaml").read_text()))
+    raw = json.loads((extra / "scaler.json").read_text())
+    return model, data_cfg, Scaler.from_dict(raw), list(raw["inputs"])
+
+
+def origin_windows(
+    frame: pd.DataFrame, cfg: DataConfig, scaler: Scaler, source: str
+) -> tuple[ForecastData, pd.Series, pd.DataFrame]:
+    """Every forecast origin of a table as windows, scaled with the training scaler; and the
+    table's time stamps and target levels, row-aligned (``diff`` drops the first row)."""
+    _check_columns(frame, cfg, source)
+    columns = cfg.targets + [f for f in cfg.features if f not in cfg.targets]
+    frame = _fill_missing(frame, columns, cfg.missing, source)
+    times = _parse_time(frame, cfg, source).reset_index(drop=True)
+    levels = frame[cfg.targets].to_numpy(dtype=float)
+    values = frame[columns].to_numpy(dtype=float, copy=True)
+    # the same target transform as data.load_forecast_data, row for row
+    if cfg.transform == "log":
+        values[:, : len(cfg.targets)] = np.log(levels)
+    elif cfg.transform == "diff":
+        values = np.concatenate([np.diff(levels, axis=0), values[1:, len(cfg.targets) :]], axis=1)
+        levels, times = levels[1:], times.iloc[1:].reset_index(drop=True)
+    if len(values) < cfg.window:
+        raise ConfigError(source, "data.window", cfg.window,
+                          f"needs at least {cfg.window} usable rows, the table has {len(values)}")
+    scaled = scaler.transform(values).astype(np.float32)
+    x = sliding_window_view(scaled, cfg.window, axis=0).transpose(0, 2, 1)  # (origins, w, c)
+    origins = np.arange(cfg.window - 1, len(values))  # row of each window's last input
+    n, horizon, targets = len(origins), cfg.horizon, len(cfg.targets)
+    windows = Windows(
+        x=torch.from_numpy(np.ascontiguousarray(x)),
+        y=torch.zeros(n, horizon, targets),  # unknown: only the shape is used
+        times=times.to_numpy()[origins],
+        last_level=levels[origins],
+    )
+    data = ForecastData(windows, windows, windows, inputs=columns, targets=cfg.targets,
+                        scaler=scaler, transform=cfg.transform, season=cfg.season)
+    return data, times, pd.DataFrame(levels, columns=cfg.targets)
+
+
+@torch.no_grad()
+def forecast(model: torch.nn.Module, data: ForecastData) -> np.ndarray:
+    """Forecasts for every origin in original units: (origins, horizon, targets). The loaded
+    model is a torch.export program, already in eval mode (it refuses .eval())."""
+    windows = data.train
+    return data.to_original(model(windows.x).numpy(), windows)
+
+
+def forecast_table(prediction: np.ndarray, data: ForecastData, times: pd.Series,
+                   levels: pd.DataFrame) -> pd.DataFrame:
+    """One row per (origin, step): origin time, step, the step's time and actual value where
+    the table has them, and the forecast of each target."""
+    windows = data.train
+    n, horizon, _ = prediction.shape
+    position = {t: i for i, t in enumerate(times)}
+    rows = []
+    for i in range(n):
+        origin = position[windows.times[i]]
+        for step in range(horizon):
+            target_row = origin + step + 1
+            known = target_row < len(times)
+            row = {"origin": windows.times[i], "step": step + 1,
+                   "time": times.iloc[target_row] if known else None}
+            for t, name in enumerate(data.targets):
+                row[f"{name}_forecast"] = float(prediction[i, step, t])
+                row[f"{name}_actual"] = float(levels.iloc[target_row, t]) if known else np.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def predict_csv(model_uri: str, csv: Path, tracking_uri: str | None = None,
+                last_only: bool = False) -> pd.DataFrame:
+    model, data_cfg, scaler, inputs = load_bundle(model_uri, tracking_uri)
+    frame = read_table(csv)
+    data, times, levels = origin_windows(frame, data_cfg, scaler, str(csv))
+    if data.inputs != inputs:
+        raise ConfigError(str(csv), "data.features", data.inputs, f"the model reads {inputs}")
+    table = forecast_table(forecast(model, data), data, times, levels)
+    return table[table["origin"] == table["origin"].iloc[-1]] if last_only else table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lstm_sweep.predict", description=__doc__)
+    parser.add_argument("model_uri", help="models:/NAME/VERSION, runs:/RUN_ID/model or a folder")
+    parser.add_argument("csv", type=Path, help="a table with the training data's columns")
+    parser.add_argument("-o", "--output", type=Path, default=Path("forecasts.csv"))
+    parser.add_argument("--tracking-uri", help="MLflow store; default: sqlite under mlruns/")
+    parser.add_argument("--last", action="store_true", help="only the forecast from the last row")
+    args = parser.parse_args(argv)
+    try:
+        table = predict_csv(args.model_uri, args.csv, args.tracking_uri, args.last)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    table.to_csv(args.output, index=False)
+    print(f"{len(table)} forecasts written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Baselines give the textbook answer where it is known, on the very windows the LSTM sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lstm_sweep import baselines
+from lstm_sweep.config import load_config
+from lstm_sweep.data import ForecastData, load_forecast_data
+from tests.conftest import write_series, write_sweep
+
+
+def series_data(tmp_path: Path, values: np.ndarray, **data: object) -> ForecastData:
+    csv = write_series(tmp_path / "series.csv", values)
+    sweep = write_sweep(tmp_path / "sweep.yaml", csv, data={"horizon": 3, **data})
+    return load_forecast_data(load_config(sweep).data)
+
+
+def periodic(n: int = 300, period: int = 12) -> np.ndarray:
+    return 10.0 + np.sin(2 * np.pi * np.arange(n) / period)
+
+
+@pytest.mark.parametrize("transform", ["none", "diff"])
+def test_naive_forecast_is_exact_on_a_constant_series(tmp_path: Path, transform: str) -> None:
+    data = series_data(tmp_path, np.full(200, 5.0), transform=transform)
+    table = baselines.evaluate_baselines(data, "test")
+    assert table.loc["naive", "mse"] == 0.0 and table.loc["naive", "mae"] == 0.0
+    np.testing.assert_array_equal(baselines.naive(data, "test"), 5.0)
+
+
+def test_seasonal_naive_is_exact_on_a_pure_periodic_series(tmp_path: Path) -> None:
+    # the window (8) is shorter than the season (12): the season is looked up in the series
+    data = series_data(tmp_path, periodic(), season=12)
+    np.testing.assert_allclose(
+        baselines.seasonal_naive(data, "test"), baselines.truth(data, "test"), atol=1e-9
+    )
+    table = baselines.evaluate_baselines(data, "test")
+    assert table.loc["seasonal_naive", "mse"] < 1e-15 < table.loc["naive", "mse"]
+
+
+def test_seasonal_naive_never_looks_past_the_forecast_origin(tmp_path: Path) -> None:
+    # season 2, horizon 3: step 3 must come from two seasons back, not from step 1's truth
+    values = np.arange(200, dtype=float)  # a ramp: any look-ahead would show as a smaller error
+    data = series_data(tmp_path, values, season=2)
+    forecast, truth = baselines.seasonal_naive(data, "test"), baselines.truth(data, "test")
+    expected = [[[2.0], [2.0], [4.0]]] * len(truth)  # truth went through float32 scaling
+    np.testing.assert_allclose(truth - forecast, expected, atol=1e-4)
+
+
+def test_ridge_autoregression_recovers_a_sinusoid_and_naive_mase_is_one_in_sample(
+    tmp_path: Path,
+) -> None:
+    data = series_data(tmp_path, periodic(), season=12)
+    table = baselines.evaluate_baselines(data, "test")
+    assert table.loc["ridge_ar", "mse"] < 1e-3 * table.loc["naive", "mse"]
+    assert "chosen on validation" in table.loc["ridge_ar", "note"]
+    in_sample = baselines.errors(
+        baselines.naive(data, "train"), baselines.truth(data, "train"), baselines.naive_scale(data)
+    )
+    assert in_sample["mase"] == pytest.approx(1.0)
+
+
+def test_without_a_season_the_seasonal_baseline_is_a_note_not_a_number(tmp_path: Path) -> None:
+    table = baselines.evaluate_baselines(series_data(tmp_path, periodic()), "test")
+    assert np.isnan(table.loc["seasonal_naive", "mse"])
+    assert "season" in table.loc["seasonal_naive", "note"]
+    assert np.isfinite(table.loc["naive", "mase"]) and np.isfinite(table.loc["ridge_ar", "mse"])

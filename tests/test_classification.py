@@ -1,0 +1,149 @@
+"""Sequence classification: stratified split, accuracy metrics, verdicts, an end-to-end sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from lstm_sweep import diagnostics as dg
+from lstm_sweep.config import ConfigError, load_config
+from lstm_sweep.data import load_data
+from lstm_sweep.run import main
+from lstm_sweep.train import build_model, fit, naive_loss
+from tests.conftest import ROOT
+
+CLASSIFY = ROOT / "sweeps" / "classify.yaml"
+TINY_CLASSIFY = [
+    "model.num_layers=1", "model.hidden_size=16", "train.max_epochs=3", "study.n_trials=3",
+    "study.n_startup_trials=2", "diagnostics.eval_subsample=256", "train.batch_size=128",
+]
+
+
+def test_stratified_split_keeps_class_proportions() -> None:
+    data = load_data(load_config(CLASSIFY))
+    overall = np.bincount(np.load(ROOT / "sweeps" / "data" / "digits.npz")["y"]) / 1797
+    for part in ("train", "val", "test"):
+        y = data.part(part).y.numpy()
+        assert np.abs(np.bincount(y, minlength=10) / len(y) - overall).max() < 0.02
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    ids = [set(data.part(p).ids.tolist()) for p in ("train", "val", "test")]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+
+
+def test_scaler_is_fit_on_training_sequences_only() -> None:
+    data = load_data(load_config(CLASSIFY))
+    train = data.train.x.numpy().reshape(-1, 8)
+    assert np.allclose(train.mean(axis=0), 0.0, atol=1e-5)
+    assert not np.allclose(data.val.x.numpy().reshape(-1, 8).mean(axis=0), 0.0, atol=1e-3)
+
+
+def test_accuracy_metrics_equal_scikit_learns_on_fixed_predictions() -> None:
+    data = load_data(load_config(CLASSIFY))
+    truth = torch.tensor([0, 1, 2, 2, 1, 0, 2])
+    predicted = np.array([0, 2, 2, 2, 1, 1, 0])
+    logits = torch.nn.functional.one_hot(torch.from_numpy(predicted), 10).float()
+    scores = data.score("val", logits, truth)
+    assert scores["val_accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+    assert scores["val_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, predicted))
+    assert scores["val_macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
+    assert set(data.score("train", logits, truth)) == {"train_accuracy"}
+
+
+def test_naive_loss_is_the_majority_class_predictors_cross_entropy() -> None:
+    data = load_data(load_config(CLASSIFY))
+    prior = np.bincount(data.train.y.numpy(), minlength=10) / len(data.train)
+    expected = -np.log(prior[data.val.y.numpy()]).mean()
+    assert naive_loss(data) == pytest.approx(expected, rel=1e-5)
+
+
+def test_sequences_are_read_from_a_long_table(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = [
+        {"seq": s, "t": t, "a": rng.normal(), "b": rng.normal(), "label": "up" if s % 2 else "down"}
+        for s in range(40) for t in range(5)
+    ]
+    frame = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # any row order
+    frame.to_csv(tmp_path / "seq.csv", index=False)
+    sweep = {
+        "task": "classification",
+        "data": {"path": "seq.csv", "id_column": "seq", "order_column": "t",
+                 "label_column": "label", "features": ["a", "b"], "split": [0.5, 0.25, 0.25]},
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    data = load_data(load_config(tmp_path / "s.yaml"))
+    assert data.classes == ["down", "up"]
+    assert data.train.x.shape[1:] == (5, 2)
+    first = data.train.ids[0]
+    expected = pd.DataFrame(rows).query("seq == @first").sort_values("t")["a"].to_numpy()
+    center, scale = data.scaler.center[0], data.scaler.scale[0]
+    assert np.allclose(data.train.x[0, :, 0].numpy() * scale + center, expected, atol=1e-5)
+
+    frame[~((frame.seq == 3) & (frame.t == 4))].to_csv(tmp_path / "seq.csv", index=False)
+    with pytest.raises(ConfigError, match="lengths must agree"):
+        load_data(load_config(tmp_path / "s.yaml"))
+
+
+def test_a_classifier_memorising_random_labels_is_called_overfitting(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "noise.npz", x=rng.normal(size=(160, 6, 4)), y=rng.integers(0, 2, 160))
+    sweep = {
+        "task": "classification",
+        "data": {"path": "noise.npz", "split": [0.5, 0.25, 0.25]},
+        "model": {"hidden_size": 64},
+        "train": {"max_epochs": 80, "patience": 80, "learning_rate": 0.01, "batch_size": 16},
+        "diagnostics": {"level": "basic"},
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    cfg = load_config(tmp_path / "s.yaml")
+    data = load_data(cfg)
+    history = fit(build_model(data, cfg), data, cfg)
+    last = history.rows[-1]
+    assert last[dg.TRAIN_ACCURACY] > 0.95
+    assert last[dg.ACCURACY_GAP] == pytest.approx(last[dg.TRAIN_ACCURACY] - last[dg.VAL_ACCURACY])
+    verdict = dg.judge(history.rows, naive_loss(data), cfg.diagnostics.verdict)
+    assert verdict.verdict == "overfitting", verdict.reason
+
+
+def test_monitoring_val_accuracy_maximizes(stores: Path) -> None:
+    cfg = load_config(CLASSIFY, ["train.monitor=val_accuracy"])
+    assert cfg.direction == "maximize"
+    with pytest.raises(ConfigError, match="is to maximize"):
+        load_config(CLASSIFY, ["train.monitor=val_accuracy", "study.direction=minimize"])
+
+
+def test_a_tiny_classification_sweep_end_to_end(stores: Path) -> None:
+    args = [str(CLASSIFY), "--no-progress", *(f"--set={s}" for s in TINY_CLASSIFY),
+            "--set=train.monitor=val_accuracy"]
+    assert main(args) == 0
+    study = optuna.load_study(study_name="digits-classify",
+                              storage=f"sqlite:///{stores / 'optuna.db'}")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert len(study.trials) == 3
+    client = MlflowClient(f"sqlite:///{stores / 'mlflow.db'}")
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert {"val_accuracy", "train_accuracy", "accuracy_gap", "val_macro_f1"} <= set(
+            run.data.metrics
+        )
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        if trial.state.name == "COMPLETE":
+            assert trial.value == pytest.approx(max(m.value for m in history))
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")}
+        assert {"diagnostics/confusion_matrix.png", "diagnostics/worst_val_samples.csv"} <= artifacts
+
+
+def test_confidently_wrong_ranks_misclassified_samples_by_confidence() -> None:
+    probabilities = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
+    truth = np.array([1, 1, 1, 0])
+    table = dg.confidently_wrong(probabilities, truth, np.array([10, 11, 12, 13]), ["a", "b"], 5)
+    assert table["id"].tolist() == [10, 13, 12]
+    assert table["predicted"].tolist() == ["a", "b", "a"]
+    assert table["p_true"].tolist() == pytest.approx([0.1, 0.2, 0.4])
