@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -16,11 +17,10 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from lstm_sweep import diagnostics as dg  # noqa: E402
-from lstm_sweep.data import ClassificationData, ForecastData  # noqa: E402
+from lstm_sweep.data import ClassificationData  # noqa: E402
 from lstm_sweep.train import History, TrainingData, predict  # noqa: E402
 
 
@@ -59,9 +59,8 @@ def weight_histograms(snapshots: dict[str, dict[str, torch.Tensor]], folder: Pat
     fig.savefig(png, dpi=80)
     plt.close(fig)
     data = folder / "weight_values.npz"
-    np.savez_compressed(
-        data, **{f"{m}__{g}": v[g].numpy() for m, v in snapshots.items() for g in v}
-    )
+    arrays: dict[str, Any] = {f"{m}__{g}": v[g].numpy() for m, v in snapshots.items() for g in v}
+    np.savez_compressed(data, **arrays)
     return [png, data]
 
 
@@ -87,10 +86,16 @@ def predictions(
     return path
 
 
-def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path) -> Path:
+def confusion_matrix(
+    truth: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path
+) -> Path:
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 1 + 0.5 * len(classes)))
     ConfusionMatrixDisplay.from_predictions(
-        truth, predicted, labels=range(len(classes)), display_labels=classes, ax=ax,
+        truth,
+        predicted,
+        labels=range(len(classes)),
+        display_labels=classes,
+        ax=ax,
         colorbar=False,
     )
     ax.set(title="Validation confusion matrix (best epoch)")
@@ -101,8 +106,12 @@ def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: list[str
 
 
 def trial_artifacts(
-    folder: Path, model: torch.nn.Module, data: TrainingData, history: History,
-    verdict: dg.Verdict, k: int,
+    folder: Path,
+    model: torch.nn.Module,
+    data: TrainingData,
+    history: History,
+    verdict: dg.Verdict,
+    k: int,
 ) -> None:
     """Everything a trial saves at its best epoch, into ``folder``."""
     loss_curves(history.rows, history.best_epoch, verdict.onset_epoch, folder / "loss_curves.png")
@@ -111,10 +120,12 @@ def trial_artifacts(
     if isinstance(data, ClassificationData):
         logits = predict(model, data.val.x).cpu()
         truth = data.val.y.numpy()
-        confusion_matrix(truth, logits.argmax(dim=1).numpy(), data.classes,
-                         folder / "confusion_matrix.png")
-        worst = dg.confidently_wrong(torch.softmax(logits, dim=1).numpy(), truth, data.val.ids,
-                                     data.classes, k)
+        confusion_matrix(
+            truth, logits.argmax(dim=1).numpy(), data.classes, folder / "confusion_matrix.png"
+        )
+        worst = dg.confidently_wrong(
+            torch.softmax(logits, dim=1).numpy(), truth, data.val.ids, data.classes, k
+        )
         worst.to_csv(folder / "worst_val_samples.csv", index=False)
         return
     spans = {}

@@ -168,7 +168,8 @@ class VerdictRules(_Section):
 
 class DiagnosticsConfig(_Section):
     level: Literal["full", "basic", "off"] = "full"  # detail traded against speed
-    eval_subsample: int = Field(1024, ge=1)  # training windows scored in eval mode each epoch
+    eval_subsample: int = Field(256, ge=1)  # training samples scored in eval mode each epoch
+    hidden_subsample: int = Field(128, ge=1)  # validation samples whose hidden states are read
     k_worst: int = Field(10, ge=1)  # worst validation windows saved at the best epoch
     saturation: float = Field(0.95, gt=0, lt=1)  # |h| above this counts as saturated
     dead_std: float = Field(1e-3, ge=0)  # a unit whose output std is below this never moves

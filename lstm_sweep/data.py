@@ -178,7 +178,10 @@ def _fill_missing(frame: pd.DataFrame, columns: list[str], how: str, source: str
     if how == "error":
         column = gaps.idxmax()
         raise ConfigError(
-            source, "data.missing", how, f"{int(gaps.sum())} missing values (first in {column!r});"
+            source,
+            "data.missing",
+            how,
+            f"{int(gaps.sum())} missing values (first in {column!r});"
             " set data.missing to drop, ffill or interpolate",
         )
     if how == "drop":
@@ -245,7 +248,9 @@ def load_forecast_data(cfg: DataConfig) -> ForecastData:
         x, y, first = cut_windows(scaled, len(cfg.targets), cfg.window, cfg.horizon, start, stop)
         if len(first) == 0:
             raise ConfigError(
-                source, "data.window", cfg.window,
+                source,
+                "data.window",
+                cfg.window,
                 f"too few rows: {n_rows} rows give the {name} part {stop - start} rows, not enough"
                 f" for window {cfg.window} + horizon {cfg.horizon}",
             )
@@ -257,8 +262,12 @@ def load_forecast_data(cfg: DataConfig) -> ForecastData:
             last_level=levels[first - 1],
         )
     return ForecastData(
-        **parts, inputs=columns, targets=cfg.targets, scaler=scaler,
-        transform=cfg.transform, season=cfg.season,
+        **parts,
+        inputs=columns,
+        targets=cfg.targets,
+        scaler=scaler,
+        transform=cfg.transform,
+        season=cfg.season,
     )
 
 
@@ -301,8 +310,12 @@ class ClassificationData:
 
     def score(self, part: str, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         """Accuracy (every part); balanced accuracy and macro F1 on validation."""
-        return classification_scores(part, prediction.argmax(dim=1).cpu().numpy(),
-                                     target.cpu().numpy(), detailed=part == "val")
+        return classification_scores(
+            part,
+            prediction.argmax(dim=1).cpu().numpy(),
+            target.cpu().numpy(),
+            detailed=part == "val",
+        )
 
     def naive_prediction(self, part: str) -> torch.Tensor:
         """Logits of the training class frequencies: the majority-class predictor's loss."""
@@ -326,10 +339,14 @@ def _sequences_from_table(frame: pd.DataFrame, cfg: DataConfig, source: str):
     for key in ("id_column", "order_column", "label_column"):
         column = getattr(cfg, key)
         if column not in frame.columns:
-            raise ConfigError(source, f"data.{key}", column, f"no such column in {list(frame.columns)}")
+            raise ConfigError(
+                source, f"data.{key}", column, f"no such column in {list(frame.columns)}"
+            )
     for name in cfg.features:
         if name not in frame.columns:
-            raise ConfigError(source, "data.features", name, f"no such column in {list(frame.columns)}")
+            raise ConfigError(
+                source, "data.features", name, f"no such column in {list(frame.columns)}"
+            )
         if not pd.api.types.is_numeric_dtype(frame[name]):
             raise ConfigError(source, "data.features", name, "column is not numeric")
     if not cfg.features:
@@ -341,13 +358,19 @@ def _sequences_from_table(frame: pd.DataFrame, cfg: DataConfig, source: str):
     if lengths.nunique() != 1:
         odd = lengths[lengths != lengths.mode()[0]].index[0]
         raise ConfigError(
-            source, "data.id_column", str(odd),
+            source,
+            "data.id_column",
+            str(odd),
             f"sequence has {lengths[odd]} steps, others {lengths.mode()[0]}: lengths must agree",
         )
     labels = groups[cfg.label_column].nunique()
     if (labels > 1).any():
-        raise ConfigError(source, "data.label_column", str(labels[labels > 1].index[0]),
-                          "a sequence carries more than one label")
+        raise ConfigError(
+            source,
+            "data.label_column",
+            str(labels[labels > 1].index[0]),
+            "a sequence carries more than one label",
+        )
     steps = int(lengths.iloc[0])
     x = frame[cfg.features].to_numpy(dtype=float).reshape(len(lengths), steps, len(cfg.features))
     return x, groups[cfg.label_column].first().to_numpy(), lengths.index.to_numpy()
@@ -357,11 +380,17 @@ def _sequences_from_npz(path: Path, source: str):
     with np.load(path, allow_pickle=False) as arrays:
         for key in ("x", "y"):
             if key not in arrays:
-                raise ConfigError(source, "data.path", str(path), f"the .npz needs an array {key!r}")
+                raise ConfigError(
+                    source, "data.path", str(path), f"the .npz needs an array {key!r}"
+                )
         x, y = arrays["x"].astype(float), arrays["y"]
     if x.ndim != 3 or len(x) != len(y):
-        raise ConfigError(source, "data.path", str(path),
-                          f"x must be (n, steps, features) and y (n,), got {x.shape} and {y.shape}")
+        raise ConfigError(
+            source,
+            "data.path",
+            str(path),
+            f"x must be (n, steps, features) and y (n,), got {x.shape} and {y.shape}",
+        )
     return x, y, np.arange(len(y))
 
 
@@ -378,11 +407,15 @@ def load_classification_data(cfg: DataConfig, seed: int) -> ClassificationData:
         inputs = list(cfg.features)
     classes, y = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
-        raise ConfigError(source, "data.label_column", cfg.label_column, "needs two classes or more")
+        raise ConfigError(
+            source, "data.label_column", cfg.label_column, "needs two classes or more"
+        )
     index = np.arange(len(y))
     train_frac, val_frac, test_frac = cfg.split
     try:
-        train_idx, rest = train_test_split(index, train_size=train_frac, stratify=y, random_state=seed)
+        train_idx, rest = train_test_split(
+            index, train_size=train_frac, stratify=y, random_state=seed
+        )
         val_idx, test_idx = train_test_split(
             rest, test_size=test_frac / (val_frac + test_frac), stratify=y[rest], random_state=seed
         )

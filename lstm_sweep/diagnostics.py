@@ -160,14 +160,17 @@ def judge(
     onset, score = overfit_onset(val, train), overfit_score(val)
     ratio = val[-1] / train[-1] if train[-1] > 0 else math.inf
     fits_train = train[-1] < rules.underfit_naive_ratio * naive_val_loss
-    if fits_train and onset is not None and (
-        score >= rules.overfit_rise or ratio > rules.overfit_gap_ratio
+    if (
+        fits_train
+        and onset is not None
+        and (score >= rules.overfit_rise or ratio > rules.overfit_gap_ratio)
     ):
         return Verdict(
             "overfitting",
             f"val loss rose {score:.1%} from its best {best:.4g} at epoch {onset} while"
             f" {train_key} fell to {train[-1]:.4g} (val/train {ratio:.2f})",
-            onset, score,
+            onset,
+            score,
         )
     accuracy_gap = last.get(ACCURACY_GAP, -math.inf)
     if fits_train and accuracy_gap > rules.overfit_accuracy_gap:
@@ -175,20 +178,23 @@ def judge(
             "overfitting",
             f"train accuracy {last[TRAIN_ACCURACY]:.1%} ended {accuracy_gap:.1%} above val"
             f" accuracy {last[VAL_ACCURACY]:.1%} (limit {rules.overfit_accuracy_gap:.0%})",
-            onset, score,
+            onset,
+            score,
         )
     if best > rules.underfit_naive_ratio * naive_val_loss:
         return Verdict(
             "underfitting",
             f"best val loss {best:.4g} is not below {rules.underfit_naive_ratio:g} x the naive"
             f" predictor's {naive_val_loss:.4g} (train {train[-1]:.4g})",
-            onset, score,
+            onset,
+            score,
         )
     return Verdict(
         "healthy",
         f"best val loss {best:.4g} ({best / naive_val_loss:.2f} x naive), val ended"
         f" {score:.1%} above its best, val/train {ratio:.2f}",
-        onset, score,
+        onset,
+        score,
     )
 
 
@@ -197,7 +203,8 @@ def worst_windows(
 ) -> pd.DataFrame:
     """The k windows with the largest mean absolute error, worst first, one row per window.
 
-    ``truth`` and ``prediction`` are (n, horizon, targets) in original units; ``times`` (n, horizon).
+    ``truth`` and ``prediction`` are (n, horizon, targets) in original units, ``times`` is
+    (n, horizon).
     """
     error = np.abs(prediction - truth).mean(axis=(1, 2))  # (n,)
     order = np.argsort(-error)[:k]
@@ -248,8 +255,10 @@ def edge_warnings(
         if span <= 0:
             continue
         positions = [(scale(float(t[key])) - scale(low)) / span for t in best if key in t]
-        for edge, near in (("low", all(p <= margin for p in positions)),
-                           ("high", all(p >= 1 - margin for p in positions))):
+        for edge, near in (
+            ("low", all(p <= margin for p in positions)),
+            ("high", all(p >= 1 - margin for p in positions)),
+        ):
             if positions and near:
                 warnings.append(
                     f"search.{key}: the best {len(positions)} trial(s) sit at the {edge} edge of"
@@ -269,10 +278,12 @@ def confidently_wrong(
     confidence = probabilities[np.arange(len(truth)), predicted]
     wrong = np.flatnonzero(predicted != truth)
     order = wrong[np.argsort(-confidence[wrong], kind="stable")][:k]
-    return pd.DataFrame({
-        "id": ids[order],
-        "true": [classes[i] for i in truth[order]],
-        "predicted": [classes[i] for i in predicted[order]],
-        "confidence": confidence[order],
-        "p_true": probabilities[order, truth[order]],
-    })
+    return pd.DataFrame(
+        {
+            "id": ids[order],
+            "true": [classes[i] for i in truth[order]],
+            "predicted": [classes[i] for i in predicted[order]],
+            "confidence": confidence[order],
+            "p_true": probabilities[order, truth[order]],
+        }
+    )

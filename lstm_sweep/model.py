@@ -71,8 +71,10 @@ def layer_outputs(lstm: nn.LSTM, x: torch.Tensor) -> list[torch.Tensor]:
     for k in range(lstm.num_layers):
         layer = nn.LSTM(x.shape[-1], lstm.hidden_size, batch_first=True).to(x.device)
         layer.load_state_dict(
-            {f"{name}_l0": getattr(lstm, f"{name}_l{k}") for name in
-             ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            {
+                f"{name}_l0": getattr(lstm, f"{name}_l{k}")
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            }
         )
         x, _ = layer(x)
         outputs.append(x)

@@ -195,11 +195,11 @@ def gather_evidence(
     images: dict[str, Path] = {}
     winner = recommendation.setting
     history = reevaluation.histories[(winner.number, cfg.train.seed)]
-    train_key = dg.TRAIN_EVAL_LOSS if dg.TRAIN_EVAL_LOSS in history.rows[0] else dg.TRAIN_LOSS
-    onset = dg.overfit_onset(history.column(dg.VAL_LOSS), history.column(train_key))
-    caption = f"Loss curves of the recommendation, re-evaluation with seed {cfg.train.seed}"
+    verdict = reevaluation.verdicts[(winner.number, cfg.train.seed)]
+    caption = (f"Loss curves of the recommendation, re-evaluated with seed {cfg.train.seed}:"
+               f" {verdict.verdict}")
     images[caption] = artifacts.loss_curves(
-        history.rows, history.best_epoch, onset, folder / "winner_loss_curves.png")
+        history.rows, history.best_epoch, verdict.onset_epoch, folder / "winner_loss_curves.png")
     if importances:
         images["Parameter importances (fANOVA)"] = surface.importance_chart(
             importances, folder / "importances.png")
@@ -279,8 +279,8 @@ def write_report(
         "No other re-evaluated setting is within noise of it." if cfg.report.seeds > 1 else
         "With one seed per setting there is no spread: rerun with report.seeds >= 2 to judge noise."
     )
-    runs = evidence.reevaluation.runs
-    verdicts = runs.loc[runs["number"] == rec.setting.number, "verdict"]
+    verdicts = [f"{v.verdict} ({v.reason})" for (number, _), v in
+                evidence.reevaluation.verdicts.items() if number == rec.setting.number]
     spread = 0.0 if math.isnan(winner["val_std"]) else float(winner["val_std"])
     lines = [
         f"# Regularisation report: {cfg.study_name}",
@@ -292,11 +292,11 @@ def write_report(
         f"- Mean best validation loss over {cfg.report.seeds} seed(s):"
         f" {winner['val_mean']:.4g} ± {spread:.2g} (the trial itself: {rec.setting.value:.4g};"
         f" naive last value: {summary.naive_val_loss:.4g}).",
-        f"- Verdicts of its seeds: {', '.join(verdicts)}.",
+        f"- Verdicts of its seeds: {'; '.join(verdicts)}.",
         f"- {noise}",
-        f"- Neighbourhood: {n_near} completed trial(s) lie within {surface.NEIGHBOURHOOD:.0%} of"
-        f" every searched range around it; {n_good} of them came within"
-        f" {cfg.report.near_best:.0%} of the best value"
+        f"- Neighbourhood: {n_near} completed trial(s), its own included, lie within"
+        f" {surface.NEIGHBOURHOOD:.0%} of every searched range around it; {n_good} of them came"
+        f" within {cfg.report.near_best:.0%} of the best value"
         + (" — a robust region, not a lucky point." if n_good >= 3 else
            " — too few good neighbours to call it a robust region."),
         "- Range: " + ("; ".join(evidence.edges) if evidence.edges else
@@ -394,7 +394,7 @@ def finish(sweep: Sweep, parent_id: str) -> str:
             )
             report = write_report(cfg, summary, table, evidence, folder)
             tracker.log_summary(parent_id, parent_metrics(evidence))
-            tags = {"recommended_trial": rec.setting.number}
+            tags: dict[str, Any] = {"recommended_trial": rec.setting.number}
             if evidence.final is not None:
                 tags["model_uri"] = evidence.final.model_uri
             tracker.set_tags(parent_id, tags)

@@ -37,7 +37,8 @@ sweep file sections (see sweeps/forecast.yaml for every key with a comment):
   study        name, n_trials, timeout, sampler, n_startup_trials, pruner, storage,
                direction, workers
   tracking     uri, flush_seconds
-  diagnostics  level (full|basic|off), eval_subsample, k_worst, saturation, dead_std, verdict
+  diagnostics  level (full|basic|off), eval_subsample, hidden_subsample, k_worst,
+               saturation, dead_std, verdict
 
 examples:
   python -m lstm_sweep.run sweeps/forecast.yaml

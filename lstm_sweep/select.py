@@ -53,6 +53,7 @@ class Setting:
 class Reevaluation:
     runs: pd.DataFrame  # one row per (setting, seed): number, seed, run_id, val_loss, ...
     histories: dict[tuple[int, int], History]  # (trial number, seed) -> its training history
+    verdicts: dict[tuple[int, int], dg.Verdict]  # (trial number, seed) -> its verdict
     worst: list[pd.DataFrame]  # each run's worst validation windows (diagnostics.worst_windows)
 
 
@@ -112,7 +113,7 @@ def reevaluate(
     table, and read by nobody that chooses.
     """
     naive_val = naive_loss(data, "val")
-    rows, histories, worst = [], {}, []
+    rows, histories, verdicts, worst = [], {}, {}, []
     for setting in settings:
         for seed in range(cfg.train.seed, cfg.train.seed + seeds):
             run_cfg = cfg.with_values({**setting.values, "train.seed": seed})
@@ -142,8 +143,9 @@ def reevaluate(
                          "val_loss": history.best_val_loss, TEST_LOSS: test_loss,
                          dg.BEST_EPOCH: history.best_epoch, "verdict": verdict.verdict})
             histories[(setting.number, seed)] = history
+            verdicts[(setting.number, seed)] = verdict
             worst.append(_worst_val_windows(model, data, cfg.diagnostics.k_worst))
-    return Reevaluation(pd.DataFrame(rows), histories, worst)
+    return Reevaluation(pd.DataFrame(rows), histories, verdicts, worst)
 
 
 def _worst_val_windows(model: torch.nn.Module, data: ForecastData, k: int) -> pd.DataFrame:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import math
 import os
+import socket
 import time
 import warnings
 import zlib
@@ -38,6 +39,7 @@ from lstm_sweep.tracking import (
 from lstm_sweep.train import TrainingData, build_model, fit, naive_loss, original_unit_errors
 
 RUN_ID_ATTR = "mlflow_run_id"
+WORKER_ATTR = "worker"  # host:pid that ran the trial, to trace a lost worker
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 MAX_RETRY = 2  # a trial's settings are retried at most this often, so a crash cannot loop
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
@@ -286,6 +288,7 @@ class Objective:
             params=flatten(trial_cfg.model_dump(mode="json")),
         )
         trial.set_user_attr(RUN_ID_ATTR, run_id)
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         logger = EpochLogger(self.tracker, run_id, self.cfg.tracking.flush_seconds)
         try:
             model = build_model(self.data, trial_cfg)

@@ -43,14 +43,18 @@ class Sweep:
     lock: StudyLock = field(repr=False)
 
 
-def prepare(path: str, overrides: list[str], seed_offset: int = 0) -> Sweep:
+def prepare(path: str, overrides: list[str], seed_offset: int | None = None) -> Sweep:
     """Validate the config and the data and connect to both stores; ConfigError on any fault.
 
-    ``seed_offset`` sets parallel workers' samplers apart; only a single worker is reproducible.
+    ``seed_offset`` sets parallel workers' samplers apart, or they would all propose the same
+    settings. By default it is 0 on the local store (a single worker is reproducible) and the
+    process id on a shared storage, where other hosts may be working on the same study.
     """
     cfg = load_config(path, overrides)
     data = load_data(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
+    if seed_offset is None:
+        seed_offset = 0 if cfg.study.storage is None else os.getpid()
     study = open_study(cfg, path, on_stale=StaleTrialHandler(tracker), seed_offset=seed_offset)
     lock = StudyLock(storage_url(cfg), cfg.study_name)
     return Sweep(path, list(overrides), cfg, data, tracker, study, lock)

@@ -12,7 +12,6 @@ ordinary success nor a crash; ``tags.optuna.state = 'PRUNED'`` filters them in t
 from __future__ import annotations
 
 import os
-import os
 import re
 import tempfile
 import time

@@ -127,7 +127,7 @@ def _instability(row: dict[str, float], explode: float) -> str | None:
 
 
 def fit(
-    model: nn.Module, data: TrainingData, cfg: Config, callbacks: Sequence[Callback] = ()
+    model: LSTMNet, data: TrainingData, cfg: Config, callbacks: Sequence[Callback] = ()
 ) -> History:
     """Train ``model`` until max_epochs, patience, a callback or instability stops it; the
     model ends holding its best epoch's weights."""
@@ -138,7 +138,7 @@ def fit(
     optimizer = make_optimizer(model, train)
     x, y = data.train.x.to(device), data.train.y.to(device)
     eval_index = fixed_subsample(len(x), diag.eval_subsample, train.seed + 1).to(device)
-    val_index = fixed_subsample(len(data.val), diag.eval_subsample, train.seed + 2)
+    val_index = fixed_subsample(len(data.val), diag.hidden_subsample, train.seed + 2)
     params = [p for p in model.parameters() if p.requires_grad]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     batches = torch.Generator().manual_seed(train.seed)
@@ -156,7 +156,7 @@ def fit(
             loss = data.loss(model(x[idx]), y[idx])
             loss.backward()
             if level == "full":
-                group_norms.append(dg.grad_norms_by_group([(n, p.grad) for n, p in named]))
+                group_norms.append(dg.grad_norms_by_group([(n, p.grad) for n, p in named if p.grad is not None]))
             if level != "off" or train.grad_clip > 0:
                 norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
             optimizer.step()
@@ -216,9 +216,7 @@ def naive_loss(data: TrainingData, part: str = "val") -> float:
     return float(data.loss(data.naive_prediction(part), data.part(part).y))
 
 
-def original_unit_errors(
-    model: nn.Module, data: ForecastData, part: str
-) -> dict[str, float]:
+def original_unit_errors(model: nn.Module, data: ForecastData, part: str) -> dict[str, float]:
     """MAE and RMSE of the model on a part, in the target's own units."""
     windows = data.part(part)
     prediction = data.to_original(predict(model, windows.x).cpu().numpy(), windows)

@@ -22,8 +22,13 @@ from tests.conftest import ROOT
 
 CLASSIFY = ROOT / "sweeps" / "classify.yaml"
 TINY_CLASSIFY = [
-    "model.num_layers=1", "model.hidden_size=16", "train.max_epochs=3", "study.n_trials=3",
-    "study.n_startup_trials=2", "diagnostics.eval_subsample=256", "train.batch_size=128",
+    "model.num_layers=1",
+    "model.hidden_size=16",
+    "train.max_epochs=3",
+    "study.n_trials=3",
+    "study.n_startup_trials=2",
+    "diagnostics.eval_subsample=256",
+    "train.batch_size=128",
 ]
 
 
@@ -52,7 +57,9 @@ def test_accuracy_metrics_equal_scikit_learns_on_fixed_predictions() -> None:
     logits = torch.nn.functional.one_hot(torch.from_numpy(predicted), 10).float()
     scores = data.score("val", logits, truth)
     assert scores["val_accuracy"] == pytest.approx(accuracy_score(truth, predicted))
-    assert scores["val_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, predicted))
+    assert scores["val_balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(truth, predicted)
+    )
     assert scores["val_macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
     assert set(data.score("train", logits, truth)) == {"train_accuracy"}
 
@@ -68,21 +75,29 @@ def test_sequences_are_read_from_a_long_table(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     rows = [
         {"seq": s, "t": t, "a": rng.normal(), "b": rng.normal(), "label": "up" if s % 2 else "down"}
-        for s in range(40) for t in range(5)
+        for s in range(40)
+        for t in range(5)
     ]
     frame = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # any row order
     frame.to_csv(tmp_path / "seq.csv", index=False)
     sweep = {
         "task": "classification",
-        "data": {"path": "seq.csv", "id_column": "seq", "order_column": "t",
-                 "label_column": "label", "features": ["a", "b"], "split": [0.5, 0.25, 0.25]},
+        "data": {
+            "path": "seq.csv",
+            "id_column": "seq",
+            "order_column": "t",
+            "label_column": "label",
+            "features": ["a", "b"],
+            "split": [0.5, 0.25, 0.25],
+        },
     }
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
     data = load_data(load_config(tmp_path / "s.yaml"))
     assert data.classes == ["down", "up"]
     assert data.train.x.shape[1:] == (5, 2)
     first = data.train.ids[0]
-    expected = pd.DataFrame(rows).query("seq == @first").sort_values("t")["a"].to_numpy()
+    table = pd.DataFrame(rows)
+    expected = table[table.seq == first].sort_values("t")["a"].to_numpy()
     center, scale = data.scaler.center[0], data.scaler.scale[0]
     assert np.allclose(data.train.x[0, :, 0].numpy() * scale + center, expected, atol=1e-5)
 
@@ -120,11 +135,16 @@ def test_monitoring_val_accuracy_maximizes(stores: Path) -> None:
 
 
 def test_a_tiny_classification_sweep_end_to_end(stores: Path) -> None:
-    args = [str(CLASSIFY), "--no-progress", *(f"--set={s}" for s in TINY_CLASSIFY),
-            "--set=train.monitor=val_accuracy"]
+    args = [
+        str(CLASSIFY),
+        "--no-progress",
+        *(f"--set={s}" for s in TINY_CLASSIFY),
+        "--set=train.monitor=val_accuracy",
+    ]
     assert main(args) == 0
-    study = optuna.load_study(study_name="digits-classify",
-                              storage=f"sqlite:///{stores / 'optuna.db'}")
+    study = optuna.load_study(
+        study_name="digits-classify", storage=f"sqlite:///{stores / 'optuna.db'}"
+    )
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert len(study.trials) == 3
     client = MlflowClient(f"sqlite:///{stores / 'mlflow.db'}")
@@ -137,7 +157,10 @@ def test_a_tiny_classification_sweep_end_to_end(stores: Path) -> None:
         if trial.state.name == "COMPLETE":
             assert trial.value == pytest.approx(max(m.value for m in history))
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")}
-        assert {"diagnostics/confusion_matrix.png", "diagnostics/worst_val_samples.csv"} <= artifacts
+        assert {
+            "diagnostics/confusion_matrix.png",
+            "diagnostics/worst_val_samples.csv",
+        } <= artifacts
 
 
 def test_confidently_wrong_ranks_misclassified_samples_by_confidence() -> None:

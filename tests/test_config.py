@@ -52,7 +52,11 @@ def test_with_values_puts_sampled_values_in_and_validates_again() -> None:
         ("data: [unclosed", "", "malformed YAML at line 1"),
         ("- just\n- a list", "", "must be a mapping"),
         (BASE + "modle:\n  dropout: 0.1\n", "modle", "did you mean 'model'"),
-        (BASE + "model:\n  hiden_size: 8\n", "model.hiden_size", "did you mean 'model.hidden_size'"),
+        (
+            BASE + "model:\n  hiden_size: 8\n",
+            "model.hiden_size",
+            "did you mean 'model.hidden_size'",
+        ),
         (BASE + "model:\n  hidden_size: lots\n", "model.hidden_size", "valid integer"),
         (BASE + "model:\n  dropout: 1.5\n", "model.dropout", "less than 1"),
         (BASE + "train:\n  learning_rate: 0\n", "train.learning_rate", "greater than 0"),

@@ -30,7 +30,9 @@ def test_gradient_statistics_equal_direct_torch_computation() -> None:
     by_group = dg.grad_norms_by_group(named)
     expected_recurrent = model.lstm.weight_hh_l0.grad.norm()
     assert by_group[1] == pytest.approx(float(expected_recurrent), rel=1e-5)
-    biases = torch.cat([model.lstm.bias_ih_l0.grad, model.lstm.bias_hh_l0.grad, model.head.bias.grad])
+    biases = torch.cat(
+        [model.lstm.bias_ih_l0.grad, model.lstm.bias_hh_l0.grad, model.head.bias.grad]
+    )
     assert by_group[2] == pytest.approx(float(biases.norm()), rel=1e-5)
     total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     assert float(by_group.norm()) == pytest.approx(float(total), rel=1e-5)
@@ -64,7 +66,10 @@ def test_hidden_statistics_by_hand() -> None:
 
 
 def rows(val: list[float], train: list[float]) -> list[dict[str, float]]:
-    return [{dg.VAL_LOSS: v, dg.TRAIN_EVAL_LOSS: t, dg.TRAIN_LOSS: t} for v, t in zip(val, train)]
+    return [
+        {dg.VAL_LOSS: v, dg.TRAIN_EVAL_LOSS: t, dg.TRAIN_LOSS: t}
+        for v, t in zip(val, train, strict=True)
+    ]
 
 
 def test_onset_is_the_best_epoch_when_val_rises_while_train_falls() -> None:
@@ -127,4 +132,6 @@ def test_edge_warning_when_the_best_trials_sit_at_a_range_edge() -> None:
         {"train.weight_decay": 0.1, "model.dropout": 0.01},
     ]
     warnings = dg.edge_warnings(best, search)
-    assert len(warnings) == 1 and "search.train.weight_decay" in warnings[0] and "high" in warnings[0]
+    assert (
+        len(warnings) == 1 and "search.train.weight_decay" in warnings[0] and "high" in warnings[0]
+    )

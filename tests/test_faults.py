@@ -7,18 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial
 
 from lstm_sweep import tracking
 from lstm_sweep.run import main
+from lstm_sweep.study import WORKER_ATTR
 from lstm_sweep.tracking import TrackingUnavailable, with_retries
-from tests.conftest import QUICK, ROOT, TINY
+from tests.conftest import QUICK, ROOT
 from tests.test_scaleout import MlflowServer, free_port
 from tests.test_sweep import open_stores, sweep_args, trial_runs, wait_for
 
@@ -33,14 +34,24 @@ def worker_pids(main_pid: int) -> list[int]:
     return [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
+def trial_mid_training(storage: str) -> FrozenTrial | None:
+    """A RUNNING trial that has reported an epoch, or None (also before the study exists)."""
+    try:
+        trials = optuna.load_study(study_name="co2-quick", storage=storage).trials
+    except Exception:  # the study or its tables do not exist yet
+        return None
+    running = [t for t in trials if t.state.name == "RUNNING" and t.intermediate_values]
+    return running[0] if running else None
+
+
 def test_a_worker_killed_mid_trial_loses_nothing_and_leaves_nothing_running(
     stores: Path,
 ) -> None:
-    n_trials = 4
+    n_trials = 3
     args = [
         sys.executable, "-m", "lstm_sweep.run", *sweep_args(
-            f"study.n_trials={n_trials}", "train.max_epochs=30", "train.patience=30",
-            "study.pruner.type=none", "data.window=26", "model.hidden_size=32",
+            f"study.n_trials={n_trials}", "train.max_epochs=25", "train.patience=25",
+            "study.pruner.type=none", "model.hidden_size=16",
             "study.heartbeat_seconds=1", "study.grace_seconds=3",
         ), "--workers", "2",
     ]
@@ -48,18 +59,11 @@ def test_a_worker_killed_mid_trial_loses_nothing_and_leaves_nothing_running(
     sweep = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     optuna_db = f"sqlite:///{stores / 'optuna.db'}"
 
-    def both_workers_mid_trial() -> bool:
-        try:
-            trials = optuna.load_study(study_name="co2-quick", storage=optuna_db).trials
-        except (KeyError, Exception):  # the study or its tables do not exist yet
-            return False
-        running = [t for t in trials if t.state.name == "RUNNING"]
-        return len(running) == 2 and all(t.intermediate_values for t in running)
-
-    wait_for(both_workers_mid_trial)
-    workers = worker_pids(sweep.pid)
-    assert len(workers) == 2
-    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: trial_mid_training(optuna_db) is not None)
+    victim = trial_mid_training(optuna_db)
+    pid = int(victim.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+    assert pid in worker_pids(sweep.pid)
+    os.kill(pid, signal.SIGKILL)
     _, err = sweep.communicate(timeout=240)
     assert sweep.returncode == 0, err[-3000:]
     assert "1 worker(s) lost" in err
@@ -69,6 +73,7 @@ def test_a_worker_killed_mid_trial_loses_nothing_and_leaves_nothing_running(
     assert sum(s in COUNTED for s in states) == n_trials
     assert "RUNNING" not in states and "WAITING" not in states
     (killed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert killed.number == victim.number
     (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert retry.params == killed.params and retry.state.name in COUNTED
     run = client.get_run(killed.user_attrs["mlflow_run_id"])
@@ -130,30 +135,23 @@ def test_a_tracking_server_lost_mid_sweep_stops_cleanly_and_the_rerun_resumes(
     backend = f"sqlite:///{stores / 'server.db'}"
     (stores / "server.db").write_bytes(mlflow_template.read_bytes())  # migrated already
     server = MlflowServer(backend, stores / "served")
-    args = sweep_args(
-        "study.n_trials=3", "train.max_epochs=10", "train.patience=10", "study.pruner.type=none",
-        "data.window=26", "model.hidden_size=32", f"tracking.uri={server.uri}",
-    )
+    args = sweep_args("study.n_trials=3", "study.pruner.type=none", f"tracking.uri={server.uri}")
     optuna_db = f"sqlite:///{stores / 'optuna.db'}"
 
-    def kill_server_mid_second_trial() -> None:
-        def second_trial_training() -> bool:
-            try:
-                trials = optuna.load_study(study_name="co2-quick", storage=optuna_db).trials
-            except Exception:  # the study does not exist yet
-                return False
-            return any(t.state.name == "COMPLETE" for t in trials) and any(
-                t.state.name == "RUNNING" and t.intermediate_values for t in trials
-            )
+    seen_runs: list[str] = []
+    on_epoch_end = tracking.EpochLogger.on_epoch_end
 
-        wait_for(second_trial_training)
-        server.stop()
+    def kill_server_mid_second_trial(logger: tracking.EpochLogger, epoch: int, row) -> None:
+        if logger.run_id not in seen_runs:
+            seen_runs.append(logger.run_id)
+        if len(seen_runs) == 2 and epoch == 1:  # the second trial's run exists and trains
+            server.stop()
+        on_epoch_end(logger, epoch, row)
 
+    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_end", kill_server_mid_second_trial)
     with server:
-        killer = threading.Thread(target=kill_server_mid_second_trial, daemon=True)
-        killer.start()
         code = main(args)
-        killer.join(timeout=10)
+    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_end", on_epoch_end)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert err[-1].startswith("error: tracking failed 3 times") and "resume" in err[-1]

@@ -34,7 +34,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) ->
         assert main([str(QUICK), "--no-progress", *(f"--set={s}" for s in [*TINY, *REPORT])]) == 0
     study = optuna.load_study(study_name="co2-quick",
                               storage=f"sqlite:///{root / 'mlruns' / 'optuna.db'}")
-    client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("co2-quick").experiment_id
     parent = client.search_runs([experiment], f"tags.`{ROLE_TAG}` = 'sweep'")[0]
     return SimpleNamespace(root=root, study=study, client=client, experiment=experiment,
@@ -42,7 +43,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) ->
 
 
 def runs_of(finished: SimpleNamespace, role: str) -> list:
-    query = f"tags.`{ROLE_TAG}` = '{role}' and tags.mlflow.parentRunId = '{finished.parent.info.run_id}'"
+    parent = finished.parent.info.run_id
+    query = f"tags.`{ROLE_TAG}` = '{role}' and tags.mlflow.parentRunId = '{parent}'"
     return finished.client.search_runs([finished.experiment], query)
 
 
@@ -89,14 +91,16 @@ def test_the_final_model_is_registered_and_compared_with_all_three_baselines(fin
     assert final.info.status == "FINISHED"
     assert final.data.tags["model_uri"] == "models:/co2-tiny/1"
     versions = finished.client.search_model_versions("name = 'co2-tiny'")
-    assert [v.version for v in versions] == ["1"] and versions[0].run_id == final.info.run_id
-    metrics = finished.client.get_run(finished.parent.info.run_id).data.metrics
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == final.info.run_id
+    parent = finished.client.get_run(finished.parent.info.run_id).data
     for method in ("lstm", "naive", "seasonal_naive", "ridge_ar"):
         for metric in ("mse", "mae", "mase"):
-            assert metrics[f"{method}_test_{metric}"] > 0
-    assert metrics["optimism_vs_trial"] == pytest.approx(
-        metrics["final_test_loss"] - metrics["best_val_loss"]
+            assert parent.metrics[f"{method}_test_{metric}"] > 0
+    recommended = finished.study.trials[int(parent.tags["recommended_trial"])]
+    assert parent.metrics["optimism_vs_trial"] == pytest.approx(
+        parent.metrics["final_test_loss"] - recommended.value
     )
+    assert final.data.metrics["test_loss"] == parent.metrics["final_test_loss"]
 
 
 def test_one_report_file_holds_every_part_and_is_logged_on_the_parent(finished) -> None:

@@ -90,7 +90,8 @@ class MlflowServer:
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"mlflow server did not start: {self.log.read_text()[-2000:]}")
+                    log = self.log.read_text()[-2000:]
+                    raise RuntimeError(f"mlflow server did not start: {log}") from None
                 time.sleep(0.3)
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
@@ -161,6 +162,8 @@ def test_two_workers_on_postgres_and_an_mlflow_server_finish_one_study_exactly(
         assert dg.BEST_VAL_LOSS in run.data.metrics
         history = client.get_metric_history(run.info.run_id, dg.VAL_LOSS)
         assert len(history) == trial.user_attrs["epochs_trained"]
-    logged = [v for r in [*runs, *parents] for v in [*r.data.params.values(), *r.data.tags.values()]]
+    logged = [
+        v for r in [*runs, *parents] for v in [*r.data.params.values(), *r.data.tags.values()]
+    ]
     assert any("***@127.0.0.1:5432" in v for v in logged)  # the storage URI is logged, masked
     assert not any(PASSWORD in v for v in logged)

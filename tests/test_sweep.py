@@ -53,7 +53,9 @@ def test_every_optuna_trial_has_one_nested_mlflow_run_with_its_metrics(
         assert run.info.status == RUN_STATUS[trial.state.name]
         assert run.data.tags[STATE_TAG] == trial.state.name
         assert run.data.tags["verdict"] in dg.VERDICTS
-        assert float(run.data.params["model.dropout"]) == pytest.approx(trial.params["model.dropout"])
+        assert float(run.data.params["model.dropout"]) == pytest.approx(
+            trial.params["model.dropout"]
+        )
         assert run.data.params["train.max_epochs"] == "4"
         history = client.get_metric_history(run.info.run_id, dg.VAL_LOSS)
         assert [m.step for m in history] == list(range(trial.user_attrs["epochs_trained"]))
@@ -73,9 +75,13 @@ def test_every_optuna_trial_has_one_nested_mlflow_run_with_its_metrics(
 
 def test_pruning_stops_poor_trials_and_their_runs_say_so(stores: Path) -> None:
     args = sweep_args(
-        "study.n_trials=8", "train.max_epochs=8", "study.sampler=random",
-        "study.pruner.n_startup_trials=1", "study.pruner.n_warmup_steps=1",
-        "train.learning_rate=1e-3", "diagnostics.level=off",
+        "study.n_trials=8",
+        "train.max_epochs=8",
+        "study.sampler=random",
+        "study.pruner.n_startup_trials=1",
+        "study.pruner.n_warmup_steps=1",
+        "train.learning_rate=1e-3",
+        "diagnostics.level=off",
     )
     assert main(args) == 0
     study, client, experiment = open_stores(stores)
@@ -94,7 +100,9 @@ def test_a_blown_up_trial_is_unstable_and_the_study_goes_on(stores: Path) -> Non
     study = optuna.create_study(study_name="co2-quick", storage=f"sqlite:///{stores / 'optuna.db'}")
     study.enqueue_trial({"train.learning_rate": 1e4})  # the first trial explodes
     args = sweep_args(
-        "study.n_trials=2", "train.grad_clip=0", "train.optimizer=adam",
+        "study.n_trials=2",
+        "train.grad_clip=0",
+        "train.optimizer=adam",
         "diagnostics.verdict.explode_grad_norm=1000",
         "search.train.learning_rate={type: float, low: 1.0e-3, high: 1.0e4, log: true}",
     )
@@ -123,7 +131,9 @@ def test_bad_input_exits_2_with_one_line_and_creates_nothing(
 
 def test_help_explains_the_sections() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lstm_sweep.run", "--help"], capture_output=True, text=True,
+        [sys.executable, "-m", "lstm_sweep.run", "--help"],
+        capture_output=True,
+        text=True,
         check=True,
     )
     for word in ("--set", "search", "study", "tracking", "resumes"):
@@ -140,9 +150,16 @@ def wait_for(condition, timeout: float = 120.0) -> None:
 def test_ctrl_c_then_rerun_finishes_the_study_with_nothing_lost(stores: Path) -> None:
     """The real command: SIGINT mid-sweep exits 130 cleanly; the same command resumes."""
     args = [
-        sys.executable, "-m", "lstm_sweep.run", *sweep_args(
-            "study.n_trials=5", "train.max_epochs=30", "train.patience=30",
-            "study.pruner.type=none", "data.window=26", "model.hidden_size=32",
+        sys.executable,
+        "-m",
+        "lstm_sweep.run",
+        *sweep_args(
+            "study.n_trials=5",
+            "train.max_epochs=30",
+            "train.patience=30",
+            "study.pruner.type=none",
+            "data.window=26",
+            "model.hidden_size=32",
         ),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

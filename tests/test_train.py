@@ -90,7 +90,8 @@ def test_a_big_unregularised_model_on_a_tiny_noisy_series_is_called_overfitting(
 ) -> None:
     noise = np.random.default_rng(0).normal(size=160)
     cfg, data = sweep_on(
-        tmp_path, noise,
+        tmp_path,
+        noise,
         data={"window": 12, "split": [0.5, 0.25, 0.25]},
         model={"hidden_size": 64},
         train={"max_epochs": 120, "patience": 120, "learning_rate": 0.01, "batch_size": 16},
@@ -106,14 +107,16 @@ def test_a_big_unregularised_model_on_a_tiny_noisy_series_is_called_overfitting(
 def test_a_learning_rate_that_blows_up_is_called_unstable(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     cfg, data = sweep_on(
-        tmp_path, np.sin(np.arange(300) / 4) + rng.normal(0, 0.1, 300),
+        tmp_path,
+        np.sin(np.arange(300) / 4) + rng.normal(0, 0.1, 300),
         train={"learning_rate": 1e4, "max_epochs": 20, "grad_clip": 0.0, "optimizer": "adam"},
         diagnostics={"level": "basic", "verdict": {"explode_grad_norm": 1e3}},
     )
     _, history = train(cfg, data)
     assert history.stop_reason == "unstable"
-    verdict = dg.judge(history.rows, naive_loss(data), cfg.diagnostics.verdict,
-                       history.unstable_reason)
+    verdict = dg.judge(
+        history.rows, naive_loss(data), cfg.diagnostics.verdict, history.unstable_reason
+    )
     assert verdict.verdict == "unstable"
     assert "epoch" in verdict.reason
 
@@ -121,7 +124,8 @@ def test_a_learning_rate_that_blows_up_is_called_unstable(tmp_path: Path) -> Non
 def test_a_tiny_network_on_a_smooth_random_walk_is_called_underfitting(tmp_path: Path) -> None:
     walk = np.cumsum(np.random.default_rng(2).normal(size=400))
     cfg, data = sweep_on(
-        tmp_path, walk,
+        tmp_path,
+        walk,
         model={"hidden_size": 1},
         train={"max_epochs": 3, "learning_rate": 1e-4},
         diagnostics={"level": "basic"},
