@@ -218,17 +218,25 @@ def cut_windows(
     return x_all[first - window], y_all[first], first
 
 
-def load_forecast_data(cfg: DataConfig) -> ForecastData:
-    """Read ``cfg.path`` and build the train/val/test windows; ConfigError on any data fault."""
-    source = str(cfg.path)
-    frame = read_table(cfg.path)
+@dataclass(frozen=True)
+class Table:
+    """A forecasting table after checks, gap filling and the target transform, row-aligned."""
+
+    times: np.ndarray  # (rows,): time stamps
+    levels: np.ndarray  # (rows, targets): the targets in their own units
+    values: np.ndarray  # (rows, inputs): transformed targets first, then the extra features
+    inputs: list[str]
+
+
+def prepare_table(frame: pd.DataFrame, cfg: DataConfig, source: str) -> Table:
+    """Check columns and time order, fill gaps and apply ``data.transform``: the steps that
+    training and prediction share, so a CSV given to predict is read exactly as in training."""
     _check_columns(frame, cfg, source)
     columns = cfg.targets + [f for f in cfg.features if f not in cfg.targets]
     frame = _fill_missing(frame, columns, cfg.missing, source)
     times = _parse_time(frame, cfg, source).to_numpy()
     levels = frame[cfg.targets].to_numpy(dtype=float)  # original units, row-aligned
     values = frame[columns].to_numpy(dtype=float, copy=True)
-
     if cfg.transform == "log":
         if (levels <= 0).any():
             raise ConfigError(source, "data.transform", "log", "targets must be > 0 for a log")
@@ -236,7 +244,14 @@ def load_forecast_data(cfg: DataConfig) -> ForecastData:
     elif cfg.transform == "diff":
         values = np.concatenate([np.diff(levels, axis=0), values[1:, len(cfg.targets) :]], axis=1)
         levels, times = levels[1:], times[1:]  # row i now holds the change into time i
+    return Table(times, levels, values, columns)
 
+
+def load_forecast_data(cfg: DataConfig) -> ForecastData:
+    """Read ``cfg.path`` and build the train/val/test windows; ConfigError on any data fault."""
+    source = str(cfg.path)
+    table = prepare_table(read_table(cfg.path), cfg, source)
+    times, levels, values, columns = table.times, table.levels, table.values, table.inputs
     n_rows = len(values)
     val_start, test_start = split_bounds(n_rows, cfg.split)
     scaler = fit_scaler(cfg.scaler, values[:val_start])

@@ -20,15 +20,7 @@ import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
 from lstm_sweep.config import ConfigError, DataConfig
-from lstm_sweep.data import (
-    ForecastData,
-    Scaler,
-    Windows,
-    _check_columns,
-    _fill_missing,
-    _parse_time,
-    read_table,
-)
+from lstm_sweep.data import ForecastData, Scaler, Windows, prepare_table, read_table
 from lstm_sweep.tracking import load_logged_model
 
 EXIT_BAD_INPUT = 2
@@ -48,18 +40,9 @@ def origin_windows(
 ) -> tuple[ForecastData, pd.Series, pd.DataFrame]:
     """Every forecast origin of a table as windows, scaled with the training scaler; and the
     table's time stamps and target levels, row-aligned (``diff`` drops the first row)."""
-    _check_columns(frame, cfg, source)
-    columns = cfg.targets + [f for f in cfg.features if f not in cfg.targets]
-    frame = _fill_missing(frame, columns, cfg.missing, source)
-    times = _parse_time(frame, cfg, source).reset_index(drop=True)
-    levels = frame[cfg.targets].to_numpy(dtype=float)
-    values = frame[columns].to_numpy(dtype=float, copy=True)
-    # the same target transform as data.load_forecast_data, row for row
-    if cfg.transform == "log":
-        values[:, : len(cfg.targets)] = np.log(levels)
-    elif cfg.transform == "diff":
-        values = np.concatenate([np.diff(levels, axis=0), values[1:, len(cfg.targets) :]], axis=1)
-        levels, times = levels[1:], times.iloc[1:].reset_index(drop=True)
+    table = prepare_table(frame, cfg, source)
+    levels, values, columns = table.levels, table.values, table.inputs
+    times = pd.Series(table.times)
     if len(values) < cfg.window:
         raise ConfigError(source, "data.window", cfg.window,
                           f"needs at least {cfg.window} usable rows, the table has {len(values)}")
