@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
@@ -105,28 +106,36 @@ def confusion_matrix(
     return path
 
 
+def worst_val_samples(model: torch.nn.Module, data: TrainingData, k: int) -> pd.DataFrame:
+    """The k validation samples the model gets most wrong: the largest errors for forecasting
+    (diagnostics.worst_windows), the most confident mistakes for classification."""
+    output = predict(model, data.val.x).cpu()
+    if isinstance(data, ClassificationData):
+        probabilities = torch.softmax(output, dim=1).numpy()
+        return dg.confidently_wrong(probabilities, data.val.y.numpy(), data.val.ids,
+                                    data.classes, k)
+    windows = data.val
+    prediction = data.to_original(output.numpy(), windows)
+    truth = data.to_original(windows.y.numpy(), windows)
+    return dg.worst_windows(truth, prediction, windows.times, data.targets, k)
+
+
+WORST_SAMPLES = "worst_val_samples.csv"  # in each trial's diagnostics/ folder
+
+
 def trial_artifacts(
-    folder: Path,
-    model: torch.nn.Module,
-    data: TrainingData,
-    history: History,
-    verdict: dg.Verdict,
-    k: int,
+    folder: Path, model: torch.nn.Module, data: TrainingData, history: History,
+    verdict: dg.Verdict, k: int,
 ) -> None:
     """Everything a trial saves at its best epoch, into ``folder``."""
     loss_curves(history.rows, history.best_epoch, verdict.onset_epoch, folder / "loss_curves.png")
     if history.weights:
         weight_histograms(history.weights, folder)
+    worst_val_samples(model, data, k).to_csv(folder / WORST_SAMPLES, index=False)
     if isinstance(data, ClassificationData):
-        logits = predict(model, data.val.x).cpu()
-        truth = data.val.y.numpy()
-        confusion_matrix(
-            truth, logits.argmax(dim=1).numpy(), data.classes, folder / "confusion_matrix.png"
-        )
-        worst = dg.confidently_wrong(
-            torch.softmax(logits, dim=1).numpy(), truth, data.val.ids, data.classes, k
-        )
-        worst.to_csv(folder / "worst_val_samples.csv", index=False)
+        predicted = predict(model, data.val.x).argmax(dim=1).cpu().numpy()
+        confusion_matrix(data.val.y.numpy(), predicted, data.classes,
+                         folder / "confusion_matrix.png")
         return
     spans = {}
     for part in ("val", "test"):
@@ -134,7 +143,4 @@ def trial_artifacts(
         prediction = data.to_original(predict(model, windows.x).cpu().numpy(), windows)
         truth = data.to_original(windows.y.numpy(), windows)
         spans[part] = (windows.times[:, 0], truth[:, 0, :], prediction[:, 0, :])
-        if part == "val":
-            worst = dg.worst_windows(truth, prediction, windows.times, data.targets, k)
-            worst.to_csv(folder / "worst_val_windows.csv", index=False)
     predictions(spans, data.targets, folder / "predictions.png")

@@ -1,9 +1,12 @@
-"""Forecasts an LSTM has to beat, made on the very windows it is scored on.
+"""Predictors an LSTM has to beat, made on the very samples it is scored on.
 
-Three classics: the last value carried forward (naive), the value one season back (seasonal
+Forecasting: the last value carried forward (naive), the value one season back (seasonal
 naive), and a linear autoregression (scikit-learn Ridge on the same scaled input windows the LSTM
 reads). All errors are in the target's own units; MASE divides the MAE by the naive forecast's
 MAE on the training windows, so 1.0 means "as good as carrying the last value forward in-sample".
+
+Classification: the majority class, and scikit-learn's logistic regression on the flattened
+sequences; scored by accuracy, balanced accuracy and macro F1.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import math
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import Ridge
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from lstm_sweep.data import PARTS, ForecastData, Windows
+from lstm_sweep.data import PARTS, ClassificationData, ForecastData, Windows
 
 RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # chosen on validation windows only
 METRICS = ("mse", "mae", "mase")
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 def truth(data: ForecastData, part: str) -> np.ndarray:
@@ -129,3 +134,65 @@ def evaluate_baselines(
     rows["seasonal_naive"]["note"] = rows["seasonal_naive"]["note"] or f"season {data.season}"
     rows["ridge_ar"]["note"] = f"alpha {alpha:g} chosen on validation"
     return pd.DataFrame.from_dict(rows, orient="index")[[*METRICS, "note"]]
+
+
+def classification_errors(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro F1 of predicted class indices."""
+    return {
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
+        "macro_f1": float(f1_score(truth, predicted, average="macro")),
+    }
+
+
+def classification_baselines(
+    data: ClassificationData, part: str = "test", refit_on_val: bool = True
+) -> pd.DataFrame:
+    """The majority class and a logistic regression on flattened sequences, scored on a part.
+    With ``refit_on_val`` both learn from training and validation samples, as the final LSTM
+    does."""
+    learn = [data.train, data.val] if refit_on_val else [data.train]
+    x = np.concatenate([p.x.reshape(len(p), -1).numpy() for p in learn])
+    y = np.concatenate([p.y.numpy() for p in learn])
+    scored = data.part(part)
+    truth = scored.y.numpy()
+    majority = np.full_like(truth, np.bincount(y).argmax())
+    logistic = LogisticRegression(max_iter=2000).fit(x, y)
+    rows = {
+        "majority_class": {**classification_errors(majority, truth), "note": ""},
+        "logistic_regression": {
+            **classification_errors(logistic.predict(scored.x.reshape(len(scored), -1).numpy()),
+                                    truth),
+            "note": "on flattened sequences",
+        },
+    }
+    return pd.DataFrame.from_dict(rows, orient="index")[[*CLASSIFICATION_METRICS, "note"]]
+
+
+def compare(
+    data: ForecastData | ClassificationData, part: str = "test", refit_on_val: bool = True
+) -> pd.DataFrame:
+    """The task's baselines on a part, one row per method."""
+    if isinstance(data, ClassificationData):
+        return classification_baselines(data, part, refit_on_val)
+    return evaluate_baselines(data, part, refit_on_val)
+
+
+def model_errors(data: ForecastData | ClassificationData, output: np.ndarray) -> dict[str, float]:
+    """The task's test metrics of a model's raw test output (forecasts in model space, or
+    class logits), comparable with :func:`compare`'s rows."""
+    if isinstance(data, ClassificationData):
+        return classification_errors(output.argmax(axis=1), data.test.y.numpy())
+    prediction = data.to_original(output, data.test)
+    return errors(prediction, truth(data, "test"), naive_scale(data))
+
+
+def skill(compared: pd.DataFrame) -> pd.Series:
+    """How much better the LSTM (row ``lstm``) is than each baseline: 1 - MSE ratio for
+    forecasting (above 0: better), the accuracy difference for classification."""
+    lstm = compared.loc["lstm"]
+    if "accuracy" in compared:
+        gain = lstm["accuracy"] - compared["accuracy"]
+    else:
+        gain = 1 - lstm["mse"] / compared["mse"]
+    return gain.where(compared.index != "lstm")

@@ -47,11 +47,15 @@ def honest_gap(train_eval_loss: float, val_loss: float) -> dict[str, float]:
     return {GAP: val_loss - train_eval_loss, GAP_RATIO: ratio}
 
 
-def grad_norms_by_group(named_grads: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
-    """L2 norm of the gradients of each parameter group, in :data:`GROUPS` order: (groups,)."""
-    squares = torch.zeros(len(GROUPS), device=named_grads[0][1].device)
-    for name, grad in named_grads:
-        squares[GROUPS.index(parameter_group(name))] += grad.pow(2).sum()
+def grad_norms_by_group(named: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """L2 norm of the gradients of each parameter group, in :data:`GROUPS` order: (groups,).
+
+    ``named`` holds (name, parameter) pairs, as ``model.named_parameters()`` gives them.
+    """
+    squares = torch.zeros(len(GROUPS), device=named[0][1].device)
+    for name, param in named:
+        if param.grad is not None:
+            squares[GROUPS.index(parameter_group(name))] += param.grad.pow(2).sum()
     return squares.sqrt()
 
 

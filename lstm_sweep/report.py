@@ -22,11 +22,11 @@ import yaml
 from lstm_sweep import artifacts, baselines, select, surface
 from lstm_sweep import diagnostics as dg
 from lstm_sweep.config import Config, ConfigError
-from lstm_sweep.data import ForecastData
+from lstm_sweep.data import ClassificationData, ForecastData
 from lstm_sweep.study import param_importances, trials_frame, write_study_plots
 from lstm_sweep.sweep import Sweep, prepare
 from lstm_sweep.tracking import STORE_ROOT, Tracker
-from lstm_sweep.train import naive_loss
+from lstm_sweep.train import TrainingData, naive_loss
 
 SUMMARY_COLUMNS = [
     "number", "state", "value", "verdict", f"best_{dg.GAP}", dg.BEST_EPOCH, dg.EPOCHS_TRAINED,
@@ -35,7 +35,16 @@ SUMMARY_COLUMNS = [
 RUN_METRICS = (  # per trial, read back from its MLflow run
     dg.BEST_VAL_LOSS, f"best_{dg.GAP}", f"best_{dg.TRAIN_EVAL_LOSS}", dg.OVERFIT_ONSET,
 )
-WORST_WINDOWS = "diagnostics/worst_val_windows.csv"  # logged by every trial at level full
+SKILL = {ForecastData: "skill_mse", ClassificationData: "accuracy_gain"}
+NAIVE_NAMES = {"forecast": "naive last-value forecast", "classification": "majority-class prior"}
+BASELINE_NOTES = {
+    "forecast": "Errors in the target's own units. MASE divides the MAE by the naive forecast's"
+    " MAE on the training windows; `skill_mse` is 1 - MSE(LSTM) / MSE(baseline): above 0 the"
+    " LSTM is better.",
+    "classification": "`accuracy_gain` is the LSTM's test accuracy minus the baseline's: above 0"
+    " the LSTM is better.",
+}
+WORST_SAMPLES = f"diagnostics/{artifacts.WORST_SAMPLES}"  # logged by every trial at level full
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ class SweepSummary:
     best_values: dict[str, Any]
     naive_val_loss: float
     table: pd.DataFrame  # one row per trial, best first
+    monitor: str = "val_loss"  # what a trial's value is (train.monitor)
+    naive_name: str = "naive last-value forecast"
 
 
 def output_dir(cfg: Config, root: Path = STORE_ROOT) -> Path:
@@ -58,7 +69,12 @@ def output_dir(cfg: Config, root: Path = STORE_ROOT) -> Path:
 
 
 def summarise(
-    frame: pd.DataFrame, search_keys: list[str], naive_val_loss: float, direction: str
+    frame: pd.DataFrame,
+    search_keys: list[str],
+    naive_val_loss: float,
+    direction: str,
+    monitor: str = "val_loss",
+    naive_name: str = "naive last-value forecast",
 ) -> SweepSummary:
     """Counts, best trial and a ranked table from a trials DataFrame (see study.trials_frame)."""
     states = frame["state"].value_counts() if len(frame) else pd.Series(dtype=int)
@@ -75,6 +91,8 @@ def summarise(
         best_values={k: _plain(best[k]) for k in search_keys} if best is not None else {},
         naive_val_loss=naive_val_loss,
         table=ranked[columns].reset_index(drop=True),
+        monitor=monitor,
+        naive_name=naive_name,
     )
 
 
@@ -130,10 +148,13 @@ def format_summary(summary: SweepSummary, ui_command: str, top: int = 5) -> str:
     else:
         settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in summary.best_values.items())
+        ratio = (
+            f", {summary.best_value / summary.naive_val_loss:.0%} of it"
+            if summary.monitor == "val_loss" else ""
+        )
         lines += [
-            f"Best trial #{summary.best_number}: val loss {summary.best_value:.4g}"
-            f" (naive last-value forecast: {summary.naive_val_loss:.4g},"
-            f" {summary.best_value / summary.naive_val_loss:.0%} of it)",
+            f"Best trial #{summary.best_number}: {summary.monitor} {summary.best_value:.4g}"
+            f" ({summary.naive_name}: val loss {summary.naive_val_loss:.4g}{ratio})",
             f"Best settings: {settings or '(nothing searched)'}",
             "",
             f"Top {min(top, len(summary.table))}:",
@@ -163,7 +184,7 @@ class Evidence:
 
 def gather_evidence(
     cfg: Config,
-    data: ForecastData,
+    data: TrainingData,
     tracker: Tracker,
     parent_id: str,
     table: pd.DataFrame,
@@ -178,19 +199,20 @@ def gather_evidence(
     )
     settings = select.top_settings(table, keys, report.top_k, cfg.direction)
     reevaluation = select.reevaluate(cfg, data, tracker, parent_id, settings, report.seeds)
-    recommendation = select.recommend(settings, reevaluation.runs, cfg.direction)
+    recommendation = select.recommend(
+        settings, reevaluation.runs, cfg.direction, cfg.train.monitor
+    )
     final = None
     if report.final_model:
         final = select.train_final(
             cfg, data, tracker, parent_id, recommendation, folder / "model_files"
         )
-    compared = baselines.evaluate_baselines(data, "test", refit_on_val=final is not None)
+    compared = baselines.compare(data, "test", refit_on_val=final is not None)
     if final is not None:
         lstm = pd.DataFrame([{**final.errors, "note": f"final model, {final.epochs} epochs"}],
                             index=["lstm"])
         compared = pd.concat([lstm, compared])
-        compared["skill_mse"] = 1 - final.errors["mse"] / compared["mse"]
-        compared.loc["lstm", "skill_mse"] = math.nan  # against itself: nothing to say
+        compared[SKILL[type(data)]] = baselines.skill(compared)
 
     images: dict[str, Path] = {}
     winner = recommendation.setting
@@ -206,7 +228,7 @@ def gather_evidence(
     for path in surface.heatmaps(table, cfg.search, winner.values, folder):
         images[f"Response surface: {path.stem.removeprefix('surface_')}"] = path
 
-    worst = [tracker.read_csv_artifact(run_id, WORST_WINDOWS)
+    worst = [tracker.read_csv_artifact(run_id, WORST_SAMPLES)
              for run_id in table.loc[table["state"] == "COMPLETE", "run_id"].dropna()]
     from_trials = [w for w in worst if w is not None]
     hard_source = (f"{len(from_trials)} completed trials" if from_trials
@@ -219,7 +241,9 @@ def gather_evidence(
         baselines=compared,
         final=final,
         edges=dg.edge_warnings([winner.values], cfg.search, report.edge_fraction),
-        near=surface.neighbourhood(table, cfg.search, winner.values, report.near_best),
+        near=surface.neighbourhood(
+            table, cfg.search, winner.values, report.near_best, cfg.direction
+        ),
         hard=surface.hard_windows(from_trials or reevaluation.worst),
         hard_source=hard_source,
         images=images,
@@ -231,8 +255,8 @@ def parent_metrics(evidence: Evidence) -> dict[str, float]:
     """The evidence's numbers as single-value metrics of the sweep's parent run."""
     metrics = {}
     for method, row in evidence.baselines.iterrows():
-        for metric in baselines.METRICS:
-            if math.isfinite(row[metric]):
+        for metric in (*baselines.METRICS, *baselines.CLASSIFICATION_METRICS):
+            if metric in row and math.isfinite(row[metric]):
                 metrics[f"{method}_test_{metric}"] = float(row[metric])
     if evidence.final is not None:
         metrics |= select.optimism(evidence.final, evidence.recommendation)
@@ -289,9 +313,9 @@ def write_report(
         "",
         f"**{_settings_text(rec.setting.values)}** (found by trial #{rec.setting.number}).",
         "",
-        f"- Mean best validation loss over {cfg.report.seeds} seed(s):"
+        f"- Mean best {cfg.train.monitor} over {cfg.report.seeds} seed(s):"
         f" {winner['val_mean']:.4g} ± {spread:.2g} (the trial itself: {rec.setting.value:.4g};"
-        f" naive last value: {summary.naive_val_loss:.4g}).",
+        f" the naive predictor's val loss: {summary.naive_val_loss:.4g}).",
         f"- Verdicts of its seeds: {'; '.join(verdicts)}.",
         f"- {noise}",
         f"- Neighbourhood: {n_near} completed trial(s), its own included, lie within"
@@ -305,24 +329,25 @@ def write_report(
     if final is not None:
         opt = select.optimism(final, rec)
         lstm = evidence.baselines.loc["lstm"]
+        scores = ", ".join(f"{k} {lstm[k]:.4g}" for k in final.errors)
         lines += [
-            f"- Final model: trained on training + validation windows for {final.epochs} epochs"
+            f"- Final model: trained on training + validation samples for {final.epochs} epochs"
             f" (median best epoch + 1 over the seeds), tested once: test loss"
-            f" {final.test_loss:.4g} (scaled MSE), MAE {lstm['mae']:.4g}, MASE {lstm['mase']:.3f}.",
-            f"- Honest estimate: optimism (test loss minus best validation loss) is"
+            f" {final.test_loss:.4g}, {scores}.",
+            f"- Honest estimate: optimism (test minus best validation {cfg.train.monitor}) is"
             f" {opt['optimism_vs_trial']:+.4g} against the trial and"
             f" {opt['optimism_vs_seed_mean']:+.4g} against the seed mean.",
-            f"- Registered model: `{final.model_uri}`; forecasts from a CSV:"
-            f" `python -m lstm_sweep.predict {final.model_uri} data.csv`.",
+            f"- Registered model: `{final.model_uri}`"
+            + (f"; forecasts from a CSV: `python -m lstm_sweep.predict {final.model_uri} data.csv`."
+               if cfg.task == "forecast" else "."),
         ]
     lines += [
         "- Ready-to-train file: `recommended_config.yaml`"
         f" (`python -m lstm_sweep.run {folder / 'recommended_config.yaml'}`).",
         "",
-        "## Against the baselines (test windows, original units)",
+        "## Against the baselines (test part)",
         "",
-        "MASE divides the MAE by the naive forecast's MAE on the training windows;"
-        " `skill_mse` is 1 - MSE(LSTM) / MSE(baseline): above 0 the LSTM is better.",
+        BASELINE_NOTES[cfg.task],
         "",
         markdown_table(evidence.baselines, index=True),
         "",
@@ -377,36 +402,37 @@ def finish(sweep: Sweep, parent_id: str) -> str:
     keys = list(cfg.search)
     runs = tracker.child_runs(parent_id, "trial")
     table = comparison_table(trials_frame(sweep.study), runs, keys)
-    summary = summarise(table, keys, naive_loss(data), cfg.direction)
+    summary = summarise(
+        table, keys, naive_loss(data), cfg.direction, cfg.train.monitor, NAIVE_NAMES[cfg.task]
+    )
     folder = output_dir(cfg)
     (folder / "resolved_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     table.to_csv(folder / "trials.csv", index=False)
     lines = [format_summary(summary, tracker.ui_command())]
     if summary.best_number is not None and summary.best_value is not None:
         write_best_config(cfg, summary.best_values, folder / "best_config.yaml")
-        tracker.log_summary(parent_id, {"best_val_loss": summary.best_value})
+        tracker.log_summary(parent_id, {f"best_{cfg.train.monitor}": summary.best_value})
         tracker.set_tags(parent_id, {"best_trial": summary.best_number})
-        if isinstance(data, ForecastData):  # baselines and forecasts are forecasting's
-            evidence = gather_evidence(cfg, data, tracker, parent_id, table, sweep.study, folder)
-            rec = evidence.recommendation
-            write_best_config(
-                cfg, rec.setting.values, folder / "recommended_config.yaml", "recommended"
-            )
-            report = write_report(cfg, summary, table, evidence, folder)
-            tracker.log_summary(parent_id, parent_metrics(evidence))
-            tags: dict[str, Any] = {"recommended_trial": rec.setting.number}
-            if evidence.final is not None:
-                tags["model_uri"] = evidence.final.model_uri
-            tracker.set_tags(parent_id, tags)
-            lines += [
-                "",
-                f"Recommended (best mean of {cfg.report.seeds} seed(s) over the top"
-                f" {len(evidence.settings)}): trial #{rec.setting.number},"
-                f" {_settings_text(rec.setting.values)}",
-                "Test windows, original units:",
-                evidence.baselines.to_string(float_format=lambda v: f"{v:.4g}"),
-                f"Report: {report}",
-            ]
+        evidence = gather_evidence(cfg, data, tracker, parent_id, table, sweep.study, folder)
+        rec = evidence.recommendation
+        write_best_config(
+            cfg, rec.setting.values, folder / "recommended_config.yaml", "recommended"
+        )
+        report = write_report(cfg, summary, table, evidence, folder)
+        tracker.log_summary(parent_id, parent_metrics(evidence))
+        tags: dict[str, Any] = {"recommended_trial": rec.setting.number}
+        if evidence.final is not None:
+            tags["model_uri"] = evidence.final.model_uri
+        tracker.set_tags(parent_id, tags)
+        lines += [
+            "",
+            f"Recommended (best mean of {cfg.report.seeds} seed(s) over the top"
+            f" {len(evidence.settings)}): trial #{rec.setting.number},"
+            f" {_settings_text(rec.setting.values)}",
+            "Test part (see the report for units and notes):",
+            evidence.baselines.to_string(float_format=lambda v: f"{v:.4g}"),
+            f"Report: {report}",
+        ]
     tracker.log_summary(parent_id, {"naive_val_loss": summary.naive_val_loss})
     tracker.log_artifacts(parent_id, folder, "report")
     tracker.finish(parent_id, "COMPLETE")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,9 @@ import pandas as pd
 import torch
 import yaml
 
-from lstm_sweep import baselines
+from lstm_sweep import artifacts, baselines
 from lstm_sweep import diagnostics as dg
 from lstm_sweep.config import Config
-from lstm_sweep.data import ForecastData, Windows
 from lstm_sweep.tracking import (
     ROLE_TAG,
     STUDY_TAG,
@@ -33,9 +32,9 @@ from lstm_sweep.tracking import (
     flatten,
     trial_run_name,
 )
-from lstm_sweep.train import History, build_model, fit, naive_loss, predict
+from lstm_sweep.train import History, TrainingData, build_model, evaluate, fit, naive_loss, predict
 
-TEST_LOSS = "test_loss"  # MSE on the test windows, in the same (scaled) units as val_loss
+TEST_LOSS = "test_loss"  # the training loss on the test part, in the units of val_loss
 SEED_TAG = "lstm_sweep.seed"
 
 
@@ -45,7 +44,7 @@ class Setting:
 
     number: int  # the trial's number
     values: dict[str, Any]  # dotted config key -> value
-    value: float  # the trial's best validation loss
+    value: float  # the trial's value: its monitored metric (train.monitor) at its best epoch
     best_epoch: int
 
 
@@ -70,8 +69,9 @@ class FinalModel:
     run_id: str
     model_uri: str  # models:/name/version
     epochs: int
-    test_loss: float  # scaled MSE, comparable to the validation losses
-    errors: dict[str, float]  # mse, mae, mase in original units on the test windows
+    test_loss: float  # the training loss on the test part, comparable to val_loss
+    test_value: float  # the monitored metric on the test part, comparable to trial values
+    errors: dict[str, float]  # the task's test metrics (baselines.model_errors)
     history: History
 
 
@@ -101,7 +101,7 @@ def _plain(value: Any) -> Any:
 
 def reevaluate(
     cfg: Config,
-    data: ForecastData,
+    data: TrainingData,
     tracker: Tracker,
     parent_id: str,
     settings: list[Setting],
@@ -130,41 +130,44 @@ def reevaluate(
             logger.flush()
             verdict = dg.judge(history.rows, naive_val, cfg.diagnostics.verdict,
                                history.unstable_reason)
-            test_loss = float(data.loss(predict(model, data.test.x), data.test.y))
+            test = test_scores(model, data)
             metrics = {
                 dg.BEST_VAL_LOSS: history.best_val_loss, dg.BEST_EPOCH: history.best_epoch,
-                dg.EPOCHS_TRAINED: history.epochs_trained, TEST_LOSS: test_loss,
+                dg.EPOCHS_TRAINED: history.epochs_trained, **test,
             }
             tracker.log_summary(run_id, metrics)
             state = "COMPLETE" if history.best_epoch >= 0 else "FAIL"
             tracker.finish(run_id, state, {"verdict": verdict.verdict,
                                            "verdict_reason": verdict.reason})
+            best = history.rows[history.best_epoch] if history.best_epoch >= 0 else {}
             rows.append({"number": setting.number, "seed": seed, "run_id": run_id,
-                         "val_loss": history.best_val_loss, TEST_LOSS: test_loss,
+                         "val_loss": history.best_val_loss, **test,
+                         **{k: v for k, v in best.items() if k.startswith("val_")},
                          dg.BEST_EPOCH: history.best_epoch, "verdict": verdict.verdict})
             histories[(setting.number, seed)] = history
             verdicts[(setting.number, seed)] = verdict
-            worst.append(_worst_val_windows(model, data, cfg.diagnostics.k_worst))
+            worst.append(artifacts.worst_val_samples(model, data, cfg.diagnostics.k_worst))
     return Reevaluation(pd.DataFrame(rows), histories, verdicts, worst)
 
 
-def _worst_val_windows(model: torch.nn.Module, data: ForecastData, k: int) -> pd.DataFrame:
-    windows = data.val
-    prediction = data.to_original(predict(model, windows.x).cpu().numpy(), windows)
-    return dg.worst_windows(baselines.truth(data, "val"), prediction, windows.times,
-                            data.targets, k)
+def test_scores(model: torch.nn.Module, data: TrainingData) -> dict[str, float]:
+    """The loss and the task's scores on the test part (test_loss, test_accuracy, ...)."""
+    return evaluate(model, data, "test", data.test.x, data.test.y)
 
 
-def recommend(settings: list[Setting], runs: pd.DataFrame, direction: str) -> Recommendation:
-    """The setting with the best mean validation loss over seeds, and the settings within
-    noise of it: their mean differs from the winner's by less than the two standard
-    deviations added (with one seed there is no spread, so nothing is within noise)."""
+def recommend(
+    settings: list[Setting], runs: pd.DataFrame, direction: str, monitor: str = dg.VAL_LOSS
+) -> Recommendation:
+    """The setting with the best mean of the monitored validation metric over seeds, and the
+    settings within noise of it: their mean differs from the winner's by less than the two
+    standard deviations added (with one seed there is no spread, so nothing is within noise)."""
     grouped = runs.groupby("number")
+    test_key = monitor.replace("val_", "test_", 1)
     spread = pd.DataFrame({
-        "val_mean": grouped["val_loss"].mean(),
-        "val_std": grouped["val_loss"].std(),
-        "test_mean": grouped[TEST_LOSS].mean(),
-        "test_std": grouped[TEST_LOSS].std(),
+        "val_mean": grouped[monitor].mean(),
+        "val_std": grouped[monitor].std(),
+        "test_mean": grouped[test_key].mean(),
+        "test_std": grouped[test_key].std(),
         "epochs": grouped[dg.BEST_EPOCH].apply(lambda e: int(statistics.median(e + 1))),
     })
     spread = spread.sort_values("val_mean", ascending=direction == "minimize")
@@ -195,21 +198,22 @@ class KeepLast:
         self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
-def with_validation_in_training(data: ForecastData) -> ForecastData:
-    """Training windows extended by the validation windows; the test part is untouched."""
+def with_validation_in_training(data: TrainingData) -> TrainingData:
+    """Training samples extended by the validation samples; the test part is untouched."""
+
+    def join(first: Any, second: Any) -> Any:
+        if isinstance(first, torch.Tensor):
+            return torch.cat([first, second])
+        return np.concatenate([first, second])
+
     train, val = data.train, data.val
-    joined = Windows(
-        x=torch.cat([train.x, val.x]),
-        y=torch.cat([train.y, val.y]),
-        times=np.concatenate([train.times, val.times]),
-        last_level=np.concatenate([train.last_level, val.last_level]),
-    )
-    return replace(data, train=joined)
+    joined = {f.name: join(getattr(train, f.name), getattr(val, f.name)) for f in fields(train)}
+    return replace(data, train=replace(train, **joined))  # type: ignore[arg-type]
 
 
 def train_final(
     cfg: Config,
-    data: ForecastData,
+    data: TrainingData,
     tracker: Tracker,
     parent_id: str,
     recommendation: Recommendation,
@@ -237,12 +241,9 @@ def train_final(
         if keep.state is not None:
             model.load_state_dict(keep.state)
         model = model.cpu().eval()
-        test = data.test
-        test_loss = float(data.loss(predict(model, test.x), test.y))
-        prediction = data.to_original(predict(model, test.x).numpy(), test)
-        errors = baselines.errors(prediction, baselines.truth(data, "test"),
-                                  baselines.naive_scale(data))
-        tracker.log_summary(run_id, {TEST_LOSS: test_loss, dg.EPOCHS_TRAINED: len(history.rows),
+        test = test_scores(model, data)
+        errors = baselines.model_errors(data, predict(model, data.test.x).numpy())
+        tracker.log_summary(run_id, {**test, dg.EPOCHS_TRAINED: len(history.rows),
                                      **{f"test_{k}": v for k, v in errors.items()}})
         example = data.train.x[:5].numpy()
         model_uri = tracker.log_model(
@@ -254,10 +255,11 @@ def train_final(
         tracker.finish(run_id, "FAIL", {"failure_reason": f"{type(exc).__name__}: {exc}"[:500]})
         raise
     tracker.finish(run_id, "COMPLETE", {"model_uri": model_uri})
-    return FinalModel(run_id, model_uri, epochs, test_loss, errors, history)
+    test_value = test[cfg.train.monitor.replace("val_", "test_", 1)]
+    return FinalModel(run_id, model_uri, epochs, test[TEST_LOSS], test_value, errors, history)
 
 
-def write_model_files(cfg: Config, data: ForecastData, folder: Path) -> list[Path]:
+def write_model_files(cfg: Config, data: TrainingData, folder: Path) -> list[Path]:
     """What predict needs besides the weights to turn a CSV into forecasts: the scaler fitted
     on the training rows, and the data section of the config (columns, window, transform)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -272,7 +274,7 @@ def optimism(final: FinalModel, recommendation: Recommendation) -> dict[str, flo
     """How much worse the test part is than what selection saw: test minus validation loss."""
     winner = recommendation.spread.iloc[0]
     return {
-        "optimism_vs_trial": final.test_loss - recommendation.setting.value,
-        "optimism_vs_seed_mean": final.test_loss - float(winner["val_mean"]),
+        "optimism_vs_trial": final.test_value - recommendation.setting.value,
+        "optimism_vs_seed_mean": final.test_value - float(winner["val_mean"]),
         "seed_test_minus_val": float(winner["test_mean"] - winner["val_mean"]),
     }

@@ -108,6 +108,7 @@ def neighbourhood(
     search: Mapping[str, SearchParam],
     recommended: Mapping[str, Any],
     near_best: float,
+    direction: str = "minimize",
 ) -> tuple[int, int]:
     """Completed trials near the recommendation (every searched key within
     :data:`NEIGHBOURHOOD` of its range), and how many of them came within ``near_best`` of the
@@ -121,23 +122,29 @@ def neighbourhood(
         where = done[key].map(lambda v, p=param: position(v, p)).to_numpy(dtype=float)
         near &= np.abs(where - here) <= NEIGHBOURHOOD
     values = done["value"].to_numpy(dtype=float)
-    good = values <= values.min() * (1 + near_best)
+    if direction == "minimize":
+        good = values <= values.min() * (1 + near_best)
+    else:
+        good = values >= values.max() * (1 - near_best)
     return int(near.sum()), int((near & good).sum())
 
 
 def hard_windows(worst: list[pd.DataFrame], share: float = HARD_SHARE) -> pd.DataFrame:
-    """Validation windows among the worst-k of at least ``share`` of the runs: columns
-    window, start, runs (how many lists hold it), share, mae (mean over those runs)."""
+    """Validation samples among the worst-k of at least ``share`` of the runs: the sample's
+    identity (window and start, or id and true class), runs (how many lists hold it), share,
+    and its score averaged over those runs (mae, or the confidence of the wrong answer)."""
     lists = [w for w in worst if w is not None and not w.empty]
+    keys, score = (["id", "true"], "confidence") if lists and "id" in lists[0] else (
+        ["window", "start"], "mae")
     if not lists:
-        return pd.DataFrame(columns=["window", "start", "runs", "share", "mae"])
+        return pd.DataFrame(columns=[*keys, "runs", "share", score])
     stacked = pd.concat(lists)
-    counted = stacked.groupby(["window", "start"], as_index=False).agg(
-        runs=("mae", "size"), mae=("mae", "mean")
+    counted = stacked.groupby(keys, as_index=False).agg(
+        runs=(score, "size"), **{score: (score, "mean")}
     )
     counted["share"] = counted["runs"] / len(lists)
-    hard = counted[counted["share"] >= share].sort_values(["share", "mae"], ascending=False)
-    return hard[["window", "start", "runs", "share", "mae"]].reset_index(drop=True)
+    hard = counted[counted["share"] >= share].sort_values(["share", score], ascending=False)
+    return hard[[*keys, "runs", "share", score]].reset_index(drop=True)
 
 
 def importance_chart(importances: Mapping[str, float], path: Path) -> Path:

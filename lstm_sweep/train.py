@@ -99,7 +99,7 @@ def evaluate(
     """The training loss in eval mode, and the task's scores, on (x, y) named ``part``."""
     prediction = predict(model, x)
     y = y.to(prediction.device)
-    loss_key = dg.VAL_LOSS if part == "val" else dg.TRAIN_EVAL_LOSS
+    loss_key = {"val": dg.VAL_LOSS, "train": dg.TRAIN_EVAL_LOSS}.get(part, f"{part}_loss")
     return {loss_key: float(data.loss(prediction, y)), **data.score(part, prediction, y)}
 
 
@@ -156,7 +156,7 @@ def fit(
             loss = data.loss(model(x[idx]), y[idx])
             loss.backward()
             if level == "full":
-                group_norms.append(dg.grad_norms_by_group([(n, p.grad) for n, p in named if p.grad is not None]))
+                group_norms.append(dg.grad_norms_by_group(named))
             if level != "off" or train.grad_clip > 0:
                 norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
             optimizer.step()

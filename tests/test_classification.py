@@ -29,6 +29,8 @@ TINY_CLASSIFY = [
     "study.n_startup_trials=2",
     "diagnostics.eval_subsample=256",
     "train.batch_size=128",
+    "report.top_k=2",
+    "report.seeds=2",
 ]
 
 
@@ -147,7 +149,8 @@ def test_a_tiny_classification_sweep_end_to_end(stores: Path) -> None:
     )
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert len(study.trials) == 3
-    client = MlflowClient(f"sqlite:///{stores / 'mlflow.db'}")
+    uri = f"sqlite:///{stores / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
     for trial in study.trials:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert {"val_accuracy", "train_accuracy", "accuracy_gap", "val_macro_f1"} <= set(
@@ -161,6 +164,19 @@ def test_a_tiny_classification_sweep_end_to_end(stores: Path) -> None:
             "diagnostics/confusion_matrix.png",
             "diagnostics/worst_val_samples.csv",
         } <= artifacts
+
+    # the report: the task's baselines, seed re-evaluation, a registered model
+    experiment = client.get_experiment_by_name("digits-classify").experiment_id
+    parent = client.search_runs([experiment], "tags.`lstm_sweep.role` = 'sweep'")[0]
+    metrics = parent.data.metrics
+    for method in ("lstm", "majority_class", "logistic_regression"):
+        assert 0.0 <= metrics[f"{method}_test_accuracy"] <= 1.0
+    assert metrics["lstm_test_accuracy"] > metrics["majority_class_test_accuracy"]
+    assert len(client.search_model_versions("name = 'digits-classify'")) == 1
+    reevaluations = client.search_runs([experiment], "tags.`lstm_sweep.role` = 'reevaluation'")
+    assert len(reevaluations) == 2 * 2  # top_k x seeds
+    report = (stores / "reports" / "digits-classify" / "report.md").read_text()
+    assert "majority_class" in report and "accuracy_gain" in report
 
 
 def test_confidently_wrong_ranks_misclassified_samples_by_confidence() -> None:

@@ -26,8 +26,7 @@ def test_gradient_statistics_equal_direct_torch_computation() -> None:
     model = small_model()
     loss = model(torch.randn(5, 4, 2)).pow(2).mean()
     loss.backward()
-    named = [(n, p.grad) for n, p in model.named_parameters()]
-    by_group = dg.grad_norms_by_group(named)
+    by_group = dg.grad_norms_by_group(list(model.named_parameters()))
     expected_recurrent = model.lstm.weight_hh_l0.grad.norm()
     assert by_group[1] == pytest.approx(float(expected_recurrent), rel=1e-5)
     biases = torch.cat(

@@ -64,7 +64,7 @@ def test_every_optuna_trial_has_one_nested_mlflow_run_with_its_metrics(
         )
         assert run.info.run_name.startswith(f"trial {trial.number:03d} dropout=")
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")}
-        assert {"diagnostics/loss_curves.png", "diagnostics/worst_val_windows.csv"} <= artifacts
+        assert {"diagnostics/loss_curves.png", "diagnostics/worst_val_samples.csv"} <= artifacts
 
     out = capsys.readouterr().out
     assert "Trials: " in out and "naive last-value forecast" in out and "mlflow ui" in out
