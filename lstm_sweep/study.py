@@ -205,7 +205,7 @@ def retry_failed(
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     lost = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     for trial in lost:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if tracker is not None and run_id:
