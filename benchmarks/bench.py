@@ -126,7 +126,8 @@ def peer(overrides: list[str], trials: int) -> dict[str, Any]:
             mlflow.log_params(values)
             model = build_model(data, trial_cfg)
             optimizer = torch.optim.AdamW(
-                model.parameters(), lr=trial_cfg.train.learning_rate,
+                model.parameters(),
+                lr=trial_cfg.train.learning_rate,
                 weight_decay=trial_cfg.train.weight_decay,
             )
             best, since_best = math.inf, 0
@@ -142,10 +143,13 @@ def peer(overrides: list[str], trials: int) -> dict[str, Any]:
                     total += loss.item() * len(xb)
                 model.eval()
                 with torch.no_grad():
-                    val = sum(
-                        nn.functional.mse_loss(model(xb), yb, reduction="sum").item()
-                        for xb, yb in val_loader
-                    ) / data.val.y.numel()
+                    val = (
+                        sum(
+                            nn.functional.mse_loss(model(xb), yb, reduction="sum").item()
+                            for xb, yb in val_loader
+                        )
+                        / data.val.y.numel()
+                    )
                 mlflow.log_metric("train_loss", total / len(data.train), step=epoch)
                 mlflow.log_metric("val_loss", val, step=epoch)
                 trial.set_user_attr("epochs_trained", epoch + 1)  # in memory: for the table only
@@ -256,10 +260,12 @@ def read_sweep(run: Run, plan: Plan) -> SweepResult:
     runs = experiment_runs(client, cfg.experiment, f"tags.`{ROLE_TAG}` = 'trial'")
     fit_seconds = {  # the time inside fit(), logged by the objective as `train_seconds`
         int(r.data.tags[TRIAL_TAG]): r.data.metrics["train_seconds"]
-        for r in runs if "train_seconds" in r.data.metrics
+        for r in runs
+        if "train_seconds" in r.data.metrics
     }
     return SweepResult(
-        sorted(study.trials, key=lambda t: t.number), fit_seconds,
+        sorted(study.trials, key=lambda t: t.number),
+        fit_seconds,
         val_points(client, [r.info.run_id for r in runs], dg.VAL_LOSS),
     )
 
@@ -284,7 +290,8 @@ def experiment_runs(client: Any, name: str, filter_string: str = "") -> list[Any
 def val_points(client: Any, run_ids: list[str], key: str) -> list[tuple[float, float]]:
     """Every epoch's validation loss with the time it was measured, in epoch seconds."""
     return [
-        (m.timestamp / 1000, m.value) for run_id in run_ids
+        (m.timestamp / 1000, m.value)
+        for run_id in run_ids
         for m in client.get_metric_history(run_id, key)
     ]
 
@@ -336,8 +343,12 @@ class Figure:
 
 def per_epoch_figures(plan: Plan, scratch: Path, commands: list[list[str]]) -> list[Figure]:
     fixed = [
-        "search={}", f"study.n_trials={plan.trainings}", f"train.max_epochs={plan.epochs}",
-        f"train.patience={plan.epochs}", "study.pruner.type=none", *LEAN_REPORT,
+        "search={}",
+        f"study.n_trials={plan.trainings}",
+        f"train.max_epochs={plan.epochs}",
+        f"train.patience={plan.epochs}",
+        "study.pruner.type=none",
+        *LEAN_REPORT,
     ]
     floor_run = launch(
         "floor",
@@ -361,11 +372,23 @@ def per_epoch_figures(plan: Plan, scratch: Path, commands: list[list[str]]) -> l
         fit_epoch = statistics.median(result.fit_seconds.values()) / plan.epochs
         goal_text = f"<= {goal:.2f}" if goal else "-"
         figures += [
-            Figure(f"per-epoch, trial wall, diagnostics {level}", trial_epoch, floor_epoch,
-                   trial_epoch / floor_epoch, goal_text, [len(commands) - 1, floor_index],
-                   f"median of {plan.trainings} trials x {plan.epochs} epochs"),
-            Figure(f"per-epoch, fit() only, diagnostics {level}", fit_epoch, floor_epoch,
-                   fit_epoch / floor_epoch, goal_text, [len(commands) - 1, floor_index]),
+            Figure(
+                f"per-epoch, trial wall, diagnostics {level}",
+                trial_epoch,
+                floor_epoch,
+                trial_epoch / floor_epoch,
+                goal_text,
+                [len(commands) - 1, floor_index],
+                f"median of {plan.trainings} trials x {plan.epochs} epochs",
+            ),
+            Figure(
+                f"per-epoch, fit() only, diagnostics {level}",
+                fit_epoch,
+                floor_epoch,
+                fit_epoch / floor_epoch,
+                goal_text,
+                [len(commands) - 1, floor_index],
+            ),
         ]
     return figures
 
@@ -390,21 +413,52 @@ def sweep_figures(
     ours_reach = first_reach(ours_result.val_points, target, ours.started)
     theirs_reach = first_reach(theirs_points, target, theirs.started)
     figures = [
-        Figure(f"whole default sweep, wall ({n} trials)", ours.seconds, theirs.seconds,
-               ours.seconds / theirs.seconds, "<= 0.33", [ours_index, ours_index + 1],
-               "launch to exit; lstm_sweep's includes its closing report (seeded re-evaluations,"
-               " final model)"),
-        Figure("trials only, first start to last end", ours_span, theirs_span,
-               ours_span / theirs_span, "<= 0.33", [ours_index, ours_index + 1]),
-        Figure("trials only, per epoch trained", ours_epoch, theirs_epoch,
-               ours_epoch / theirs_epoch, "-", [ours_index, ours_index + 1],
-               f"{epochs_of(ours_result.trials)} and {theirs_summary['epochs']} epochs: overhead"
-               " per epoch, apart from how many epochs each search trains"),
-        Figure("best val loss, sweep vs peer", ours_best, theirs_best, ours_best / theirs_best,
-               "<= 1.00", [ours_index, ours_index + 1], unit=""),
-        Figure(f"time to first val loss <= {target:.4g}", ours_reach, theirs_reach,
-               ours_reach / theirs_reach, "-", [ours_index, ours_index + 1],
-               "launch to the first epoch at or below the target"),
+        Figure(
+            f"whole default sweep, wall ({n} trials)",
+            ours.seconds,
+            theirs.seconds,
+            ours.seconds / theirs.seconds,
+            "<= 0.33",
+            [ours_index, ours_index + 1],
+            "launch to exit; lstm_sweep's includes its closing report (seeded re-evaluations,"
+            " final model)",
+        ),
+        Figure(
+            "trials only, first start to last end",
+            ours_span,
+            theirs_span,
+            ours_span / theirs_span,
+            "<= 0.33",
+            [ours_index, ours_index + 1],
+        ),
+        Figure(
+            "trials only, per epoch trained",
+            ours_epoch,
+            theirs_epoch,
+            ours_epoch / theirs_epoch,
+            "-",
+            [ours_index, ours_index + 1],
+            f"{epochs_of(ours_result.trials)} and {theirs_summary['epochs']} epochs: overhead"
+            " per epoch, apart from how many epochs each search trains",
+        ),
+        Figure(
+            "best val loss, sweep vs peer",
+            ours_best,
+            theirs_best,
+            ours_best / theirs_best,
+            "<= 1.00",
+            [ours_index, ours_index + 1],
+            unit="",
+        ),
+        Figure(
+            f"time to first val loss <= {target:.4g}",
+            ours_reach,
+            theirs_reach,
+            ours_reach / theirs_reach,
+            "-",
+            [ours_index, ours_index + 1],
+            "launch to the first epoch at or below the target",
+        ),
     ]
 
     p = plan.prune_trials
@@ -419,11 +473,25 @@ def sweep_figures(
     pruned_best, unpruned_best = best_of(pruned_trials), best_of(unpruned_trials)
     pruned_epochs, unpruned_epochs = epochs_of(pruned_trials), epochs_of(unpruned_trials)
     figures += [
-        Figure(f"epochs trained, pruning on vs off ({p} trials)", pruned_epochs, unpruned_epochs,
-               pruned_epochs / unpruned_epochs, "<= 0.50", [ours_index, len(commands) - 1],
-               f"pruning on: the first {p} trials of [{ours_index}]", unit="epochs"),
-        Figure("best val loss, pruning on vs off", pruned_best, unpruned_best,
-               pruned_best / unpruned_best, "<= 1.02", [ours_index, len(commands) - 1], unit=""),
+        Figure(
+            f"epochs trained, pruning on vs off ({p} trials)",
+            pruned_epochs,
+            unpruned_epochs,
+            pruned_epochs / unpruned_epochs,
+            "<= 0.50",
+            [ours_index, len(commands) - 1],
+            f"pruning on: the first {p} trials of [{ours_index}]",
+            unit="epochs",
+        ),
+        Figure(
+            "best val loss, pruning on vs off",
+            pruned_best,
+            unpruned_best,
+            pruned_best / unpruned_best,
+            "<= 1.02",
+            [ours_index, len(commands) - 1],
+            unit="",
+        ),
     ]
 
     w = plan.worker_trials
@@ -434,10 +502,16 @@ def sweep_figures(
     one_rate = trials_per_minute([t for t in ours_result.trials if t.number < w])
     two_rate = trials_per_minute(read_sweep(two, plan).trials)
     figures.append(
-        Figure("trials per minute, 2 workers vs 1", two_rate, one_rate, two_rate / one_rate,
-               "-", [len(commands) - 1, ours_index],
-               f"{w} trials each; 1 worker: the first {w} trials of [{ours_index}]",
-               unit="/min")
+        Figure(
+            "trials per minute, 2 workers vs 1",
+            two_rate,
+            one_rate,
+            two_rate / one_rate,
+            "-",
+            [len(commands) - 1, ours_index],
+            f"{w} trials each; 1 worker: the first {w} trials of [{ours_index}]",
+            unit="/min",
+        )
     )
     return figures
 
@@ -446,8 +520,12 @@ def machine() -> str:
     import torch
 
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), "unknown CPU",
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
     )
     load = os.getloadavg()[0]
     return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, load average {load:.2f}"
@@ -492,13 +570,15 @@ def run_all(plan: Plan, target: float | None, json_path: Path | None) -> None:
     if json_path:
         rows = [f.__dict__ for f in figures]
         shown = [shell_text(c) for c in commands]
-        json_path.write_text(json.dumps({"machine": machine(), "figures": rows,
-                                         "commands": shown}, indent=1))
+        json_path.write_text(
+            json.dumps({"machine": machine(), "figures": rows, "commands": shown}, indent=1)
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python benchmarks/bench.py", description=__doc__,
+        prog="python benchmarks/bench.py",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="fewer trials and epochs (~5 min)")
@@ -506,8 +586,13 @@ def main(argv: list[str] | None = None) -> int:
         "--target", type=float, help="validation loss for the time-to-target figure"
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of sweeps/forecast.yaml in every command")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of sweeps/forecast.yaml in every command",
+    )
     sub = parser.add_subparsers(dest="yardstick")
     floor_args = sub.add_parser("floor", help="the bare PyTorch loop alone; prints JSON")
     floor_args.add_argument("--epochs", type=int, default=FULL.epochs)
@@ -516,7 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     peer_args.add_argument("--trials", type=int, default=FULL.sweep_trials)
     for yardstick in (floor_args, peer_args):
         yardstick.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a key of sweeps/forecast.yaml, as lstm_sweep.run does",
         )
     args = parser.parse_args(argv)

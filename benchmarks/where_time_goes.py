@@ -82,31 +82,60 @@ def summarise(samples: list[tuple[list[str], int]], top: int) -> str:
             for name, n in counter.most_common(limit)
         ]
 
-    return "\n".join([
-        f"main thread: {total / RATE:.1f} s sampled at {RATE} Hz",
-        "", "by category (first match wins):", *rows(by_category, len(by_category)),
-        "", f"top {top} lstm_sweep functions, inclusive:", *rows(inclusive, top),
-        "", f"top {top} innermost frames (self time):", *rows(leaves, top),
-    ])
+    return "\n".join(
+        [
+            f"main thread: {total / RATE:.1f} s sampled at {RATE} Hz",
+            "",
+            "by category (first match wins):",
+            *rows(by_category, len(by_category)),
+            "",
+            f"top {top} lstm_sweep functions, inclusive:",
+            *rows(inclusive, top),
+            "",
+            f"top {top} innermost frames (self time):",
+            *rows(leaves, top),
+        ]
+    )
 
 
 def record(trials: int, overrides: list[str], raw: Path) -> None:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         sys.exit("py-spy not found: pip install py-spy")
-    sweep = [sys.executable, "-m", "lstm_sweep.run", str(SWEEP), "--no-progress",
-             f"--set=study.n_trials={trials}", *(f"--set={o}" for o in overrides)]
+    sweep = [
+        sys.executable,
+        "-m",
+        "lstm_sweep.run",
+        str(SWEEP),
+        "--no-progress",
+        f"--set=study.n_trials={trials}",
+        *(f"--set={o}" for o in overrides),
+    ]
     with tempfile.TemporaryDirectory(prefix="lstm_sweep_profile_") as folder:  # fresh stores
         subprocess.run(
-            [py_spy, "record", "--idle", "--rate", str(RATE), "--format", "raw",
-             "--output", str(raw), "--", *sweep],
-            cwd=folder, check=True, stdout=subprocess.DEVNULL,
+            [
+                py_spy,
+                "record",
+                "--idle",
+                "--rate",
+                str(RATE),
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+                "--",
+                *sweep,
+            ],
+            cwd=folder,
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python benchmarks/where_time_goes.py", description=__doc__,
+        prog="python benchmarks/where_time_goes.py",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--trials", type=int, default=12, help="trials of the default sweep")

@@ -112,8 +112,9 @@ def worst_val_samples(model: torch.nn.Module, data: TrainingData, k: int) -> pd.
     output = predict(model, data.val.x).cpu()
     if isinstance(data, ClassificationData):
         probabilities = torch.softmax(output, dim=1).numpy()
-        return dg.confidently_wrong(probabilities, data.val.y.numpy(), data.val.ids,
-                                    data.classes, k)
+        return dg.confidently_wrong(
+            probabilities, data.val.y.numpy(), data.val.ids, data.classes, k
+        )
     windows = data.val
     prediction = data.to_original(output.numpy(), windows)
     truth = data.to_original(windows.y.numpy(), windows)
@@ -124,8 +125,12 @@ WORST_SAMPLES = "worst_val_samples.csv"  # in each trial's diagnostics/ folder
 
 
 def trial_artifacts(
-    folder: Path, model: torch.nn.Module, data: TrainingData, history: History,
-    verdict: dg.Verdict, k: int,
+    folder: Path,
+    model: torch.nn.Module,
+    data: TrainingData,
+    history: History,
+    verdict: dg.Verdict,
+    k: int,
 ) -> None:
     """Everything a trial saves at its best epoch, into ``folder``."""
     loss_curves(history.rows, history.best_epoch, verdict.onset_epoch, folder / "loss_curves.png")
@@ -134,8 +139,9 @@ def trial_artifacts(
     worst_val_samples(model, data, k).to_csv(folder / WORST_SAMPLES, index=False)
     if isinstance(data, ClassificationData):
         predicted = predict(model, data.val.x).argmax(dim=1).cpu().numpy()
-        confusion_matrix(data.val.y.numpy(), predicted, data.classes,
-                         folder / "confusion_matrix.png")
+        confusion_matrix(
+            data.val.y.numpy(), predicted, data.classes, folder / "confusion_matrix.png"
+        )
         return
     spans = {}
     for part in ("val", "test"):

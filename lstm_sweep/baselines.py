@@ -161,8 +161,9 @@ def classification_baselines(
     rows = {
         "majority_class": {**classification_errors(majority, truth), "note": ""},
         "logistic_regression": {
-            **classification_errors(logistic.predict(scored.x.reshape(len(scored), -1).numpy()),
-                                    truth),
+            **classification_errors(
+                logistic.predict(scored.x.reshape(len(scored), -1).numpy()), truth
+            ),
             "note": "on flattened sequences",
         },
     }

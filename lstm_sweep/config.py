@@ -73,7 +73,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     num_layers: int = Field(1, ge=1)  # stacked LSTM layers
     hidden_size: int = Field(32, ge=1)  # units per layer
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # nn.LSTM's dropout between layers (none if 1 layer)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # nn.LSTM's, between layers: none with 1 layer
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on the last hidden state, before the head
 
 
@@ -117,7 +117,14 @@ class SearchParam(_Section):
 
     def bounds(self) -> list[Any]:
         """The values at the edges of the range: each must make a valid config."""
-        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+        return list(self.choices or []) if self.type == "categorical" else list(self.span)
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """(low, high) of a numeric parameter; validation has made sure both are set."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} parameter needs `low` and `high`")
+        return self.low, self.high
 
 
 class PrunerConfig(_Section):
@@ -199,6 +206,11 @@ class ReportConfig(_Section):
         return value
 
 
+def natural_direction(monitor: str) -> Literal["minimize", "maximize"]:
+    """Losses are minimised, accuracies maximised."""
+    return "maximize" if monitor == "val_accuracy" else "minimize"
+
+
 class Config(_Section):
     experiment: str = "lstm_sweep"  # MLflow experiment, and the default study name
     task: Literal["forecast", "classification"] = "forecast"
@@ -216,10 +228,9 @@ class Config(_Section):
         return self.study.name or self.experiment
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Literal["minimize", "maximize"]:
         """The study's direction: stated, or the one the monitored metric needs."""
-        natural = "maximize" if self.train.monitor == "val_accuracy" else "minimize"
-        return self.study.direction or natural
+        return self.study.direction or natural_direction(self.train.monitor)
 
     def with_values(self, values: dict[str, Any]) -> Config:
         """A copy with dotted keys set (a trial's sampled values), validated again."""
@@ -331,10 +342,12 @@ def _check_task(source: str, cfg: Config) -> None:
         raise ConfigError(source, "data.path", str(cfg.data.path), "forecast reads CSV or Parquet")
     if cfg.task == "forecast" and cfg.train.monitor != "val_loss":
         raise ConfigError(source, "train.monitor", cfg.train.monitor, "forecast monitors val_loss")
-    natural = "maximize" if cfg.train.monitor == "val_accuracy" else "minimize"
+    natural = natural_direction(cfg.train.monitor)
     if cfg.study.direction not in (None, natural):
         raise ConfigError(
-            source, "study.direction", cfg.study.direction,
+            source,
+            "study.direction",
+            cfg.study.direction,
             f"train.monitor = {cfg.train.monitor} is to {natural}",
         )
 

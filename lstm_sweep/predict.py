@@ -44,8 +44,12 @@ def origin_windows(
     levels, values, columns = table.levels, table.values, table.inputs
     times = pd.Series(table.times)
     if len(values) < cfg.window:
-        raise ConfigError(source, "data.window", cfg.window,
-                          f"needs at least {cfg.window} usable rows, the table has {len(values)}")
+        raise ConfigError(
+            source,
+            "data.window",
+            cfg.window,
+            f"needs at least {cfg.window} usable rows, the table has {len(values)}",
+        )
     scaled = scaler.transform(values).astype(np.float32)
     x = sliding_window_view(scaled, cfg.window, axis=0).transpose(0, 2, 1)  # (origins, w, c)
     origins = np.arange(cfg.window - 1, len(values))  # row of each window's last input
@@ -56,8 +60,16 @@ def origin_windows(
         times=times.to_numpy()[origins],
         last_level=levels[origins],
     )
-    data = ForecastData(windows, windows, windows, inputs=columns, targets=cfg.targets,
-                        scaler=scaler, transform=cfg.transform, season=cfg.season)
+    data = ForecastData(
+        windows,
+        windows,
+        windows,
+        inputs=columns,
+        targets=cfg.targets,
+        scaler=scaler,
+        transform=cfg.transform,
+        season=cfg.season,
+    )
     return data, times, pd.DataFrame(levels, columns=cfg.targets)
 
 
@@ -69,8 +81,9 @@ def forecast(model: torch.nn.Module, data: ForecastData) -> np.ndarray:
     return data.to_original(model(windows.x).numpy(), windows)
 
 
-def forecast_table(prediction: np.ndarray, data: ForecastData, times: pd.Series,
-                   levels: pd.DataFrame) -> pd.DataFrame:
+def forecast_table(
+    prediction: np.ndarray, data: ForecastData, times: pd.Series, levels: pd.DataFrame
+) -> pd.DataFrame:
     """One row per (origin, step): origin time, step, the step's time and actual value where
     the table has them, and the forecast of each target."""
     windows = data.train
@@ -82,8 +95,11 @@ def forecast_table(prediction: np.ndarray, data: ForecastData, times: pd.Series,
         for step in range(horizon):
             target_row = origin + step + 1
             known = target_row < len(times)
-            row = {"origin": windows.times[i], "step": step + 1,
-                   "time": times.iloc[target_row] if known else None}
+            row = {
+                "origin": windows.times[i],
+                "step": step + 1,
+                "time": times.iloc[target_row] if known else None,
+            }
             for t, name in enumerate(data.targets):
                 row[f"{name}_forecast"] = float(prediction[i, step, t])
                 row[f"{name}_actual"] = float(levels.iloc[target_row, t]) if known else np.nan
@@ -91,8 +107,9 @@ def forecast_table(prediction: np.ndarray, data: ForecastData, times: pd.Series,
     return pd.DataFrame(rows)
 
 
-def predict_csv(model_uri: str, csv: Path, tracking_uri: str | None = None,
-                last_only: bool = False) -> pd.DataFrame:
+def predict_csv(
+    model_uri: str, csv: Path, tracking_uri: str | None = None, last_only: bool = False
+) -> pd.DataFrame:
     model, data_cfg, scaler, inputs = load_bundle(model_uri, tracking_uri)
     frame = read_table(csv)
     data, times, levels = origin_windows(frame, data_cfg, scaler, str(csv))

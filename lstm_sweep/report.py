@@ -29,11 +29,20 @@ from lstm_sweep.tracking import STORE_ROOT, Tracker
 from lstm_sweep.train import TrainingData, naive_loss
 
 SUMMARY_COLUMNS = [
-    "number", "state", "value", "verdict", f"best_{dg.GAP}", dg.BEST_EPOCH, dg.EPOCHS_TRAINED,
+    "number",
+    "state",
+    "value",
+    "verdict",
+    f"best_{dg.GAP}",
+    dg.BEST_EPOCH,
+    dg.EPOCHS_TRAINED,
     "wall_seconds",
 ]
 RUN_METRICS = (  # per trial, read back from its MLflow run
-    dg.BEST_VAL_LOSS, f"best_{dg.GAP}", f"best_{dg.TRAIN_EVAL_LOSS}", dg.OVERFIT_ONSET,
+    dg.BEST_VAL_LOSS,
+    f"best_{dg.GAP}",
+    f"best_{dg.TRAIN_EVAL_LOSS}",
+    dg.OVERFIT_ONSET,
 )
 SKILL = {ForecastData: "skill_mse", ClassificationData: "accuracy_gain"}
 NAIVE_NAMES = {"forecast": "naive last-value forecast", "classification": "majority-class prior"}
@@ -116,8 +125,16 @@ def comparison_table(trials: pd.DataFrame, runs: pd.DataFrame, keys: list[str]) 
         trials = trials.assign(mlflow_run_id=pd.Series(dtype=str))
     table = trials.merge(view, how="left", left_on="mlflow_run_id", right_on="run_id")
     columns = [
-        "number", "state", *keys, "value", *RUN_METRICS, "verdict", dg.BEST_EPOCH,
-        dg.EPOCHS_TRAINED, "wall_seconds", "run_id",
+        "number",
+        "state",
+        *keys,
+        "value",
+        *RUN_METRICS,
+        "verdict",
+        dg.BEST_EPOCH,
+        dg.EPOCHS_TRAINED,
+        "wall_seconds",
+        "run_id",
     ]
     return table[[c for c in columns if c in table]].sort_values("number", ignore_index=True)
 
@@ -130,11 +147,11 @@ def best_config(cfg: Config, values: dict[str, Any], label: str = "best") -> dic
     return raw
 
 
-def write_best_config(
-    cfg: Config, values: dict[str, Any], path: Path, label: str = "best"
-) -> Path:
-    header = (f"# {label.capitalize()} settings of study {cfg.study_name!r};"
-              f" run: python -m lstm_sweep.run {path}\n")
+def write_best_config(cfg: Config, values: dict[str, Any], path: Path, label: str = "best") -> Path:
+    header = (
+        f"# {label.capitalize()} settings of study {cfg.study_name!r};"
+        f" run: python -m lstm_sweep.run {path}\n"
+    )
     path.write_text(header + yaml.safe_dump(best_config(cfg, values, label), sort_keys=False))
     return path
 
@@ -146,11 +163,14 @@ def format_summary(summary: SweepSummary, ui_command: str, top: int = 5) -> str:
     if summary.best_number is None:
         lines.append("No trial finished: nothing to recommend yet.")
     else:
-        settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in summary.best_values.items())
+        settings = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in summary.best_values.items()
+        )
         ratio = (
             f", {summary.best_value / summary.naive_val_loss:.0%} of it"
-            if summary.monitor == "val_loss" else ""
+            if summary.monitor == "val_loss" and summary.best_value is not None
+            else ""
         )
         lines += [
             f"Best trial #{summary.best_number}: {summary.monitor} {summary.best_value:.4g}"
@@ -199,9 +219,7 @@ def gather_evidence(
     )
     settings = select.top_settings(table, keys, report.top_k, cfg.direction)
     reevaluation = select.reevaluate(cfg, data, tracker, parent_id, settings, report.seeds)
-    recommendation = select.recommend(
-        settings, reevaluation.runs, cfg.direction, cfg.train.monitor
-    )
+    recommendation = select.recommend(settings, reevaluation.runs, cfg.direction, cfg.train.monitor)
     final = None
     if report.final_model:
         final = select.train_final(
@@ -209,8 +227,9 @@ def gather_evidence(
         )
     compared = baselines.compare(data, "test", refit_on_val=final is not None)
     if final is not None:
-        lstm = pd.DataFrame([{**final.errors, "note": f"final model, {final.epochs} epochs"}],
-                            index=["lstm"])
+        lstm = pd.DataFrame(
+            [{**final.errors, "note": f"final model, {final.epochs} epochs"}], index=["lstm"]
+        )
         compared = pd.concat([lstm, compared])
         compared[SKILL[type(data)]] = baselines.skill(compared)
 
@@ -218,21 +237,30 @@ def gather_evidence(
     winner = recommendation.setting
     history = reevaluation.histories[(winner.number, cfg.train.seed)]
     verdict = reevaluation.verdicts[(winner.number, cfg.train.seed)]
-    caption = (f"Loss curves of the recommendation, re-evaluated with seed {cfg.train.seed}:"
-               f" {verdict.verdict}")
+    caption = (
+        f"Loss curves of the recommendation, re-evaluated with seed {cfg.train.seed}:"
+        f" {verdict.verdict}"
+    )
     images[caption] = artifacts.loss_curves(
-        history.rows, history.best_epoch, verdict.onset_epoch, folder / "winner_loss_curves.png")
+        history.rows, history.best_epoch, verdict.onset_epoch, folder / "winner_loss_curves.png"
+    )
     if importances:
         images["Parameter importances (fANOVA)"] = surface.importance_chart(
-            importances, folder / "importances.png")
+            importances, folder / "importances.png"
+        )
     for path in surface.heatmaps(table, cfg.search, winner.values, folder):
         images[f"Response surface: {path.stem.removeprefix('surface_')}"] = path
 
-    worst = [tracker.read_csv_artifact(run_id, WORST_SAMPLES)
-             for run_id in table.loc[table["state"] == "COMPLETE", "run_id"].dropna()]
+    worst = [
+        tracker.read_csv_artifact(run_id, WORST_SAMPLES)
+        for run_id in table.loc[table["state"] == "COMPLETE", "run_id"].dropna()
+    ]
     from_trials = [w for w in worst if w is not None]
-    hard_source = (f"{len(from_trials)} completed trials" if from_trials
-                   else f"{len(reevaluation.worst)} re-evaluation runs")
+    hard_source = (
+        f"{len(from_trials)} completed trials"
+        if from_trials
+        else f"{len(reevaluation.worst)} re-evaluation runs"
+    )
     return Evidence(
         importances=importances,
         settings=settings,
@@ -262,8 +290,10 @@ def parent_metrics(evidence: Evidence) -> dict[str, float]:
         metrics |= select.optimism(evidence.final, evidence.recommendation)
         metrics["final_test_loss"] = evidence.final.test_loss
     winner = evidence.recommendation.spread.iloc[0]
-    metrics |= {"recommended_val_mean": float(winner["val_mean"]),
-                "recommended_val_std": float(winner["val_std"])}
+    metrics |= {
+        "recommended_val_mean": float(winner["val_mean"]),
+        "recommended_val_std": float(winner["val_std"]),
+    }
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
@@ -284,8 +314,10 @@ def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
 
 
 def _settings_text(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in values.items()) or "(nothing searched)"
+    return (
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        or "(nothing searched)"
+    )
 
 
 def write_report(
@@ -299,12 +331,17 @@ def write_report(
         f"Within noise of it (mean difference below the two seed standard deviations added):"
         f" trial(s) {', '.join(f'#{n}' for n in rec.within_noise)}. The data cannot tell these"
         f" apart; prefer the simpler or cheaper one if it matters."
-        if rec.within_noise else
-        "No other re-evaluated setting is within noise of it." if cfg.report.seeds > 1 else
-        "With one seed per setting there is no spread: rerun with report.seeds >= 2 to judge noise."
+        if rec.within_noise
+        else "No other re-evaluated setting is within noise of it."
+        if cfg.report.seeds > 1
+        else "With one seed per setting there is no spread: rerun with report.seeds >= 2"
+        " to judge noise."
     )
-    verdicts = [f"{v.verdict} ({v.reason})" for (number, _), v in
-                evidence.reevaluation.verdicts.items() if number == rec.setting.number]
+    verdicts = [
+        f"{v.verdict} ({v.reason})"
+        for (number, _), v in evidence.reevaluation.verdicts.items()
+        if number == rec.setting.number
+    ]
     spread = 0.0 if math.isnan(winner["val_std"]) else float(winner["val_std"])
     lines = [
         f"# Regularisation report: {cfg.study_name}",
@@ -321,10 +358,17 @@ def write_report(
         f"- Neighbourhood: {n_near} completed trial(s), its own included, lie within"
         f" {surface.NEIGHBOURHOOD:.0%} of every searched range around it; {n_good} of them came"
         f" within {cfg.report.near_best:.0%} of the best value"
-        + (" — a robust region, not a lucky point." if n_good >= 3 else
-           " — too few good neighbours to call it a robust region."),
-        "- Range: " + ("; ".join(evidence.edges) if evidence.edges else
-                       "inside every searched range, not at an edge."),
+        + (
+            " — a robust region, not a lucky point."
+            if n_good >= 3
+            else " — too few good neighbours to call it a robust region."
+        ),
+        "- Range: "
+        + (
+            "; ".join(evidence.edges)
+            if evidence.edges
+            else "inside every searched range, not at an edge."
+        ),
     ]
     if final is not None:
         opt = select.optimism(final, rec)
@@ -338,8 +382,12 @@ def write_report(
             f" {opt['optimism_vs_trial']:+.4g} against the trial and"
             f" {opt['optimism_vs_seed_mean']:+.4g} against the seed mean.",
             f"- Registered model: `{final.model_uri}`"
-            + (f"; forecasts from a CSV: `python -m lstm_sweep.predict {final.model_uri} data.csv`."
-               if cfg.task == "forecast" else "."),
+            + (
+                f"; forecasts from a CSV:"
+                f" `python -m lstm_sweep.predict {final.model_uri} data.csv`."
+                if cfg.task == "forecast"
+                else "."
+            ),
         ]
     lines += [
         "- Ready-to-train file: `recommended_config.yaml`"
@@ -361,9 +409,17 @@ def write_report(
         "",
     ]
     if evidence.importances:
-        lines += [markdown_table(pd.DataFrame(
-            {"key": list(evidence.importances), "importance": list(evidence.importances.values())}
-        )), ""]
+        lines += [
+            markdown_table(
+                pd.DataFrame(
+                    {
+                        "key": list(evidence.importances),
+                        "importance": list(evidence.importances.values()),
+                    }
+                )
+            ),
+            "",
+        ]
     else:
         lines += ["Too few completed trials for importances.", ""]
     lines += [f"- [{p.stem.replace('_', ' ')}](plots/{p.name})" for p in evidence.plots]
@@ -391,8 +447,9 @@ def write_report(
 
 
 def _spread_with_values(spread: pd.DataFrame, settings: list[select.Setting]) -> pd.DataFrame:
-    values = pd.DataFrame([{"number": s.number, **s.values, "trial_value": s.value}
-                           for s in settings])
+    values = pd.DataFrame(
+        [{"number": s.number, **s.values, "trial_value": s.value} for s in settings]
+    )
     return values.merge(spread, on="number")
 
 

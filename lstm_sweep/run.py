@@ -61,11 +61,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("sweep", help="the sweep's YAML file")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, value typed as YAML (repeatable): --set study.n_trials=5",
     )
     parser.add_argument(
-        "--workers", type=int, metavar="N",
+        "--workers",
+        type=int,
+        metavar="N",
         help="worker processes on this machine (overrides study.workers)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -98,8 +103,11 @@ def run_workers(sweep: Sweep, parent_id: str, bar: tqdm) -> None:
             f" holds {counted} of {wanted} trials"
         )
     if lost:  # e.g. a killed worker: the others retried its trial, the sweep is whole
-        print(f"warning: {len(lost)} worker(s) lost (exit codes {lost});"
-              " their trials were retried by the others", file=sys.stderr)
+        print(
+            f"warning: {len(lost)} worker(s) lost (exit codes {lost});"
+            " their trials were retried by the others",
+            file=sys.stderr,
+        )
 
 
 class SweepIncomplete(RuntimeError):
@@ -111,8 +119,12 @@ def run_sweep(sweep: Sweep, progress: bool = True) -> str:
     cfg, study = sweep.cfg, sweep.study
     parent_id = start(sweep)
     bar = tqdm(
-        total=cfg.study.n_trials, initial=counted_trials(study), desc=cfg.study_name,
-        unit="trial", disable=not progress, file=sys.stderr,
+        total=cfg.study.n_trials,
+        initial=counted_trials(study),
+        desc=cfg.study_name,
+        unit="trial",
+        disable=not progress,
+        file=sys.stderr,
     )
     try:
         if cfg.study.workers == 1:

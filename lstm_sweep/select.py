@@ -88,8 +88,9 @@ def top_settings(table: pd.DataFrame, keys: list[str], k: int, direction: str) -
         if signature in seen:  # a retried trial repeats its settings
             continue
         seen.add(signature)
-        settings.append(Setting(int(row["number"]), values, float(row["value"]),
-                                int(row[dg.BEST_EPOCH])))
+        settings.append(
+            Setting(int(row["number"]), values, float(row["value"]), int(row[dg.BEST_EPOCH]))
+        )
         if len(settings) == k:
             break
     return settings
@@ -119,31 +120,48 @@ def reevaluate(
             run_cfg = cfg.with_values({**setting.values, "train.seed": seed})
             name = trial_run_name(setting.number, setting.values).replace("trial", "reeval", 1)
             run_id = tracker.start_child(
-                parent_id, f"{name} seed={seed}",
-                tags={ROLE_TAG: "reevaluation", STUDY_TAG: cfg.study_name,
-                      TRIAL_TAG: str(setting.number), SEED_TAG: str(seed)},
+                parent_id,
+                f"{name} seed={seed}",
+                tags={
+                    ROLE_TAG: "reevaluation",
+                    STUDY_TAG: cfg.study_name,
+                    TRIAL_TAG: str(setting.number),
+                    SEED_TAG: str(seed),
+                },
                 params=flatten(run_cfg.model_dump(mode="json")),
             )
             logger = EpochLogger(tracker, run_id, cfg.tracking.flush_seconds)
             model = build_model(data, run_cfg)
             history = fit(model, data, run_cfg, [logger])
             logger.flush()
-            verdict = dg.judge(history.rows, naive_val, cfg.diagnostics.verdict,
-                               history.unstable_reason)
+            verdict = dg.judge(
+                history.rows, naive_val, cfg.diagnostics.verdict, history.unstable_reason
+            )
             test = test_scores(model, data)
             metrics = {
-                dg.BEST_VAL_LOSS: history.best_val_loss, dg.BEST_EPOCH: history.best_epoch,
-                dg.EPOCHS_TRAINED: history.epochs_trained, **test,
+                dg.BEST_VAL_LOSS: history.best_val_loss,
+                dg.BEST_EPOCH: history.best_epoch,
+                dg.EPOCHS_TRAINED: history.epochs_trained,
+                **test,
             }
             tracker.log_summary(run_id, metrics)
             state = "COMPLETE" if history.best_epoch >= 0 else "FAIL"
-            tracker.finish(run_id, state, {"verdict": verdict.verdict,
-                                           "verdict_reason": verdict.reason})
+            tracker.finish(
+                run_id, state, {"verdict": verdict.verdict, "verdict_reason": verdict.reason}
+            )
             best = history.rows[history.best_epoch] if history.best_epoch >= 0 else {}
-            rows.append({"number": setting.number, "seed": seed, "run_id": run_id,
-                         "val_loss": history.best_val_loss, **test,
-                         **{k: v for k, v in best.items() if k.startswith("val_")},
-                         dg.BEST_EPOCH: history.best_epoch, "verdict": verdict.verdict})
+            rows.append(
+                {
+                    "number": setting.number,
+                    "seed": seed,
+                    "run_id": run_id,
+                    "val_loss": history.best_val_loss,
+                    **test,
+                    **{k: v for k, v in best.items() if k.startswith("val_")},
+                    dg.BEST_EPOCH: history.best_epoch,
+                    "verdict": verdict.verdict,
+                }
+            )
             histories[(setting.number, seed)] = history
             verdicts[(setting.number, seed)] = verdict
             worst.append(artifacts.worst_val_samples(model, data, cfg.diagnostics.k_worst))
@@ -163,13 +181,15 @@ def recommend(
     standard deviations added (with one seed there is no spread, so nothing is within noise)."""
     grouped = runs.groupby("number")
     test_key = monitor.replace("val_", "test_", 1)
-    spread = pd.DataFrame({
-        "val_mean": grouped[monitor].mean(),
-        "val_std": grouped[monitor].std(),
-        "test_mean": grouped[test_key].mean(),
-        "test_std": grouped[test_key].std(),
-        "epochs": grouped[dg.BEST_EPOCH].apply(lambda e: int(statistics.median(e + 1))),
-    })
+    spread = pd.DataFrame(
+        {
+            "val_mean": grouped[monitor].mean(),
+            "val_std": grouped[monitor].std(),
+            "test_mean": grouped[test_key].mean(),
+            "test_std": grouped[test_key].std(),
+            "epochs": grouped[dg.BEST_EPOCH].apply(lambda e: int(statistics.median(e + 1))),
+        }
+    )
     spread = spread.sort_values("val_mean", ascending=direction == "minimize")
     winner = int(spread.index[0])
     noise = spread["val_std"].fillna(0.0)
@@ -226,9 +246,14 @@ def train_final(
         {**setting.values, "train.max_epochs": epochs, "train.patience": epochs}
     )
     run_id = tracker.start_child(
-        parent_id, trial_run_name(setting.number, setting.values).replace("trial", "final", 1),
-        tags={ROLE_TAG: "final", STUDY_TAG: cfg.study_name, TRIAL_TAG: str(setting.number),
-              "val_loss_note": "validation windows are part of this run's training data"},
+        parent_id,
+        trial_run_name(setting.number, setting.values).replace("trial", "final", 1),
+        tags={
+            ROLE_TAG: "final",
+            STUDY_TAG: cfg.study_name,
+            TRIAL_TAG: str(setting.number),
+            "val_loss_note": "validation windows are part of this run's training data",
+        },
         params=flatten(run_cfg.model_dump(mode="json")),
     )
     try:
@@ -243,11 +268,20 @@ def train_final(
         model = model.cpu().eval()
         test = test_scores(model, data)
         errors = baselines.model_errors(data, predict(model, data.test.x).numpy())
-        tracker.log_summary(run_id, {**test, dg.EPOCHS_TRAINED: len(history.rows),
-                                     **{f"test_{k}": v for k, v in errors.items()}})
+        tracker.log_summary(
+            run_id,
+            {
+                **test,
+                dg.EPOCHS_TRAINED: len(history.rows),
+                **{f"test_{k}": v for k, v in errors.items()},
+            },
+        )
         example = data.train.x[:5].numpy()
         model_uri = tracker.log_model(
-            run_id, model, example, predict(model, data.train.x[:5]).numpy(),
+            run_id,
+            model,
+            example,
+            predict(model, data.train.x[:5]).numpy(),
             write_model_files(cfg, data, folder),
             cfg.report.model_name or cfg.study_name,
         )

@@ -133,7 +133,9 @@ def open_study(
         )
     except Exception as exc:  # driver errors vary by database; the user needs the URI and why
         reason = str(exc).splitlines()[0][:200]
-        raise ConfigError(source, "study.storage", mask_uri(url), f"unreachable: {reason}")
+        raise ConfigError(
+            source, "study.storage", mask_uri(url), f"unreachable: {reason}"
+        ) from None
 
 
 class StudyLock:
@@ -158,7 +160,9 @@ class StudyLock:
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
 
             def release() -> None:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+                connection.execute(
+                    sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}
+                )
                 connection.close()
                 engine.dispose()
 
@@ -182,12 +186,14 @@ def suggest_params(trial: optuna.Trial, search: Mapping[str, SearchParam]) -> di
     values: dict[str, Any] = {}
     for key, p in search.items():
         if p.type == "categorical":
-            values[key] = trial.suggest_categorical(key, p.choices)
-        elif p.type == "int":
+            values[key] = trial.suggest_categorical(key, p.bounds())
+            continue
+        low, high = p.span
+        if p.type == "int":
             step = int(p.step or 1)
-            values[key] = trial.suggest_int(key, int(p.low), int(p.high), step=step, log=p.log)
+            values[key] = trial.suggest_int(key, int(low), int(high), step=step, log=p.log)
         else:
-            values[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+            values[key] = trial.suggest_float(key, low, high, step=p.step, log=p.log)
     return values
 
 
@@ -293,7 +299,12 @@ class Objective:
         try:
             model = build_model(self.data, trial_cfg)
             stop = StopCallback(self.stop_requested)
-            history = fit(model, self.data, trial_cfg, [logger, PruneCallback(trial, trial_cfg.train.monitor), stop])
+            history = fit(
+                model,
+                self.data,
+                trial_cfg,
+                [logger, PruneCallback(trial, trial_cfg.train.monitor), stop],
+            )
             logger.flush()
             if history.stop_reason == "interrupted":
                 raise KeyboardInterrupt

@@ -86,8 +86,15 @@ def heatmaps(
             image = ax.imshow(grid.to_numpy(), origin="lower", cmap="viridis", aspect="auto")
             for (row, col), value in np.ndenumerate(grid.to_numpy()):
                 if math.isfinite(value):
-                    ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=7,
-                            color="white")
+                    ax.text(
+                        col,
+                        row,
+                        f"{value:.3g}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white",
+                    )
             x_star = _axis(pd.Series([recommended[x_key]]), search[x_key])[0][0]
             y_star = _axis(pd.Series([recommended[y_key]]), search[y_key])[0][0]
             ax.plot(x_star, y_star, marker="*", color="red", markersize=14)
@@ -134,8 +141,11 @@ def hard_windows(worst: list[pd.DataFrame], share: float = HARD_SHARE) -> pd.Dat
     identity (window and start, or id and true class), runs (how many lists hold it), share,
     and its score averaged over those runs (mae, or the confidence of the wrong answer)."""
     lists = [w for w in worst if w is not None and not w.empty]
-    keys, score = (["id", "true"], "confidence") if lists and "id" in lists[0] else (
-        ["window", "start"], "mae")
+    keys, score = (
+        (["id", "true"], "confidence")
+        if lists and "id" in lists[0]
+        else (["window", "start"], "mae")
+    )
     if not lists:
         return pd.DataFrame(columns=[*keys, "runs", "share", score])
     stacked = pd.concat(lists)

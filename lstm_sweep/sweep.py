@@ -111,8 +111,13 @@ def work(sweep: Sweep, parent_id: str, stop: GracefulStop, callbacks: list | Non
     torch.set_num_threads(torch_threads_per_worker(cfg.study.workers))
     objective = Objective(cfg, sweep.data, sweep.tracker, parent_id, stop)
     optimize(
-        sweep.study, objective, cfg.study.n_trials, sweep.lock, callbacks or [],
-        timeout=cfg.study.timeout, stop_requested=stop,
+        sweep.study,
+        objective,
+        cfg.study.n_trials,
+        sweep.lock,
+        callbacks or [],
+        timeout=cfg.study.timeout,
+        stop_requested=stop,
     )
     if stop.requested:  # asked between two trials
         raise KeyboardInterrupt

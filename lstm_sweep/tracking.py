@@ -20,6 +20,7 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -140,7 +141,9 @@ class Tracker:
             self.experiment_id = self._experiment(experiment)
         except Exception as exc:  # any driver or HTTP error means the same to the user
             reason = str(exc).splitlines()[0][:200]
-            raise ConfigError(source, "tracking.uri", mask_uri(self.uri), f"unreachable: {reason}")
+            raise ConfigError(
+                source, "tracking.uri", mask_uri(self.uri), f"unreachable: {reason}"
+            ) from None
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -191,11 +194,11 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, mask_uri(str(v))) for k, v in params.items()]
         for chunk in _chunks(items, 100):
-            with_retries(lambda c=chunk: self.client.log_batch(run_id, params=c))
+            with_retries(partial(self.client.log_batch, run_id, params=chunk))
 
     def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
         for chunk in _chunks(metrics):
-            with_retries(lambda c=chunk: self.client.log_batch(run_id, metrics=c))
+            with_retries(partial(self.client.log_batch, run_id, metrics=chunk))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -226,7 +229,9 @@ class Tracker:
         """End child runs still RUNNING from a worker that died: no run stays RUNNING."""
         stale = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
+            ),
         )
         for run in stale:
             self.finish(run.info.run_id, "FAIL", {"failure_reason": reason})

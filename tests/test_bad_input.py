@@ -26,27 +26,41 @@ CONFIG_CASES = {
     "wrong type": (["model.hidden_size=lots"], "model.hidden_size", "'lots'", "valid integer"),
     "dropout outside [0, 1)": (["model.dropout=1.5"], "model.dropout", "1.5", "less than 1"),
     "non-positive learning rate": (
-        ["train.learning_rate=0"], "train.learning_rate", "0", "greater than 0"
+        ["train.learning_rate=0"],
+        "train.learning_rate",
+        "0",
+        "greater than 0",
     ),
     "low above high": (
-        ["search.model.dropout={type: float, low: 0.4, high: 0.1}"], "search.model.dropout",
-        "{'type': 'float', 'low': 0.4, 'high': 0.1}", "`low <= high` must hold",
+        ["search.model.dropout={type: float, low: 0.4, high: 0.1}"],
+        "search.model.dropout",
+        "{'type': 'float', 'low': 0.4, 'high': 0.1}",
+        "`low <= high` must hold",
     ),
     "empty choices": (
         ["search.model.hidden_size={type: categorical, choices: []}"],
-        "search.model.hidden_size", "{'type': 'categorical', 'choices': []}", "non-empty list",
+        "search.model.hidden_size",
+        "{'type': 'categorical', 'choices': []}",
+        "non-empty list",
     ),
     "split not adding up": (
-        ["data.split=[0.5, 0.2, 0.2]"], "data.split", "[0.5, 0.2, 0.2]", "add up to 1"
+        ["data.split=[0.5, 0.2, 0.2]"],
+        "data.split",
+        "[0.5, 0.2, 0.2]",
+        "add up to 1",
     ),
     "missing data file": (
-        ["data.path=/nonexistent/co2.csv"], "data.path", "'/nonexistent/co2.csv'",
+        ["data.path=/nonexistent/co2.csv"],
+        "data.path",
+        "'/nonexistent/co2.csv'",
         "no such data file",
     ),
     "missing column": (["data.target=nope"], "data.target", "'nope'", "no such column"),
     "unreachable storage": (
-        [f"study.storage=postgresql://postgres:{PASSWORD}@127.0.0.1:1/x"], "study.storage",
-        "'postgresql://postgres:***@127.0.0.1:1/x'", "unreachable",
+        [f"study.storage=postgresql://postgres:{PASSWORD}@127.0.0.1:1/x"],
+        "study.storage",
+        "'postgresql://postgres:***@127.0.0.1:1/x'",
+        "unreachable",
     ),
 }
 
@@ -56,11 +70,18 @@ DATA_CASES: dict[str, tuple[Mutation, dict, str, str, str]] = {
     "non-numeric column": (lambda f: f.assign(y="a"), {}, "data.target", "'y'", "not numeric"),
     "too few rows": (lambda f: f.head(25), {"window": 20}, "data.window", "20", "too few rows"),
     "time not sorted": (
-        lambda f: f.iloc[::-1], {}, "data.time_column", "'2001-11-18 00:00:00'", "not sorted"
+        lambda f: f.iloc[::-1],
+        {},
+        "data.time_column",
+        "'2001-11-18 00:00:00'",
+        "not sorted",
     ),
     "duplicate time": (
-        lambda f: f.assign(date=f.date.where(f.index != 5, f.date[4])), {}, "data.time_column",
-        "", "appears twice",
+        lambda f: f.assign(date=f.date.where(f.index != 5, f.date[4])),
+        {},
+        "data.time_column",
+        "",
+        "appears twice",
     ),
 }
 
@@ -126,7 +147,10 @@ def test_unreachable_tracking_server_is_one_line_exit_2_and_creates_nothing(
 def test_the_real_command_prints_one_line_and_no_traceback(stores: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lstm_sweep.run", str(QUICK), "--set=modle.dropout=0.1"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
     )
     assert result.returncode == 2
     assert_one_line_and_nothing_created(

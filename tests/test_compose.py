@@ -118,16 +118,20 @@ def test_worker_command_is_a_valid_sweep_on_the_compose_services(compose: dict[s
     storage = urlsplit(cfg.study.storage)
     assert storage.scheme == "postgresql"
     assert (storage.hostname, storage.port, storage.path) == (
-        "postgres", 5432, f"/{EXAMPLE_ENV['OPTUNA_DB']}"
+        "postgres",
+        5432,
+        f"/{EXAMPLE_ENV['OPTUNA_DB']}",
     )
     assert (storage.username, storage.password) == (
-        EXAMPLE_ENV["POSTGRES_USER"], EXAMPLE_ENV["POSTGRES_PASSWORD"]
+        EXAMPLE_ENV["POSTGRES_USER"],
+        EXAMPLE_ENV["POSTGRES_PASSWORD"],
     )
     tracking = urlsplit(cfg.tracking.uri)
     assert tracking.hostname == "mlflow"
     assert str(tracking.port) == mlflow["command"][mlflow["command"].index("--port") + 1]
     assert tracking.netloc in environment(mlflow)["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert cfg.study.workers == 1  # compose scales containers, one worker each
-    assert {
-        name: dep["condition"] for name, dep in worker["depends_on"].items()
-    } == {"postgres": "service_healthy", "mlflow": "service_healthy"}
+    assert {name: dep["condition"] for name, dep in worker["depends_on"].items()} == {
+        "postgres": "service_healthy",
+        "mlflow": "service_healthy",
+    }

@@ -49,11 +49,20 @@ def test_a_worker_killed_mid_trial_loses_nothing_and_leaves_nothing_running(
 ) -> None:
     n_trials = 3
     args = [
-        sys.executable, "-m", "lstm_sweep.run", *sweep_args(
-            f"study.n_trials={n_trials}", "train.max_epochs=25", "train.patience=25",
-            "study.pruner.type=none", "model.hidden_size=16",
-            "study.heartbeat_seconds=1", "study.grace_seconds=3",
-        ), "--workers", "2",
+        sys.executable,
+        "-m",
+        "lstm_sweep.run",
+        *sweep_args(
+            f"study.n_trials={n_trials}",
+            "train.max_epochs=25",
+            "train.patience=25",
+            "study.pruner.type=none",
+            "model.hidden_size=16",
+            "study.heartbeat_seconds=1",
+            "study.grace_seconds=3",
+        ),
+        "--workers",
+        "2",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     sweep = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
@@ -122,7 +131,9 @@ def test_with_retries_backs_off_through_a_blink_and_gives_up_with_a_masked_reaso
 
 
 def test_a_tracking_server_lost_mid_sweep_stops_cleanly_and_the_rerun_resumes(
-    stores: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch,
+    stores: Path,
+    mlflow_template: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A real server, killed while the second trial trains: the sweep retries, gives up with one

@@ -35,8 +35,12 @@ def logged(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> S
     tracker = Tracker(tracking_uri, cfg.experiment)
     run_id = tracker.open_parent("predict-test", {})
     uri = tracker.log_model(
-        run_id, model, data.train.x[:5].numpy(), model_predict(model, data.train.x[:5]).numpy(),
-        select.write_model_files(cfg, data, root / "model_files"), "tiny-model",
+        run_id,
+        model,
+        data.train.x[:5].numpy(),
+        model_predict(model, data.train.x[:5]).numpy(),
+        select.write_model_files(cfg, data, root / "model_files"),
+        "tiny-model",
     )
     return SimpleNamespace(cfg=cfg, data=data, model=model, uri=uri, tracking_uri=tracking_uri)
 

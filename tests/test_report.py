@@ -32,14 +32,21 @@ def finished(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) ->
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         assert main([str(QUICK), "--no-progress", *(f"--set={s}" for s in [*TINY, *REPORT])]) == 0
-    study = optuna.load_study(study_name="co2-quick",
-                              storage=f"sqlite:///{root / 'mlruns' / 'optuna.db'}")
+    study = optuna.load_study(
+        study_name="co2-quick", storage=f"sqlite:///{root / 'mlruns' / 'optuna.db'}"
+    )
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("co2-quick").experiment_id
     parent = client.search_runs([experiment], f"tags.`{ROLE_TAG}` = 'sweep'")[0]
-    return SimpleNamespace(root=root, study=study, client=client, experiment=experiment,
-                           parent=parent, folder=root / "mlruns" / "reports" / "co2-quick")
+    return SimpleNamespace(
+        root=root,
+        study=study,
+        client=client,
+        experiment=experiment,
+        parent=parent,
+        folder=root / "mlruns" / "reports" / "co2-quick",
+    )
 
 
 def runs_of(finished: SimpleNamespace, role: str) -> list:
@@ -66,8 +73,13 @@ def test_importances_cover_every_searched_key_and_optuna_plots_are_written(finis
     assert set(importances) == set(load_config(QUICK).search)
     assert sum(importances.values()) == pytest.approx(1.0)
     plots = {p.name for p in (finished.folder / "plots").glob("*.html")}
-    assert {"optimization_history.html", "param_importances.html", "slice.html",
-            "contour.html", "parallel_coordinate.html"} <= plots
+    assert {
+        "optimization_history.html",
+        "param_importances.html",
+        "slice.html",
+        "contour.html",
+        "parallel_coordinate.html",
+    } <= plots
 
 
 def test_seed_reevaluation_makes_k_times_seeds_nested_runs_of_the_top_settings(finished) -> None:
@@ -75,8 +87,9 @@ def test_seed_reevaluation_makes_k_times_seeds_nested_runs_of_the_top_settings(f
     assert len(runs) == 2 * 2
     complete = [t for t in finished.study.trials if t.state.name == "COMPLETE"]
     top = {t.number for t in sorted(complete, key=lambda t: t.value)[:2]}
-    pairs = {(int(r.data.tags["optuna.trial_number"]), int(r.data.tags[select.SEED_TAG]))
-             for r in runs}
+    pairs = {
+        (int(r.data.tags["optuna.trial_number"]), int(r.data.tags[select.SEED_TAG])) for r in runs
+    }
     assert pairs == {(n, seed) for n in top for seed in (0, 1)}
     for run in runs:
         assert run.info.status == "FINISHED" and select.TEST_LOSS in run.data.metrics
@@ -105,10 +118,20 @@ def test_the_final_model_is_registered_and_compared_with_all_three_baselines(fin
 
 def test_one_report_file_holds_every_part_and_is_logged_on_the_parent(finished) -> None:
     text = (finished.folder / "report.md").read_text()
-    for part in ("## Recommendation", "## Against the baselines", "## Seed re-evaluation",
-                 "## What mattered", "## Validation windows every setting gets wrong",
-                 "## All trials", "optimism", "models:/co2-tiny/1", "| ridge_ar |",
-                 "| seasonal_naive |", "| naive |", "| lstm |"):
+    for part in (
+        "## Recommendation",
+        "## Against the baselines",
+        "## Seed re-evaluation",
+        "## What mattered",
+        "## Validation windows every setting gets wrong",
+        "## All trials",
+        "optimism",
+        "models:/co2-tiny/1",
+        "| ridge_ar |",
+        "| seasonal_naive |",
+        "| naive |",
+        "| lstm |",
+    ):
         assert part in text, part
     for image in ("winner_loss_curves.png", "surface_dropout_weight_decay.png"):
         assert f"]({image})" in text and (finished.folder / image).is_file()
@@ -124,25 +147,35 @@ def test_the_recommended_yaml_reproduces_the_recorded_validation_loss(
     recommended = yaml.safe_load(path.read_text())
     assert recommended["search"] == {} and recommended["study"]["n_trials"] == 1
     assert main([str(path), "--no-progress", "--set=report.final_model=false"]) == 0
-    rerun = optuna.load_study(study_name="co2-quick-recommended",
-                              storage=f"sqlite:///{finished.root / 'mlruns' / 'optuna.db'}")
+    rerun = optuna.load_study(
+        study_name="co2-quick-recommended",
+        storage=f"sqlite:///{finished.root / 'mlruns' / 'optuna.db'}",
+    )
     runs = runs_of(finished, "reevaluation")
-    number = int(finished.client.get_run(finished.parent.info.run_id).data.tags[
-        "recommended_trial"])
-    recorded = [r.data.metrics["best_val_loss"] for r in runs
-                if r.data.tags["optuna.trial_number"] == str(number)]
+    number = int(
+        finished.client.get_run(finished.parent.info.run_id).data.tags["recommended_trial"]
+    )
+    recorded = [
+        r.data.metrics["best_val_loss"]
+        for r in runs
+        if r.data.tags["optuna.trial_number"] == str(number)
+    ]
     assert min(recorded) - 1e-6 <= rerun.best_value <= max(recorded) + 1e-6
 
 
 def test_recommend_picks_the_best_mean_and_names_settings_within_noise() -> None:
-    settings = [select.Setting(n, {"model.dropout": d}, v, 3)
-                for n, d, v in ((0, 0.1, 0.50), (1, 0.2, 0.49), (2, 0.3, 0.60))]
-    runs = pd.DataFrame({
-        "number": [0, 0, 1, 1, 2, 2],
-        "val_loss": [0.50, 0.52, 0.505, 0.525, 0.60, 0.62],
-        select.TEST_LOSS: [0.7, 0.7, 0.7, 0.7, 0.8, 0.8],
-        "best_epoch": [3, 5, 4, 6, 2, 2],
-    })
+    settings = [
+        select.Setting(n, {"model.dropout": d}, v, 3)
+        for n, d, v in ((0, 0.1, 0.50), (1, 0.2, 0.49), (2, 0.3, 0.60))
+    ]
+    runs = pd.DataFrame(
+        {
+            "number": [0, 0, 1, 1, 2, 2],
+            "val_loss": [0.50, 0.52, 0.505, 0.525, 0.60, 0.62],
+            select.TEST_LOSS: [0.7, 0.7, 0.7, 0.7, 0.8, 0.8],
+            "best_epoch": [3, 5, 4, 6, 2, 2],
+        }
+    )
     rec = select.recommend(settings, runs, "minimize")
     assert rec.setting.number == 0  # the best mean, not trial 1's lucky single value
     assert rec.within_noise == [1]  # 0.005 apart, well inside the seeds' spread
@@ -151,8 +184,9 @@ def test_recommend_picks_the_best_mean_and_names_settings_within_noise() -> None
 
 def test_hard_windows_are_those_most_runs_get_wrong() -> None:
     def worst(*windows: int) -> pd.DataFrame:
-        return pd.DataFrame({"window": windows, "start": [str(w) for w in windows],
-                             "mae": [1.0] * len(windows)})
+        return pd.DataFrame(
+            {"window": windows, "start": [str(w) for w in windows], "mae": [1.0] * len(windows)}
+        )
 
     hard = surface.hard_windows([worst(1, 2, 3), worst(1, 2), worst(1, 4), worst(1, 2, 5)])
     assert list(hard["window"]) == [1]  # window 2 is in 3 of 4 lists: below the 80 % mark

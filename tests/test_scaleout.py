@@ -71,9 +71,21 @@ class MlflowServer:
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.command = [
-            sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--serve-artifacts", "--artifacts-destination", str(artifacts),
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(artifacts),
         ]
         self.log = artifacts.parent / f"mlflow_server_{self.port}.log"
 
@@ -125,7 +137,13 @@ def test_two_workers_on_postgres_and_an_mlflow_server_finish_one_study_exactly(
         storage = f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
         n_trials = 6
         command = [
-            sys.executable, "-m", "lstm_sweep.run", str(QUICK), "--workers", "2", "--no-progress",
+            sys.executable,
+            "-m",
+            "lstm_sweep.run",
+            str(QUICK),
+            "--workers",
+            "2",
+            "--no-progress",
             *(f"--set={s}" for s in TINY),
             f"--set=study.n_trials={n_trials}",
             f"--set=study.storage={storage}",
