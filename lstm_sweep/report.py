@@ -44,6 +44,7 @@ RUN_METRICS = (  # per trial, read back from its MLflow run
     f"best_{dg.TRAIN_EVAL_LOSS}",
     dg.OVERFIT_ONSET,
 )
+EDGE_TOP = 3  # the best completed trials whose position in each range is checked
 SKILL = {ForecastData: "skill_mse", ClassificationData: "accuracy_gain"}
 NAIVE_NAMES = {"forecast": "naive last-value forecast", "classification": "majority-class prior"}
 BASELINE_NOTES = {
@@ -466,6 +467,10 @@ def finish(sweep: Sweep, parent_id: str) -> str:
     (folder / "resolved_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     table.to_csv(folder / "trials.csv", index=False)
     lines = [format_summary(summary, tracker.ui_command())]
+    edges = dg.edge_warnings(summary.table.head(EDGE_TOP).to_dict("records"), cfg.search)
+    if edges:  # once per sweep, on screen and as a tag: the range should be widened
+        lines += [f"warning: {warning}" for warning in edges]
+        tracker.set_tags(parent_id, {"range_warnings": " | ".join(edges)})
     if summary.best_number is not None and summary.best_value is not None:
         write_best_config(cfg, summary.best_values, folder / "best_config.yaml")
         tracker.log_summary(parent_id, {f"best_{cfg.train.monitor}": summary.best_value})
