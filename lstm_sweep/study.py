@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
@@ -444,11 +443,6 @@ def trials_frame(study: optuna.Study) -> Any:
     frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs"))
     frame.columns = [c.removeprefix("params_").removeprefix("user_attrs_") for c in frame.columns]
     return frame
-
-
-def best_values(study: optuna.Study) -> dict[str, Any]:
-    params = study.best_trial.params
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
 
 
 def param_importances(study: optuna.Study, seed: int = 0) -> dict[str, float]:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -225,18 +225,6 @@ class Tracker:
         self.finish(run_id, state, tags)
         return True
 
-    def close_stale_children(self, parent_id: str, reason: str) -> int:
-        """End child runs still RUNNING from a worker that died: no run stays RUNNING."""
-        stale = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=(
-                f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
-            ),
-        )
-        for run in stale:
-            self.finish(run.info.run_id, "FAIL", {"failure_reason": reason})
-        return len(stale)
-
     def artifact_dir(self) -> tempfile.TemporaryDirectory[str]:
         return tempfile.TemporaryDirectory(prefix="lstm_sweep_")
 
@@ -341,7 +329,3 @@ def load_logged_model(model_uri: str, tracking_uri: str | None = None) -> tuple[
         folder = Path(mlflow.artifacts.download_artifacts(model_uri))
         model = mlflow.pytorch.load_model(str(folder))
     return model, folder
-
-
-def terminal_status(status: str) -> bool:
-    return RunStatus.is_terminated(RunStatus.from_string(status))
