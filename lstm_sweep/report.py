@@ -98,16 +98,12 @@ def summarise(
         failed=int(states.get("FAIL", 0)),
         best_number=int(best["number"]) if best is not None else None,
         best_value=float(best["value"]) if best is not None else None,
-        best_values={k: _plain(best[k]) for k in search_keys} if best is not None else {},
+        best_values={k: select.plain(best[k]) for k in search_keys} if best is not None else {},
         naive_val_loss=naive_val_loss,
         table=ranked[columns].reset_index(drop=True),
         monitor=monitor,
         naive_name=naive_name,
     )
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 def comparison_table(trials: pd.DataFrame, runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -164,10 +160,6 @@ def format_summary(summary: SweepSummary, ui_command: str, top: int = 5) -> str:
     if summary.best_number is None:
         lines.append("No trial finished: nothing to recommend yet.")
     else:
-        settings = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in summary.best_values.items()
-        )
         ratio = (
             f", {summary.best_value / summary.naive_val_loss:.0%} of it"
             if summary.monitor == "val_loss" and summary.best_value is not None
@@ -176,7 +168,7 @@ def format_summary(summary: SweepSummary, ui_command: str, top: int = 5) -> str:
         lines += [
             f"Best trial #{summary.best_number}: {summary.monitor} {summary.best_value:.4g}"
             f" ({summary.naive_name}: val loss {summary.naive_val_loss:.4g}{ratio})",
-            f"Best settings: {settings or '(nothing searched)'}",
+            f"Best settings: {_settings_text(summary.best_values)}",
             "",
             f"Top {min(top, len(summary.table))}:",
             summary.table.head(top).to_string(index=False, float_format=lambda v: f"{v:.4g}"),

@@ -83,7 +83,7 @@ def top_settings(table: pd.DataFrame, keys: list[str], k: int, direction: str) -
     settings: list[Setting] = []
     seen: set[tuple[Any, ...]] = set()
     for _, row in done.iterrows():
-        values = {key: _plain(row[key]) for key in keys}
+        values = {key: plain(row[key]) for key in keys}
         signature = tuple(values.values())
         if signature in seen:  # a retried trial repeats its settings
             continue
@@ -96,7 +96,8 @@ def top_settings(table: pd.DataFrame, keys: list[str], k: int, direction: str) -
     return settings
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A NumPy scalar from a DataFrame cell as the Python value YAML and configs expect."""
     return value.item() if hasattr(value, "item") else value
 
 
@@ -205,19 +206,6 @@ def recommend(
     )
 
 
-class KeepLast:
-    """Training callback: keeps the newest epoch's weights, because the final model trains a
-    fixed number of epochs and fit() would otherwise restore the epoch that scored best on a
-    part that is now training data."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.state: dict[str, torch.Tensor] | None = None
-
-    def on_epoch_end(self, epoch: int, row: dict[str, float]) -> None:
-        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-
 def with_validation_in_training(data: TrainingData) -> TrainingData:
     """Training samples extended by the validation samples; the test part is untouched."""
 
@@ -259,12 +247,9 @@ def train_final(
     try:
         final_data = with_validation_in_training(data)
         model = build_model(final_data, run_cfg)
-        keep = KeepLast(model)
         logger = EpochLogger(tracker, run_id, cfg.tracking.flush_seconds)
-        history = fit(model, final_data, run_cfg, [logger, keep])
+        history = fit(model, final_data, run_cfg, [logger], restore_best=False)
         logger.flush()
-        if keep.state is not None:
-            model.load_state_dict(keep.state)
         model = model.cpu().eval()
         test = test_scores(model, data)
         errors = baselines.model_errors(data, predict(model, data.test.x).numpy())

@@ -127,10 +127,15 @@ def _instability(row: dict[str, float], explode: float) -> str | None:
 
 
 def fit(
-    model: LSTMNet, data: TrainingData, cfg: Config, callbacks: Sequence[Callback] = ()
+    model: LSTMNet,
+    data: TrainingData,
+    cfg: Config,
+    callbacks: Sequence[Callback] = (),
+    restore_best: bool = True,
 ) -> History:
     """Train ``model`` until max_epochs, patience, a callback or instability stops it; the
-    model ends holding its best epoch's weights."""
+    model ends holding its best epoch's weights, or its last ones without ``restore_best``
+    (a final model trained for a fixed number of epochs has no held-out part to pick by)."""
     train, diag = cfg.train, cfg.diagnostics
     level = diag.level
     device = resolve_device(train.device)
@@ -203,7 +208,7 @@ def fit(
             history.stop_reason = "patience"
             break
 
-    if best_state is not None:
+    if restore_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     history.seconds = time.perf_counter() - started
