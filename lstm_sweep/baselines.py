@@ -16,7 +16,13 @@ import math
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    mean_absolute_error,
+    mean_squared_error,
+)
 
 from lstm_sweep.data import PARTS, ClassificationData, ForecastData, Windows
 
@@ -104,20 +110,20 @@ def naive_scale(data: ForecastData) -> float:
 
 def errors(prediction: np.ndarray, target: np.ndarray, scale: float) -> dict[str, float]:
     """MSE, MAE and MASE of a forecast against the truth, both in original units."""
-    error = prediction - target
-    mae = float(np.abs(error).mean())
+    truth, predicted = target.reshape(len(target), -1), prediction.reshape(len(prediction), -1)
+    mae = float(mean_absolute_error(truth, predicted))
     return {
-        "mse": float((error**2).mean()),
+        "mse": float(mean_squared_error(truth, predicted)),
         "mae": mae,
         "mase": mae / scale if scale > 0 else math.inf,
     }
 
 
-def evaluate_baselines(
-    data: ForecastData, part: str = "test", refit_on_val: bool = True
-) -> pd.DataFrame:
+def forecast_baselines(data: ForecastData, part: str, refit_on_val: bool) -> pd.DataFrame:
     """Each baseline's errors on a part: one row per method (index), columns :data:`METRICS`
-    and ``note``. A baseline that cannot be made (no season) gets a note instead of numbers."""
+    and ``note``. A baseline that cannot be made (no season) gets a note instead of numbers.
+    With ``refit_on_val`` the ridge learns from training and validation windows, as the final
+    LSTM does; scoring the validation part itself, it must not."""
     target, scale = truth(data, part), naive_scale(data)
     alpha = ridge_alpha(data)
     rows: dict[str, dict[str, object]] = {}
@@ -146,7 +152,7 @@ def classification_errors(predicted: np.ndarray, truth: np.ndarray) -> dict[str,
 
 
 def classification_baselines(
-    data: ClassificationData, part: str = "test", refit_on_val: bool = True
+    data: ClassificationData, part: str, refit_on_val: bool
 ) -> pd.DataFrame:
     """The majority class and a logistic regression on flattened sequences, scored on a part.
     With ``refit_on_val`` both learn from training and validation samples, as the final LSTM
@@ -168,32 +174,3 @@ def classification_baselines(
         },
     }
     return pd.DataFrame.from_dict(rows, orient="index")[[*CLASSIFICATION_METRICS, "note"]]
-
-
-def compare(
-    data: ForecastData | ClassificationData, part: str = "test", refit_on_val: bool = True
-) -> pd.DataFrame:
-    """The task's baselines on a part, one row per method."""
-    if isinstance(data, ClassificationData):
-        return classification_baselines(data, part, refit_on_val)
-    return evaluate_baselines(data, part, refit_on_val)
-
-
-def model_errors(data: ForecastData | ClassificationData, output: np.ndarray) -> dict[str, float]:
-    """The task's test metrics of a model's raw test output (forecasts in model space, or
-    class logits), comparable with :func:`compare`'s rows."""
-    if isinstance(data, ClassificationData):
-        return classification_errors(output.argmax(axis=1), data.test.y.numpy())
-    prediction = data.to_original(output, data.test)
-    return errors(prediction, truth(data, "test"), naive_scale(data))
-
-
-def skill(compared: pd.DataFrame) -> pd.Series:
-    """How much better the LSTM (row ``lstm``) is than each baseline: 1 - MSE ratio for
-    forecasting (above 0: better), the accuracy difference for classification."""
-    lstm = compared.loc["lstm"]
-    if "accuracy" in compared:
-        gain = lstm["accuracy"] - compared["accuracy"]
-    else:
-        gain = 1 - lstm["mse"] / compared["mse"]
-    return gain.where(compared.index != "lstm")

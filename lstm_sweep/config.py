@@ -7,7 +7,10 @@ file, the dotted key, the value received and the rule it broke, before any trial
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -15,16 +18,45 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SEARCHABLE_SECTIONS = ("model", "train")
-SEARCHABLE_EXTRA = ("data.window",)
+SEARCHABLE_DATA = ("data.window", "data.transform", "data.scaler")  # each value: its own windows
+SCALE_CHANGING = ("data.transform", "data.scaler")  # val_loss differs in units between values
+NOT_SEARCHABLE = ("train.seed", "train.device", "train.monitor")
+
+# A credential inside a URI (scheme://user:password@host, user possibly empty) or a query
+# parameter. A regex rather than sqlalchemy's make_url: it must also clean free text (a
+# driver's error message quoting the URL) and http(s) URIs, which make_url does not parse.
+_URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s'\"]*):(?P<secret>[^@\s'\"]*)@")
+_QUERY_SECRET = re.compile(
+    r"(?P<head>[?&;]\s*(?:password|passwd|pwd|token|secret|api_key)=)(?P<secret>[^&\s'\"]+)",
+    re.IGNORECASE,
+)
+
+
+def mask_secrets(text: str) -> str:
+    """Every password or token in ``text`` (URIs, query parameters) replaced by ``***``."""
+    text = _URI_PASSWORD.sub(lambda m: f"{m['head']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['head']}***", text)
+
+
+def without_password(uri: str) -> str:
+    """``postgresql://u:pw@h/db`` -> ``postgresql://u@h/db``: the form written into files
+    people rerun; the password then comes from PGPASSWORD or ~/.pgpass (libpq) or
+    MLFLOW_TRACKING_PASSWORD, never from a file."""
+    uri = _URI_PASSWORD.sub(lambda m: f"{m['head']}@", uri)
+    return re.sub(r"[?&]$", "", _QUERY_SECRET.sub("", uri))
 
 
 class ConfigError(ValueError):
-    """A sweep file (or override) that cannot be run: says where, what and why in one line."""
+    """A sweep file (or override) that cannot be run: says where, what and why in one line.
+
+    The message never carries a secret: values and rules are masked before they are shown.
+    """
 
     def __init__(self, source: str, key: str, value: Any, rule: str) -> None:
         self.source, self.key, self.value, self.rule = source, key, value, rule
         where = f"{key} = {value!r}" if key else "(file)"
-        super().__init__(f"{source}: {where}: {rule}")
+        message = f"{source}: {where}: {rule}"
+        super().__init__(" ".join(mask_secrets(message).split()))  # one line, always
 
 
 class _Section(BaseModel):
@@ -41,7 +73,8 @@ class DataConfig(_Section):
     label_column: str | None = None  # classification table: the sequence's class
     window: int = Field(52, ge=1)  # input steps per sample
     horizon: int = Field(1, ge=1)  # steps ahead, predicted jointly
-    split: list[float] = [0.7, 0.15, 0.15]  # chronological train/val/test fractions
+    split: list[float] = [0.7, 0.15, 0.15]  # train/val/test: chronological for forecasting
+    split_seed: int = 0  # classification's stratified split: fixed, so every seed sees one split
     scaler: Literal["standard", "minmax", "robust", "none"] = "standard"  # fit on train only
     missing: Literal["error", "drop", "ffill", "interpolate"] = "error"  # what to do with gaps
     transform: Literal["none", "log", "diff"] = "none"  # undone before metrics in original units
@@ -73,8 +106,9 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     num_layers: int = Field(1, ge=1)  # stacked LSTM layers
     hidden_size: int = Field(32, ge=1)  # units per layer
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # nn.LSTM's, between layers: none with 1 layer
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # between LSTM layers: none with 1 layer
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on the last hidden state, before the head
+    skip: Literal["none", "linear"] = "none"  # linear: a linear map of the window added to the head
 
 
 class TrainConfig(_Section):
@@ -88,7 +122,10 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0)  # clip the global grad norm at this value; 0 disables
     seed: int = 0  # seeds the split, subsampling, initialisation, batching and the sampler
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"  # early stopping, pruning, value
+    # what early stopping, pruning and the trial value follow: val_loss (model space),
+    # val_nmse (forecast: MSE in the target's units over the naive forecast's; comparable
+    # across transforms and scalers) or val_accuracy (classification)
+    monitor: Literal["val_loss", "val_nmse", "val_accuracy"] = "val_loss"
 
 
 class SearchParam(_Section):
@@ -113,6 +150,13 @@ class SearchParam(_Section):
             raise ValueError(f"`low > 0` must hold on a log scale, but got low={self.low}")
         if self.log and self.step is not None:
             raise ValueError("`step` and `log` cannot be combined")
+        if self.type == "int":
+            for name, number in (("low", self.low), ("high", self.high), ("step", self.step)):
+                if number is not None and number != int(number):
+                    raise ValueError(
+                        f"`{name}` must be a whole number for an int parameter, but got"
+                        f" {name}={number:g}"
+                    )
         return self
 
     def bounds(self) -> list[Any]:
@@ -135,6 +179,15 @@ class PrunerConfig(_Section):
     reduction_factor: int = Field(3, ge=2)  # hyperband / successive halving
 
 
+class RayConfig(_Section):
+    """Resources of each worker when a Ray cluster runs them (``--ray ADDRESS``)."""
+
+    num_cpus: float = Field(1.0, gt=0)  # CPUs reserved per worker; torch uses as many threads
+    num_gpus: float = Field(0.0, ge=0)  # a fraction lets several workers share one GPU
+    max_restarts: int = Field(3, ge=0)  # Ray restarts a dead worker this often
+    runtime_env: dict[str, Any] | None = None  # Ray runtime_env, e.g. {pip: [...]}
+
+
 class StudyConfig(_Section):
     name: str | None = None  # default: the experiment name
     n_trials: int = Field(20, ge=1)  # the study's total; a rerun completes only what is missing
@@ -147,6 +200,8 @@ class StudyConfig(_Section):
     workers: int = Field(1, ge=1)  # worker processes on this machine
     heartbeat_seconds: int = Field(5, ge=1)  # a running trial's worker beats this often
     grace_seconds: int = Field(20, ge=1)  # no beat for this long: the worker is lost, retry
+    lock_timeout: float = Field(300.0, gt=0)  # seconds to wait for the study lock, then stop
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _grace_outlasts_heartbeats(self) -> StudyConfig:
@@ -194,6 +249,7 @@ class ReportConfig(_Section):
     top_k: int = Field(3, ge=1)  # best settings retrained with several seeds
     seeds: int = Field(3, ge=1)  # seeds per setting (train.seed, +1, ...); 1 gives no spread
     final_model: bool = True  # retrain the recommendation on train+val, test it, register it
+    ensemble: bool = False  # final model = the mean of the recommendation's seed models
     model_name: str | None = None  # MLflow Model Registry name; default: the study name
     edge_fraction: float = Field(0.1, ge=0, lt=0.5)  # this close to a bound is "at the edge"
     near_best: float = Field(0.1, ge=0)  # trials within this fraction of the best are "good"
@@ -265,7 +321,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError("--set", text, text, "must look like section.key=value")
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("--set", key.strip(), value, f"malformed YAML value: {problem}") from None
 
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -307,8 +367,11 @@ def _check_search_space(source: str, cfg: Config) -> None:
     base = cfg.model_dump()
     for key, param in cfg.search.items():
         section = key.split(".")[0]
-        if section not in SEARCHABLE_SECTIONS and key not in SEARCHABLE_EXTRA:
-            rule = f"only keys under {', '.join(SEARCHABLE_SECTIONS)} or {SEARCHABLE_EXTRA[0]}"
+        searchable = section in SEARCHABLE_SECTIONS or key in SEARCHABLE_DATA
+        if not searchable or key in NOT_SEARCHABLE:
+            rule = (
+                f"only keys under {', '.join(SEARCHABLE_SECTIONS)} or {', '.join(SEARCHABLE_DATA)}"
+            )
             raise ConfigError(source, f"search.{key}", key, f"cannot be searched: {rule}")
         try:
             _get_dotted(base, key)
@@ -323,11 +386,23 @@ def _check_search_space(source: str, cfg: Config) -> None:
             except ValidationError as exc:
                 rule = exc.errors()[0]["msg"].removeprefix("Value error, ")
                 raise ConfigError(source, f"search.{key}", value, f"out of range: {rule}") from None
+        if key in SCALE_CHANGING and cfg.train.monitor == "val_loss":
+            raise ConfigError(
+                source,
+                f"search.{key}",
+                param.model_dump(exclude_defaults=True),
+                "val_loss is measured in the scaled, transformed space, so its values cannot be"
+                " compared across this key's values; set train.monitor: val_nmse",
+            )
 
 
 TASK_KEYS = {
     "forecast": ("time_column", "target"),
     "classification": ("label_column", "id_column", "order_column"),
+}
+TASK_MONITORS = {
+    "forecast": ("val_loss", "val_nmse"),
+    "classification": ("val_loss", "val_accuracy"),
 }
 
 
@@ -340,8 +415,11 @@ def _check_task(source: str, cfg: Config) -> None:
                 raise ConfigError(source, f"data.{key}", None, f"required for task {cfg.task}")
     if cfg.task == "forecast" and is_npz:
         raise ConfigError(source, "data.path", str(cfg.data.path), "forecast reads CSV or Parquet")
-    if cfg.task == "forecast" and cfg.train.monitor != "val_loss":
-        raise ConfigError(source, "train.monitor", cfg.train.monitor, "forecast monitors val_loss")
+    if cfg.train.monitor not in TASK_MONITORS[cfg.task]:
+        allowed = " or ".join(TASK_MONITORS[cfg.task])
+        raise ConfigError(
+            source, "train.monitor", cfg.train.monitor, f"{cfg.task} monitors {allowed}"
+        )
     natural = natural_direction(cfg.train.monitor)
     if cfg.study.direction not in (None, natural):
         raise ConfigError(
@@ -350,6 +428,13 @@ def _check_task(source: str, cfg: Config) -> None:
             cfg.study.direction,
             f"train.monitor = {cfg.train.monitor} is to {natural}",
         )
+
+
+def _check_device(source: str, cfg: Config) -> None:
+    import torch  # only here: the rest of the config needs no torch
+
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(source, "train.device", "cuda", "no CUDA device is available here")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -377,5 +462,74 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not cfg.data.path.is_absolute():
         cfg.data.path = (path.parent / cfg.data.path).resolve()
     _check_task(source, cfg)
+    _check_device(source, cfg)
     _check_search_space(source, cfg)
     return cfg
+
+
+# What a study's trial values depend on. A study stores these when it is created and a rerun
+# with other values is refused (the trials would answer another question). Left out: names,
+# budgets of this invocation (n_trials, timeout, workers), where things are stored, how much
+# is logged (diagnostics.level changes no value), and the closing report's settings.
+FINGERPRINT_SECTIONS = ("task", "data", "model", "train", "search")
+FINGERPRINT_STUDY_KEYS = ("sampler", "n_startup_trials", "pruner")
+FINGERPRINT_IGNORED = ("train.device",)  # results move by rounding only; a GPU may join later
+
+
+def study_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The study-defining settings as flat dotted keys, the data file by its content hash."""
+    raw = cfg.model_dump(mode="json")
+    chosen = {section: raw[section] for section in FINGERPRINT_SECTIONS}
+    chosen["study"] = {key: raw["study"][key] for key in FINGERPRINT_STUDY_KEYS}
+    chosen["study"]["direction"] = cfg.direction
+    flat = flatten(chosen)
+    flat["data.path"] = f"sha256:{file_digest(cfg.data.path)}"
+    for key in FINGERPRINT_IGNORED:
+        flat.pop(key, None)
+    return flat
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+
+
+def changed_keys(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ between two fingerprints, in a stable order."""
+    return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"dropout": 0.1}}`` -> ``{"model.dropout": 0.1}``; ``search`` entries keep
+    their dotted key whole: ``search.model.dropout.high``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+def sanity_warnings(cfg: Config) -> list[str]:
+    """Settings that cannot do what the user probably thinks they do."""
+    warnings = []
+    layers = cfg.search.get("model.num_layers")
+    can_stack = cfg.model.num_layers > 1 or (layers is not None and max(layers.bounds()) > 1)
+    if not can_stack and (cfg.model.dropout > 0 or "model.dropout" in cfg.search):
+        warnings.append(
+            "model.dropout acts between LSTM layers: with num_layers = 1 it does nothing;"
+            " use model.head_dropout or more layers"
+        )
+    optimizers = cfg.search.get("train.optimizer")
+    uses_adam = cfg.train.optimizer == "adam" or (
+        optimizers is not None and "adam" in optimizers.bounds()
+    )
+    decays = cfg.train.weight_decay > 0 or "train.weight_decay" in cfg.search
+    if uses_adam and decays:
+        warnings.append(
+            "train.optimizer = adam couples weight_decay into the gradient (L2, scaled by Adam's"
+            " step size), unlike adamw's decoupled decay: the same value means less there"
+        )
+    return warnings

@@ -1,9 +1,11 @@
-"""From a table on disk to training tensors, once per sweep, with no look-ahead.
+"""From a table on disk to training tensors, once per distinct data setting, with no look-ahead.
 
 Load the table, check its time order, fill or refuse gaps, apply the optional target transform,
 split chronologically, fit the scaler on the training part only, and cut every part into
 (window -> horizon) samples as tensors. Validation and test windows may look back into the
-previous part's tail (that is history a forecaster would have), never forward.
+previous part's tail (that is history a forecaster would have), never forward. Classification
+sequences are split with stratification instead. What is learnt from the tensors lives in
+``tasks``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
-from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import MinMaxScaler, RobustScaler, StandardScaler
-from torch import nn
 
 from lstm_sweep.config import Config, ConfigError, DataConfig
 
@@ -75,7 +75,7 @@ class Windows:
 
 @dataclass(frozen=True)
 class ForecastData:
-    """Everything a trial needs, built once per sweep and shared by all trials."""
+    """The windows of one data setting, shared by every trial that uses that setting."""
 
     train: Windows
     val: Windows
@@ -97,16 +97,6 @@ class ForecastData:
     @property
     def output_shape(self) -> tuple[int, ...]:
         return (self.horizon, len(self.targets))  # one prediction per step and target
-
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nn.functional.mse_loss(prediction, target)
-
-    def score(self, part: str, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        """Per-epoch metrics beyond the loss: none for forecasting."""
-        return {}
-
-    def naive_prediction(self, part: str) -> torch.Tensor:
-        return self.naive_forecast(self.part(part))
 
     def part(self, name: str) -> Windows:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -132,15 +122,36 @@ class ForecastData:
         return last[:, None, :].expand(n, horizon, targets).clone()
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def check_data_file(path: Path) -> None:
+    """ConfigError unless ``path`` is a file this project can read."""
+    if path.is_dir():
+        raise ConfigError(str(path), "data.path", str(path), "is a directory, not a data file")
     if not path.is_file():
         raise ConfigError(str(path), "data.path", str(path), "no such data file")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix in {".parquet", ".pq"}:
-        return pd.read_parquet(path)
-    raise ConfigError(str(path), "data.path", str(path), "must be a .csv or .parquet file")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """The table at ``path`` (CSV as UTF-8, or Parquet), with at least one row."""
+    check_data_file(path)
+    source, suffix = str(path), path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path, encoding="utf-8")
+        elif suffix in {".parquet", ".pq"}:
+            frame = pd.read_parquet(path)
+        else:
+            raise ConfigError(source, "data.path", source, "must be a .csv or .parquet file")
+    except UnicodeDecodeError as exc:
+        rule = f"not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset {exc.start}"
+        raise ConfigError(source, "data.path", source, rule) from None
+    except pd.errors.EmptyDataError:
+        frame = pd.DataFrame()
+    except (pd.errors.ParserError, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise ConfigError(source, "data.path", source, f"cannot be read: {reason}") from None
+    if frame.empty:
+        raise ConfigError(source, "data.path", source, "the table has no rows")
+    return frame
 
 
 def _check_columns(frame: pd.DataFrame, cfg: DataConfig, source: str) -> None:
@@ -156,9 +167,30 @@ def _check_columns(frame: pd.DataFrame, cfg: DataConfig, source: str) -> None:
                 raise ConfigError(source, key, name, "column is not numeric")
 
 
+def _check_finite(frame: pd.DataFrame, columns: dict[str, list[str]], source: str) -> None:
+    """``columns`` maps a config key (data.target, data.features) to the columns it names."""
+    for key, names in columns.items():
+        for name in names:
+            infinite = np.isinf(frame[name].to_numpy(dtype=float))
+            if infinite.any():
+                row = int(np.flatnonzero(infinite)[0])
+                raise ConfigError(source, key, name, f"infinite value at row {row + 1}")
+
+
 def _parse_time(frame: pd.DataFrame, cfg: DataConfig, source: str) -> pd.Series:
     column = frame[cfg.time_column]
-    times = column if pd.api.types.is_numeric_dtype(column) else pd.to_datetime(column)
+    if column.isna().any():
+        row = int(np.flatnonzero(column.isna().to_numpy())[0])
+        raise ConfigError(
+            source, "data.time_column", cfg.time_column, f"no time stamp at row {row + 1}"
+        )
+    if pd.api.types.is_numeric_dtype(column):
+        times = column
+    else:
+        times = pd.to_datetime(column, errors="coerce")
+        if times.isna().any():
+            bad = column[times.isna()].iloc[0]
+            raise ConfigError(source, "data.time_column", str(bad), "not a date or time")
     if times.duplicated().any():
         first = times[times.duplicated()].iloc[0]
         raise ConfigError(source, "data.time_column", str(first), "time stamp appears twice")
@@ -185,10 +217,14 @@ def _fill_missing(frame: pd.DataFrame, columns: list[str], how: str, source: str
             " set data.missing to drop, ffill or interpolate",
         )
     if how == "drop":
-        return frame.dropna(subset=columns).reset_index(drop=True)
-    filled = frame.copy()
-    filled[columns] = frame[columns].ffill() if how == "ffill" else frame[columns].interpolate()
-    return filled.dropna(subset=columns).reset_index(drop=True)  # a gap at the very start stays
+        filled = frame.dropna(subset=columns).reset_index(drop=True)
+    else:
+        filled = frame.copy()
+        filled[columns] = frame[columns].ffill() if how == "ffill" else frame[columns].interpolate()
+        filled = filled.dropna(subset=columns).reset_index(drop=True)  # a leading gap stays
+    if filled.empty:
+        raise ConfigError(source, "data.missing", how, "no rows are left once the gaps are removed")
+    return filled
 
 
 def split_bounds(n_rows: int, fractions: list[float]) -> tuple[int, int]:
@@ -234,6 +270,7 @@ def prepare_table(frame: pd.DataFrame, cfg: DataConfig, source: str) -> Table:
     _check_columns(frame, cfg, source)
     columns = cfg.targets + [f for f in cfg.features if f not in cfg.targets]
     frame = _fill_missing(frame, columns, cfg.missing, source)
+    _check_finite(frame, {"data.target": cfg.targets, "data.features": cfg.features}, source)
     times = _parse_time(frame, cfg, source).to_numpy()
     levels = frame[cfg.targets].to_numpy(dtype=float)  # original units, row-aligned
     values = frame[columns].to_numpy(dtype=float, copy=True)
@@ -254,6 +291,10 @@ def load_forecast_data(cfg: DataConfig) -> ForecastData:
     times, levels, values, columns = table.times, table.levels, table.values, table.inputs
     n_rows = len(values)
     val_start, test_start = split_bounds(n_rows, cfg.split)
+    for t, name in enumerate(cfg.targets):
+        if np.ptp(levels[:val_start, t]) == 0:
+            rule = "constant over the training part: there is nothing to learn"
+            raise ConfigError(source, "data.target", name, rule)
     scaler = fit_scaler(cfg.scaler, values[:val_start])
     scaled = scaler.transform(values).astype(np.float32)
 
@@ -320,38 +361,33 @@ class ClassificationData:
     def part(self, name: str) -> Sequences:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(prediction, target)
 
-    def score(self, part: str, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        """Accuracy (every part); balanced accuracy and macro F1 on validation."""
-        return classification_scores(
-            part,
-            prediction.argmax(dim=1).cpu().numpy(),
-            target.cpu().numpy(),
-            detailed=part == "val",
-        )
+@dataclass(frozen=True)
+class RawSequences:
+    """Sequences as read from a file, before any split or scaling."""
 
-    def naive_prediction(self, part: str) -> torch.Tensor:
-        """Logits of the training class frequencies: the majority-class predictor's loss."""
-        counts = torch.bincount(self.train.y, minlength=len(self.classes)).float()
-        log_prior = torch.log(counts.clamp(min=1) / counts.sum())
-        return log_prior.expand(len(self.part(part)), -1).clone()
+    x: np.ndarray  # (n, steps, features)
+    labels: np.ndarray | None  # (n,), None when the file carries none (predict's input)
+    ids: np.ndarray  # (n,)
+    inputs: list[str]  # feature names
 
 
-def classification_scores(
-    part: str, predicted: np.ndarray, truth: np.ndarray, detailed: bool = True
-) -> dict[str, float]:
-    scores = {f"{part}_accuracy": float((predicted == truth).mean())}
-    if detailed:
-        scores[f"{part}_balanced_accuracy"] = float(balanced_accuracy_score(truth, predicted))
-        scores[f"{part}_macro_f1"] = float(f1_score(truth, predicted, average="macro"))
-    return scores
+def read_sequences(cfg: DataConfig, path: Path, labelled: bool = True) -> RawSequences:
+    """Sequences from a .npz (arrays ``x`` (n, steps, features) and ``y`` (n,)) or from a long
+    table (one row per step: id, order, features, label). Without ``labelled`` the labels may
+    be absent."""
+    source = str(path)
+    if path.suffix.lower() == ".npz":
+        check_data_file(path)
+        return _sequences_from_npz(path, source, labelled)
+    return _sequences_from_table(read_table(path), cfg, source, labelled)
 
 
-def _sequences_from_table(frame: pd.DataFrame, cfg: DataConfig, source: str):
-    """Rows (id, order, features..., label) -> arrays (n, steps, features), labels, ids."""
-    for key in ("id_column", "order_column", "label_column"):
+def _sequences_from_table(
+    frame: pd.DataFrame, cfg: DataConfig, source: str, labelled: bool
+) -> RawSequences:
+    keys = ("id_column", "order_column", "label_column")
+    for key in keys if labelled else keys[:2]:
         column = getattr(cfg, key)
         if column not in frame.columns:
             raise ConfigError(
@@ -367,6 +403,7 @@ def _sequences_from_table(frame: pd.DataFrame, cfg: DataConfig, source: str):
     if not cfg.features:
         raise ConfigError(source, "data.features", [], "needs at least one feature column")
     frame = _fill_missing(frame, cfg.features, cfg.missing, source)
+    _check_finite(frame, {"data.features": cfg.features}, source)
     frame = frame.sort_values([cfg.id_column, cfg.order_column], kind="stable")
     groups = frame.groupby(cfg.id_column, sort=False)
     lengths = groups.size()
@@ -378,49 +415,48 @@ def _sequences_from_table(frame: pd.DataFrame, cfg: DataConfig, source: str):
             str(odd),
             f"sequence has {lengths[odd]} steps, others {lengths.mode()[0]}: lengths must agree",
         )
-    labels = groups[cfg.label_column].nunique()
-    if (labels > 1).any():
-        raise ConfigError(
-            source,
-            "data.label_column",
-            str(labels[labels > 1].index[0]),
-            "a sequence carries more than one label",
-        )
+    labels = None
+    if cfg.label_column in frame.columns:
+        distinct = groups[cfg.label_column].nunique()
+        if (distinct > 1).any():
+            raise ConfigError(
+                source,
+                "data.label_column",
+                str(distinct[distinct > 1].index[0]),
+                "a sequence carries more than one label",
+            )
+        labels = groups[cfg.label_column].first().to_numpy()
     steps = int(lengths.iloc[0])
     x = frame[cfg.features].to_numpy(dtype=float).reshape(len(lengths), steps, len(cfg.features))
-    return x, groups[cfg.label_column].first().to_numpy(), lengths.index.to_numpy()
+    return RawSequences(x, labels, lengths.index.to_numpy(), list(cfg.features))
 
 
-def _sequences_from_npz(path: Path, source: str):
+def _sequences_from_npz(path: Path, source: str, labelled: bool) -> RawSequences:
     with np.load(path, allow_pickle=False) as arrays:
-        for key in ("x", "y"):
+        for key in ("x", "y") if labelled else ("x",):
             if key not in arrays:
                 raise ConfigError(
                     source, "data.path", str(path), f"the .npz needs an array {key!r}"
                 )
-        x, y = arrays["x"].astype(float), arrays["y"]
-    if x.ndim != 3 or len(x) != len(y):
-        raise ConfigError(
-            source,
-            "data.path",
-            str(path),
-            f"x must be (n, steps, features) and y (n,), got {x.shape} and {y.shape}",
-        )
-    return x, y, np.arange(len(y))
+        x = arrays["x"].astype(float)
+        y = arrays.get("y")
+    if x.ndim != 3 or (y is not None and len(x) != len(y)):
+        shapes = f"{x.shape} and {None if y is None else y.shape}"
+        rule = f"x must be (n, steps, features) and y (n,), got {shapes}"
+        raise ConfigError(source, "data.path", str(path), rule)
+    if not np.isfinite(x).all():
+        raise ConfigError(source, "data.path", str(path), "x holds NaN or infinite values")
+    return RawSequences(x, y, np.arange(len(x)), [f"f{i}" for i in range(x.shape[2])])
 
 
-def load_classification_data(cfg: DataConfig, seed: int) -> ClassificationData:
+def load_classification_data(cfg: DataConfig) -> ClassificationData:
     """Read labelled sequences; stratified, seeded train/val/test split; scaler fit on train."""
     source = str(cfg.path)
-    if cfg.path.suffix.lower() == ".npz":
-        if not cfg.path.is_file():
-            raise ConfigError(source, "data.path", source, "no such data file")
-        x, labels, ids = _sequences_from_npz(cfg.path, source)
-        inputs = [f"f{i}" for i in range(x.shape[2])]
-    else:
-        x, labels, ids = _sequences_from_table(read_table(cfg.path), cfg, source)
-        inputs = list(cfg.features)
-    classes, y = np.unique(labels, return_inverse=True)
+    raw = read_sequences(cfg, cfg.path)
+    if raw.labels is None:
+        raise ConfigError(source, "data.label_column", cfg.label_column, "no labels to learn from")
+    x, ids, inputs = raw.x, raw.ids, raw.inputs
+    classes, y = np.unique(raw.labels, return_inverse=True)
     if len(classes) < 2:
         raise ConfigError(
             source, "data.label_column", cfg.label_column, "needs two classes or more"
@@ -429,10 +465,13 @@ def load_classification_data(cfg: DataConfig, seed: int) -> ClassificationData:
     train_frac, val_frac, test_frac = cfg.split
     try:
         train_idx, rest = train_test_split(
-            index, train_size=train_frac, stratify=y, random_state=seed
+            index, train_size=train_frac, stratify=y, random_state=cfg.split_seed
         )
         val_idx, test_idx = train_test_split(
-            rest, test_size=test_frac / (val_frac + test_frac), stratify=y[rest], random_state=seed
+            rest,
+            test_size=test_frac / (val_frac + test_frac),
+            stratify=y[rest],
+            random_state=cfg.split_seed,
         )
     except ValueError as exc:
         raise ConfigError(source, "data.split", cfg.split, f"cannot stratify: {exc}") from None
@@ -450,8 +489,11 @@ def load_classification_data(cfg: DataConfig, seed: int) -> ClassificationData:
     )
 
 
-def load_data(cfg: Config) -> ForecastData | ClassificationData:
-    """The task's data, built once per sweep."""
+TrainingData = ForecastData | ClassificationData
+
+
+def load_data(cfg: Config) -> TrainingData:
+    """The task's data for one data setting."""
     if cfg.task == "classification":
-        return load_classification_data(cfg.data, cfg.train.seed)
+        return load_classification_data(cfg.data)
     return load_forecast_data(cfg.data)

@@ -1,7 +1,7 @@
 """Overfitting diagnostics as pure functions of tensors and floats, returning plain dicts.
 
-The metric names below are the project's one vocabulary: the training history, MLflow, the
-pruner, the report and the tests all use these constants.
+Each one observes: it reads tensors the training already has and never draws from the
+training's random streams, so the same seed gives the same trial at every diagnostics level.
 """
 
 from __future__ import annotations
@@ -16,73 +16,65 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lstm_sweep.config import Config, SearchParam, VerdictRules
+from lstm_sweep import metrics as m
+from lstm_sweep.config import SearchParam, VerdictRules
 from lstm_sweep.model import GROUPS, parameter_group
 
-TRAIN_LOSS = "train_loss"  # running mean over the epoch's steps: dropout on, weights moving
-TRAIN_EVAL_LOSS = "train_eval_loss"  # eval mode on a fixed training subsample: comparable to val
-VAL_LOSS = "val_loss"
-TRAIN_ACCURACY = "train_accuracy"  # classification, eval mode, on the training subsample
-VAL_ACCURACY = "val_accuracy"
-ACCURACY_GAP = "accuracy_gap"  # train_accuracy - val_accuracy
-GAP = "gap"  # val_loss - train_eval_loss
-GAP_RATIO = "gap_ratio"  # val_loss / train_eval_loss
-GRAD_NORM_MEAN = "grad_norm_mean"  # global L2 norm before clipping, over the epoch's steps
-GRAD_NORM_MAX = "grad_norm_max"
-CLIP_FRACTION = "clip_fraction"  # share of steps whose gradient the clipping changed
-BEST_VAL_LOSS = "best_val_loss"
-BEST_EPOCH = "best_epoch"
-EPOCHS_TRAINED = "epochs_trained"
-NAIVE_VAL_LOSS = "naive_val_loss"
-OVERFIT_ONSET = "overfit_onset_epoch"
-OVERFIT_SCORE = "overfit_score"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-VERDICTS = ("underfitting", "healthy", "overfitting", "unstable")
 
 
 def honest_gap(train_eval_loss: float, val_loss: float) -> dict[str, float]:
     """Gap between validation and training loss, both measured in eval mode."""
     ratio = val_loss / train_eval_loss if train_eval_loss > 0 else math.inf
-    return {GAP: val_loss - train_eval_loss, GAP_RATIO: ratio}
+    return {m.GAP: val_loss - train_eval_loss, m.GAP_RATIO: ratio}
 
 
-def grad_norms_by_group(named: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
-    """L2 norm of the gradients of each parameter group, in :data:`GROUPS` order: (groups,).
+def group_index(model: nn.Module) -> torch.Tensor:
+    """For each trainable parameter, in ``model.parameters()`` order, its index in GROUPS."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return torch.tensor([GROUPS.index(parameter_group(n)) for n in names])
 
-    ``named`` holds (name, parameter) pairs, as ``model.named_parameters()`` gives them.
-    """
-    squares = torch.zeros(len(GROUPS), device=named[0][1].device)
-    for name, param in named:
-        if param.grad is not None:
-            squares[GROUPS.index(parameter_group(name))] += param.grad.pow(2).sum()
-    return squares.sqrt()
+
+def group_norms(param_norms: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-group L2 norms from per-parameter L2 norms: (steps, params) -> (steps, groups)."""
+    squares = torch.zeros(param_norms.shape[0], len(GROUPS), device=param_norms.device)
+    return squares.index_add_(1, index.to(param_norms.device), param_norms.pow(2)).sqrt()
 
 
 def gradient_summary(
-    step_norms: torch.Tensor, grad_clip: float, group_norms: torch.Tensor | None = None
+    step_norms: torch.Tensor, grad_clip: float, by_group: torch.Tensor | None = None
 ) -> dict[str, float]:
     """Epoch statistics of per-step gradient norms (before clipping).
 
-    ``step_norms`` is (steps,); ``group_norms`` is (steps, groups) when recorded.
+    ``step_norms`` is (steps,); ``by_group`` is (steps, groups) when recorded.
     """
     summary = {
-        GRAD_NORM_MEAN: float(step_norms.mean()),
-        GRAD_NORM_MAX: float(step_norms.max()),
-        CLIP_FRACTION: float((step_norms > grad_clip).float().mean()) if grad_clip > 0 else 0.0,
+        m.GRAD_NORM_MEAN: float(step_norms.mean()),
+        m.GRAD_NORM_MAX: float(step_norms.max()),
+        m.CLIP_FRACTION: float((step_norms > grad_clip).float().mean()) if grad_clip > 0 else 0.0,
     }
-    if group_norms is not None:
-        means = group_norms.mean(dim=0)
-        summary |= {f"grad_norm_{g}": float(means[i]) for i, g in enumerate(GROUPS)}
+    if by_group is not None:
+        means = by_group.mean(dim=0).tolist()
+        present = by_group.sum(dim=0).gt(0).tolist()
+        summary |= {m.grad_norm(g): means[i] for i, g in enumerate(GROUPS) if present[i]}
     return summary
 
 
 def group_values(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter group's values flattened into one tensor."""
+    """Every parameter group's values flattened into one tensor (a copy, on the CPU)."""
     parts: dict[str, list[torch.Tensor]] = {g: [] for g in GROUPS}
     for name, param in model.named_parameters():
         parts[parameter_group(name)].append(param.detach().reshape(-1))
     return {g: torch.cat(p).float().cpu() for g, p in parts.items() if p}
+
+
+def weight_norms(model: nn.Module) -> dict[str, float]:
+    """Per group L2 norm of the weights: cheap enough for every epoch."""
+    squares: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        group = parameter_group(name)
+        squares[group] = squares.get(group, 0.0) + float(param.detach().pow(2).sum())
+    return {m.weight_stat(g, "norm"): math.sqrt(v) for g, v in squares.items()}
 
 
 def weight_stats(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -90,12 +82,12 @@ def weight_stats(values: dict[str, torch.Tensor]) -> dict[str, float]:
     stats: dict[str, float] = {}
     levels = torch.tensor(QUANTILES)
     for group, w in values.items():
-        stats[f"weight_{group}_norm"] = float(w.norm())
-        stats[f"weight_{group}_mean"] = float(w.mean())
-        stats[f"weight_{group}_std"] = float(w.std()) if w.numel() > 1 else 0.0
-        stats[f"weight_{group}_max_abs"] = float(w.abs().max())
-        for q, value in zip(QUANTILES, torch.quantile(w, levels), strict=True):
-            stats[f"weight_{group}_q{int(q * 100):02d}"] = float(value)
+        stats[m.weight_stat(group, "norm")] = float(w.norm())
+        stats[m.weight_stat(group, "mean")] = float(w.mean())
+        stats[m.weight_stat(group, "std")] = float(w.std()) if w.numel() > 1 else 0.0
+        stats[m.weight_stat(group, "max_abs")] = float(w.abs().max())
+        for q, value in zip(QUANTILES, torch.quantile(w, levels).tolist(), strict=True):
+            stats[m.weight_stat(group, m.quantile_stat(q))] = value
     return stats
 
 
@@ -107,16 +99,17 @@ def hidden_stats(
     stats: dict[str, float] = {}
     for k, h in enumerate(layers):
         flat = h.detach().reshape(-1, h.shape[-1]).float()  # (samples * steps, hidden)
-        stats[f"hidden_mean_abs_l{k}"] = float(flat.abs().mean())
-        stats[f"hidden_saturated_l{k}"] = float((flat.abs() > saturation).float().mean())
+        magnitude = flat.abs()
+        stats[m.hidden_stat("mean_abs", k)] = float(magnitude.mean())
+        stats[m.hidden_stat("saturated", k)] = float((magnitude > saturation).float().mean())
         std = flat.std(dim=0) if len(flat) > 1 else torch.zeros(flat.shape[1])
-        stats[f"hidden_dead_l{k}"] = float((std < dead_std).float().mean())
+        stats[m.hidden_stat("dead", k)] = float((std < dead_std).float().mean())
     return stats
 
 
 @dataclass(frozen=True)
 class Verdict:
-    verdict: str  # one of VERDICTS
+    verdict: str  # one of metrics.VERDICTS
     reason: str  # one sentence with the numbers
     onset_epoch: int | None  # the epoch after which val rose while train kept falling
     score: float  # relative rise of val from its best to the last epoch
@@ -141,6 +134,7 @@ def judge(
     naive_val_loss: float,
     rules: VerdictRules,
     unstable_reason: str | None = None,
+    cut_short: str | None = None,
 ) -> Verdict:
     """Turn a trial's per-epoch rows into a verdict. The rules, in order:
 
@@ -150,15 +144,17 @@ def judge(
        best epoch while training loss kept falling (the onset), ending ``overfit_rise`` above
        its best or ``overfit_gap_ratio`` above the training loss; or, for classification,
        train accuracy ended more than ``overfit_accuracy_gap`` above val accuracy.
-    3. underfitting: the best val loss is above ``underfit_naive_ratio`` x the naive
+    3. undecided: training was cut short (``cut_short`` says why: pruned, interrupted) before
+       its validation loss stopped improving, so neither a fit nor a misfit has shown yet.
+    4. underfitting: the best val loss is above ``underfit_naive_ratio`` x the naive
        predictor's (the last value carried forward, or the majority class).
-    4. healthy otherwise.
+    5. healthy otherwise.
     """
-    val = [r[VAL_LOSS] for r in rows if math.isfinite(r.get(VAL_LOSS, math.nan))]
+    val = [r[m.VAL_LOSS] for r in rows if math.isfinite(r.get(m.VAL_LOSS, math.nan))]
     if unstable_reason or not val:
         return Verdict("unstable", unstable_reason or "no finite validation loss", None, math.nan)
     last = rows[len(val) - 1]
-    train_key = TRAIN_EVAL_LOSS if TRAIN_EVAL_LOSS in last else TRAIN_LOSS
+    train_key = m.TRAIN_EVAL_LOSS if m.TRAIN_EVAL_LOSS in last else m.TRAIN_LOSS
     train = [r[train_key] for r in rows[: len(val)]]
     best = min(val)
     onset, score = overfit_onset(val, train), overfit_score(val)
@@ -176,12 +172,20 @@ def judge(
             onset,
             score,
         )
-    accuracy_gap = last.get(ACCURACY_GAP, -math.inf)
+    accuracy_gap = last.get(m.ACCURACY_GAP, -math.inf)
     if fits_train and accuracy_gap > rules.overfit_accuracy_gap:
         return Verdict(
             "overfitting",
-            f"train accuracy {last[TRAIN_ACCURACY]:.1%} ended {accuracy_gap:.1%} above val"
-            f" accuracy {last[VAL_ACCURACY]:.1%} (limit {rules.overfit_accuracy_gap:.0%})",
+            f"train accuracy {last[m.TRAIN_ACCURACY]:.1%} ended {accuracy_gap:.1%} above val"
+            f" accuracy {last[m.VAL_ACCURACY]:.1%} (limit {rules.overfit_accuracy_gap:.0%})",
+            onset,
+            score,
+        )
+    if cut_short:
+        return Verdict(
+            "undecided",
+            f"{cut_short} after {len(val)} epoch(s), before validation loss stopped improving"
+            f" (best {best:.4g})",
             onset,
             score,
         )
@@ -193,9 +197,10 @@ def judge(
             onset,
             score,
         )
+    versus_naive = f"{best / naive_val_loss:.2f} x naive" if naive_val_loss > 0 else "naive 0"
     return Verdict(
         "healthy",
-        f"best val loss {best:.4g} ({best / naive_val_loss:.2f} x naive), val ended"
+        f"best val loss {best:.4g} ({versus_naive}), val ended"
         f" {score:.1%} above its best, val/train {ratio:.2f}",
         onset,
         score,
@@ -220,29 +225,6 @@ def worst_windows(
             row[f"{name}_pred"] = prediction[i, :, t].round(6).tolist()
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def config_warnings(cfg: Config) -> list[str]:
-    """Settings that cannot do what the user probably thinks they do."""
-    warnings = []
-    layers = cfg.search.get("model.num_layers")
-    can_stack = cfg.model.num_layers > 1 or (layers is not None and max(layers.bounds()) > 1)
-    if not can_stack and (cfg.model.dropout > 0 or "model.dropout" in cfg.search):
-        warnings.append(
-            "model.dropout is nn.LSTM's dropout between layers: with num_layers = 1 it does"
-            " nothing; use model.head_dropout or more layers"
-        )
-    optimizers = cfg.search.get("train.optimizer")
-    uses_adam = cfg.train.optimizer == "adam" or (
-        optimizers is not None and "adam" in optimizers.bounds()
-    )
-    decays = cfg.train.weight_decay > 0 or "train.weight_decay" in cfg.search
-    if uses_adam and decays:
-        warnings.append(
-            "train.optimizer = adam couples weight_decay into the gradient (L2, scaled by Adam's"
-            " step size), unlike adamw's decoupled decay: the same value means less there"
-        )
-    return warnings
 
 
 def edge_warnings(

@@ -9,9 +9,9 @@ from torch import nn
 
 from lstm_sweep.config import ModelConfig
 
-# Parameter groups, as diagnostics and weight decay see them. nn.LSTM names its tensors
-# weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k}; the head is head.weight, head.bias.
-GROUPS = ("lstm_input", "lstm_recurrent", "bias", "head")
+# Parameter groups, as diagnostics and weight decay see them. Each layer is an nn.LSTM naming
+# its tensors weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0; then head.* and skip.*.
+GROUPS = ("lstm_input", "lstm_recurrent", "bias", "head", "skip")
 
 
 def parameter_group(name: str) -> str:
@@ -22,32 +22,53 @@ def parameter_group(name: str) -> str:
         return "lstm_input"
     if "weight_hh" in name:
         return "lstm_recurrent"
-    return "head"
+    return "skip" if name.startswith("skip.") else "head"
 
 
 class LSTMNet(nn.Module):
-    """A stacked LSTM reading a sequence; a linear head on its last hidden state.
+    """Stacked LSTM layers reading a sequence; a linear head on the last hidden state; with
+    ``skip: linear``, a linear map of the whole input window added to the head's output, so a
+    heavily regularised network degrades to an autoregression rather than to noise.
 
+    The layers are separate single-layer nn.LSTMs with dropout between them (what nn.LSTM's own
+    ``dropout`` does), so one forward pass can hand every layer's hidden states to diagnostics.
     ``output_shape`` is (horizon, targets) for forecasting, (classes,) for classification.
     """
 
-    def __init__(self, n_inputs: int, output_shape: tuple[int, ...], cfg: ModelConfig) -> None:
+    def __init__(
+        self, n_inputs: int, steps: int, output_shape: tuple[int, ...], cfg: ModelConfig
+    ) -> None:
         super().__init__()
         self.output_shape = tuple(output_shape)
-        self.lstm = nn.LSTM(
-            n_inputs,
-            cfg.hidden_size,
-            num_layers=cfg.num_layers,
-            batch_first=True,
-            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,  # nn.LSTM warns otherwise
+        sizes = [n_inputs] + [cfg.hidden_size] * cfg.num_layers
+        self.layers = nn.ModuleList(
+            nn.LSTM(size_in, cfg.hidden_size, batch_first=True) for size_in in sizes[:-1]
         )
+        self.between = nn.Dropout(cfg.dropout)
         self.head_dropout = nn.Dropout(cfg.head_dropout)
-        self.head = nn.Linear(cfg.hidden_size, math.prod(self.output_shape))
+        outputs = math.prod(self.output_shape)
+        self.head = nn.Linear(cfg.hidden_size, outputs)
+        # created last, so the LSTM and the head start from the same draws with or without it
+        self.skip = nn.Linear(steps * n_inputs, outputs) if cfg.skip == "linear" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(x)  # (batch, steps, hidden)
-        last = self.head_dropout(out[:, -1, :])  # (batch, hidden): final time step
-        return self.head(last).view(-1, *self.output_shape)  # (batch, *output_shape)
+        return self.forward_with_states(x)[0]
+
+    def forward_with_states(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The output (batch, *output_shape) and every layer's hidden states (batch, steps,
+        hidden)."""
+        states = []
+        h = x
+        for k, layer in enumerate(self.layers):
+            if k:
+                h = self.between(h)
+            h, _ = layer(h)
+            states.append(h)
+        last = self.head_dropout(h[:, -1, :])  # (batch, hidden): final time step
+        out = self.head(last)
+        if self.skip is not None:
+            out = out + self.skip(x.flatten(1))  # (batch, steps * inputs) -> outputs
+        return out.view(-1, *self.output_shape), states
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
@@ -60,22 +81,18 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
     ]
 
 
-def layer_outputs(lstm: nn.LSTM, x: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden-state sequences of every layer, (batch, window, hidden) each.
+class Ensemble(nn.Module):
+    """The mean of several members' outputs: forecasts averaged; for classification the
+    members' class probabilities averaged, returned as log-probabilities so that softmax and
+    argmax read them as any member's logits."""
 
-    nn.LSTM returns only its last layer's sequence, so the layers are replayed one at a time
-    with the same weights; in eval mode (no inter-layer dropout) the last entry equals
-    ``lstm(x)[0]``.
-    """
-    outputs = []
-    for k in range(lstm.num_layers):
-        layer = nn.LSTM(x.shape[-1], lstm.hidden_size, batch_first=True).to(x.device)
-        layer.load_state_dict(
-            {
-                f"{name}_l0": getattr(lstm, f"{name}_l{k}")
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-            }
-        )
-        x, _ = layer(x)
-        outputs.append(x)
-    return outputs
+    def __init__(self, members: list[nn.Module], classification: bool) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.classification = classification
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = torch.stack([member(x) for member in self.members])  # (members, batch, ...)
+        if self.classification:
+            return torch.log(torch.softmax(outputs, dim=-1).mean(dim=0))
+        return outputs.mean(dim=0)

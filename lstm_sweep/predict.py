@@ -1,9 +1,13 @@
-"""Forecasts from a logged model: ``python -m lstm_sweep.predict MODEL_URI data.csv``.
+"""Predictions from a registered model: ``python -m lstm_sweep.predict MODEL_URI DATA``.
 
 The model travels with the scaler fitted on its training rows and the data section of its
-config, so a CSV with the same columns becomes windows exactly as in training, and forecasts
-come out in the target's own units. One forecast per origin: every row with a full window of
-history before it, the last row included (its forecast is the future).
+config, so a table with the training data's columns becomes inputs exactly as in training.
+
+- Forecasting: one forecast per origin, every row with a full window of history before it,
+  the last row included (its forecast is the future), in the target's own units.
+- Classification: the same input formats as training (a .npz with ``x``, or a long table with
+  id, order and feature columns; labels optional), one row per sequence with the predicted label
+  and every class's probability.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,19 +26,38 @@ import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
 from lstm_sweep.config import ConfigError, DataConfig
-from lstm_sweep.data import ForecastData, Scaler, Windows, prepare_table, read_table
+from lstm_sweep.data import ForecastData, Scaler, Windows, prepare_table, read_sequences, read_table
 from lstm_sweep.tracking import load_logged_model
 
 EXIT_BAD_INPUT = 2
 
 
-def load_bundle(model_uri: str, tracking_uri: str | None = None):
-    """The model, its data config and its scaler, as :func:`select.write_model_files` left them."""
+@dataclass(frozen=True)
+class Bundle:
+    """A logged model and what it needs to read a table as in training."""
+
+    model: Any  # a torch.export program: call it, it is already in eval mode
+    data: DataConfig
+    scaler: Scaler
+    inputs: list[str]
+    task: str  # forecast or classification
+    classes: list[str]
+
+
+def load_bundle(model_uri: str, tracking_uri: str | None = None) -> Bundle:
+    """The model with the files :func:`select.write_model_files` logged beside it."""
     model, folder = load_logged_model(model_uri, tracking_uri)
     extra = folder / "extra_files"
     data_cfg = DataConfig.model_validate(yaml.safe_load((extra / "data_config.yaml").read_text()))
     raw = json.loads((extra / "scaler.json").read_text())
-    return model, data_cfg, Scaler.from_dict(raw), list(raw["inputs"])
+    return Bundle(
+        model,
+        data_cfg,
+        Scaler.from_dict(raw),
+        list(raw["inputs"]),
+        raw.get("task", "forecast"),
+        list(raw.get("classes", [])),
+    )
 
 
 def origin_windows(
@@ -74,9 +99,8 @@ def origin_windows(
 
 
 @torch.no_grad()
-def forecast(model: torch.nn.Module, data: ForecastData) -> np.ndarray:
-    """Forecasts for every origin in original units: (origins, horizon, targets). The loaded
-    model is a torch.export program, already in eval mode (it refuses .eval())."""
+def forecast(model: Any, data: ForecastData) -> np.ndarray:
+    """Forecasts for every origin in original units: (origins, horizon, targets)."""
     windows = data.train
     return data.to_original(model(windows.x).numpy(), windows)
 
@@ -107,33 +131,67 @@ def forecast_table(
     return pd.DataFrame(rows)
 
 
-def predict_csv(
-    model_uri: str, csv: Path, tracking_uri: str | None = None, last_only: bool = False
-) -> pd.DataFrame:
-    model, data_cfg, scaler, inputs = load_bundle(model_uri, tracking_uri)
-    frame = read_table(csv)
-    data, times, levels = origin_windows(frame, data_cfg, scaler, str(csv))
-    if data.inputs != inputs:
-        raise ConfigError(str(csv), "data.features", data.inputs, f"the model reads {inputs}")
-    table = forecast_table(forecast(model, data), data, times, levels)
+def predict_forecast(bundle: Bundle, path: Path, last_only: bool) -> pd.DataFrame:
+    frame = read_table(path)
+    data, times, levels = origin_windows(frame, bundle.data, bundle.scaler, str(path))
+    if data.inputs != bundle.inputs:
+        raise ConfigError(
+            str(path), "data.features", data.inputs, f"the model reads {bundle.inputs}"
+        )
+    table = forecast_table(forecast(bundle.model, data), data, times, levels)
     return table[table["origin"] == table["origin"].iloc[-1]] if last_only else table
 
 
+@torch.no_grad()
+def predict_classes(bundle: Bundle, path: Path) -> pd.DataFrame:
+    """One row per sequence: its id, the predicted label, each class's probability, and the
+    true label when the input carries one."""
+    raw = read_sequences(bundle.data, path, labelled=False)
+    n, steps, features = raw.x.shape
+    if features != len(bundle.inputs):
+        raise ConfigError(
+            str(path), "data.features", raw.inputs, f"the model reads {bundle.inputs}"
+        )
+    scaled = bundle.scaler.transform(raw.x.reshape(-1, features)).reshape(n, steps, features)
+    logits = bundle.model(torch.from_numpy(scaled.astype(np.float32)))
+    probabilities = torch.softmax(logits, dim=1).numpy()
+    table = pd.DataFrame({"id": raw.ids})
+    table["predicted"] = [bundle.classes[i] for i in probabilities.argmax(axis=1)]
+    for k, name in enumerate(bundle.classes):
+        table[f"p_{name}"] = probabilities[:, k]
+    if raw.labels is not None:
+        table["true"] = [str(label) for label in raw.labels]
+    return table
+
+
+def predict_file(
+    model_uri: str, path: Path, tracking_uri: str | None = None, last_only: bool = False
+) -> pd.DataFrame:
+    bundle = load_bundle(model_uri, tracking_uri)
+    if bundle.task == "classification":
+        return predict_classes(bundle, path)
+    return predict_forecast(bundle, path, last_only)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lstm_sweep.predict", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m lstm_sweep.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model_uri", help="models:/NAME/VERSION, runs:/RUN_ID/model or a folder")
-    parser.add_argument("csv", type=Path, help="a table with the training data's columns")
-    parser.add_argument("-o", "--output", type=Path, default=Path("forecasts.csv"))
+    parser.add_argument("data", type=Path, help="a table (or .npz) shaped like the training data")
+    parser.add_argument("-o", "--output", type=Path, default=Path("predictions.csv"))
     parser.add_argument("--tracking-uri", help="MLflow store; default: sqlite under mlruns/")
-    parser.add_argument("--last", action="store_true", help="only the forecast from the last row")
+    parser.add_argument("--last", action="store_true", help="forecast: only from the last row")
     args = parser.parse_args(argv)
     try:
-        table = predict_csv(args.model_uri, args.csv, args.tracking_uri, args.last)
+        table = predict_file(args.model_uri, args.data, args.tracking_uri, args.last)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     table.to_csv(args.output, index=False)
-    print(f"{len(table)} forecasts written to {args.output}")
+    print(f"{len(table)} predictions written to {args.output}")
     return 0
 
 

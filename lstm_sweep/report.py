@@ -1,10 +1,11 @@
-"""Read a finished study back into one table and say what it found, with evidence.
+"""Read a study back from its stores and say what it found, with evidence. Trains nothing.
 
 Usable on its own (``python -m lstm_sweep.report SWEEP.yaml``) and called at the end of every
 sweep. The table joins Optuna's trials with their MLflow runs; importances and Optuna's plots
-say what mattered; the top settings are retrained with several seeds and compared with three
-baselines; the recommendation is retrained, tested once and registered; and all of it lands in
-one Markdown report with its pictures, beside the run's files and on the sweep's parent run.
+say what mattered; the closing stage's ``selection.json`` (seed re-evaluation, baselines, the
+registered model) supplies the recommendation; the response surface shows whether it sits in a
+good region. All of it lands in one Markdown report with its pictures, beside the run's files
+and on the sweep's parent run, whose description in the MLflow UI carries the answer.
 """
 
 from __future__ import annotations
@@ -12,63 +13,49 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from lstm_sweep import artifacts, baselines, select, surface
 from lstm_sweep import diagnostics as dg
-from lstm_sweep.config import Config, ConfigError
-from lstm_sweep.data import ClassificationData, ForecastData
-from lstm_sweep.study import param_importances, trials_frame, write_study_plots
-from lstm_sweep.sweep import Sweep, prepare
+from lstm_sweep import metrics as m
+from lstm_sweep import plots
+from lstm_sweep.config import Config, ConfigError, SearchParam, load_config, without_password
+from lstm_sweep.select import Selection, optimism, plain
+from lstm_sweep.study import Study, open_study, param_importances, study_figures, trials_frame
 from lstm_sweep.tracking import STORE_ROOT, Tracker
-from lstm_sweep.train import TrainingData, naive_loss
 
+RUN_METRICS = (  # per trial, read back from its MLflow run
+    m.BEST_VAL_LOSS,
+    m.best(m.GAP),
+    m.best(m.TRAIN_EVAL_LOSS),
+    m.OVERFIT_ONSET,
+)
 SUMMARY_COLUMNS = [
     "number",
     "state",
     "value",
     "verdict",
-    f"best_{dg.GAP}",
-    dg.BEST_EPOCH,
-    dg.EPOCHS_TRAINED,
+    m.best(m.GAP),
+    m.BEST_EPOCH,
+    m.EPOCHS_TRAINED,
     "wall_seconds",
 ]
-RUN_METRICS = (  # per trial, read back from its MLflow run
-    dg.BEST_VAL_LOSS,
-    f"best_{dg.GAP}",
-    f"best_{dg.TRAIN_EVAL_LOSS}",
-    dg.OVERFIT_ONSET,
-)
 EDGE_TOP = 3  # the best completed trials whose position in each range is checked
-SKILL = {ForecastData: "skill_mse", ClassificationData: "accuracy_gain"}
-NAIVE_NAMES = {"forecast": "naive last-value forecast", "classification": "majority-class prior"}
-BASELINE_NOTES = {
-    "forecast": "Errors in the target's own units. MASE divides the MAE by the naive forecast's"
-    " MAE on the training windows; `skill_mse` is 1 - MSE(LSTM) / MSE(baseline): above 0 the"
-    " LSTM is better.",
-    "classification": "`accuracy_gain` is the LSTM's test accuracy minus the baseline's: above 0"
-    " the LSTM is better.",
+PAIRS = (("model.dropout", "train.weight_decay"), ("model.hidden_size", "train.learning_rate"))
+SURFACE_METRICS = (m.BEST_VAL_LOSS, m.best(m.GAP), m.OVERFIT_ONSET)
+BINS = 5  # cells per numeric axis of the response surface
+NEIGHBOURHOOD = 0.2  # a trial is "near" when every searched key is this close, in range units
+HARD_SHARE = 0.8  # a window in this share of the runs' worst-k lists is hard for every setting
+WHAT_TO_TRY = {
+    "forecast": "a longer window (data.window), more data, or the linear path (model.skip: linear)",
+    "classification": "more data, a larger model or the linear path (model.skip: linear)",
 }
-WORST_SAMPLES = f"diagnostics/{artifacts.WORST_SAMPLES}"  # logged by every trial at level full
-
-
-@dataclass(frozen=True)
-class SweepSummary:
-    finished: int
-    pruned: int
-    failed: int
-    best_number: int | None
-    best_value: float | None
-    best_values: dict[str, Any]
-    naive_val_loss: float
-    table: pd.DataFrame  # one row per trial, best first
-    monitor: str = "val_loss"  # what a trial's value is (train.monitor)
-    naive_name: str = "naive last-value forecast"
 
 
 def output_dir(cfg: Config, root: Path = STORE_ROOT) -> Path:
@@ -76,34 +63,6 @@ def output_dir(cfg: Config, root: Path = STORE_ROOT) -> Path:
     folder = root / "reports" / cfg.study_name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def summarise(
-    frame: pd.DataFrame,
-    search_keys: list[str],
-    naive_val_loss: float,
-    direction: str,
-    monitor: str = "val_loss",
-    naive_name: str = "naive last-value forecast",
-) -> SweepSummary:
-    """Counts, best trial and a ranked table from a trials DataFrame (see study.trials_frame)."""
-    states = frame["state"].value_counts() if len(frame) else pd.Series(dtype=int)
-    done = frame[frame["state"] == "COMPLETE"]
-    ranked = done.sort_values("value", ascending=direction == "minimize")
-    columns = [c for c in [*SUMMARY_COLUMNS[:3], *search_keys, *SUMMARY_COLUMNS[3:]] if c in frame]
-    best = ranked.iloc[0] if len(ranked) else None
-    return SweepSummary(
-        finished=int(states.get("COMPLETE", 0)),
-        pruned=int(states.get("PRUNED", 0)),
-        failed=int(states.get("FAIL", 0)),
-        best_number=int(best["number"]) if best is not None else None,
-        best_value=float(best["value"]) if best is not None else None,
-        best_values={k: select.plain(best[k]) for k in search_keys} if best is not None else {},
-        naive_val_loss=naive_val_loss,
-        table=ranked[columns].reset_index(drop=True),
-        monitor=monitor,
-        naive_name=naive_name,
-    )
 
 
 def comparison_table(trials: pd.DataFrame, runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -118,33 +77,85 @@ def comparison_table(trials: pd.DataFrame, runs: pd.DataFrame, keys: list[str]) 
         view["wall_seconds"] = (runs["end_time"] - runs["start_time"]).dt.total_seconds()
     else:
         view["wall_seconds"] = pd.Series(dtype=float)
-    if "mlflow_run_id" not in trials:  # no trial has started yet
-        trials = trials.assign(mlflow_run_id=pd.Series(dtype=str))
-    table = trials.merge(view, how="left", left_on="mlflow_run_id", right_on="run_id")
+    if m.RUN_ID_ATTR not in trials:  # no trial has started yet
+        trials = trials.assign(**{m.RUN_ID_ATTR: pd.Series(dtype=str)})
+    table = trials.merge(view, how="left", left_on=m.RUN_ID_ATTR, right_on="run_id")
     columns = [
         "number",
         "state",
         *keys,
         "value",
         *RUN_METRICS,
-        "verdict",
-        dg.BEST_EPOCH,
-        dg.EPOCHS_TRAINED,
+        m.VERDICT_ATTR,
+        m.BEST_EPOCH,
+        m.EPOCHS_TRAINED,
         "wall_seconds",
         "run_id",
     ]
     return table[[c for c in columns if c in table]].sort_values("number", ignore_index=True)
 
 
-def best_config(cfg: Config, values: dict[str, Any], label: str = "best") -> dict[str, Any]:
-    """The sweep file that trains the given settings once: no search, one trial, own study."""
-    raw = cfg.with_values(values).model_dump(mode="json")
+@dataclass(frozen=True)
+class SweepSummary:
+    finished: int
+    pruned: int
+    failed: int
+    best_number: int | None
+    best_value: float | None
+    best_values: dict[str, Any]
+    naive_val_loss: float
+    table: pd.DataFrame  # completed trials, best first
+    monitor: str
+
+
+def summarise(
+    table: pd.DataFrame, keys: list[str], direction: str, monitor: str, naive_val_loss: float
+) -> SweepSummary:
+    """Counts, best trial and a ranked table from a comparison table."""
+    states = table["state"].value_counts() if len(table) else pd.Series(dtype=int)
+    done = table[table["state"] == m.COMPLETE].sort_values(
+        "value", ascending=direction == "minimize"
+    )
+    columns = [c for c in [*SUMMARY_COLUMNS[:3], *keys, *SUMMARY_COLUMNS[3:]] if c in table]
+    best = done.iloc[0] if len(done) else None
+    return SweepSummary(
+        finished=int(states.get(m.COMPLETE, 0)),
+        pruned=int(states.get(m.PRUNED, 0)),
+        failed=int(states.get(m.FAIL, 0)),
+        best_number=int(best["number"]) if best is not None else None,
+        best_value=float(best["value"]) if best is not None else None,
+        best_values={k: plain(best[k]) for k in keys} if best is not None else {},
+        naive_val_loss=naive_val_loss,
+        table=done[columns].reset_index(drop=True),
+        monitor=monitor,
+    )
+
+
+def settings_text(values: Mapping[str, Any]) -> str:
+    return (
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        or "(nothing searched)"
+    )
+
+
+def best_config(cfg: Config, values: Mapping[str, Any], label: str) -> dict[str, Any]:
+    """The sweep file that trains the given settings once: no search, one trial, its own
+    study; store URIs without their passwords (PGPASSWORD or ~/.pgpass supply them)."""
+    raw = cfg.with_values(dict(values)).model_dump(mode="json")
     raw["search"] = {}
     raw["study"] |= {"name": f"{cfg.study_name}-{label}", "n_trials": 1}
+    return mask_stores(raw)
+
+
+def mask_stores(raw: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config with the password taken out of both store URIs."""
+    for section, key in (("study", "storage"), ("tracking", "uri")):
+        if raw[section].get(key):
+            raw[section][key] = without_password(raw[section][key])
     return raw
 
 
-def write_best_config(cfg: Config, values: dict[str, Any], path: Path, label: str = "best") -> Path:
+def write_best_config(cfg: Config, values: Mapping[str, Any], path: Path, label: str) -> Path:
     header = (
         f"# {label.capitalize()} settings of study {cfg.study_name!r};"
         f" run: python -m lstm_sweep.run {path}\n"
@@ -153,285 +164,410 @@ def write_best_config(cfg: Config, values: dict[str, Any], path: Path, label: st
     return path
 
 
-def format_summary(summary: SweepSummary, ui_command: str, top: int = 5) -> str:
-    lines = [
-        f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed.",
+def ratio_text(value: float, reference: float) -> str:
+    """``value`` as a share of ``reference``, or nothing when the reference is zero."""
+    return f", {value / reference:.0%} of it" if reference > 0 else ""
+
+
+def honesty_lines(selection: Selection, task_name: str) -> list[str]:
+    """The first lines of every summary: whether the LSTM is the answer at all."""
+    beaten = selection.beaten_by
+    if beaten is None:
+        return [
+            "The LSTM beats every baseline on the validation part"
+            f" ({selection.headline} {selection.lstm_val[selection.headline]:.4g})."
+        ]
+    return [
+        f"The LSTM does NOT beat the {beaten['method']} baseline on the validation part:"
+        f" {beaten['metric']} {beaten['lstm']:.4g} for the LSTM against {beaten['baseline']:.4g}.",
+        f"Use the baseline, or try {WHAT_TO_TRY[task_name]}, before trusting the LSTM.",
     ]
-    if summary.best_number is None:
+
+
+def format_summary(
+    summary: SweepSummary, selection: Selection | None, task_name: str, ui_command: str
+) -> str:
+    """What the command prints at the end, the answer first."""
+    lines = honesty_lines(selection, task_name) if selection else []
+    lines.append(
+        f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed."
+    )
+    if summary.best_number is None or summary.best_value is None:
         lines.append("No trial finished: nothing to recommend yet.")
     else:
-        ratio = (
-            f", {summary.best_value / summary.naive_val_loss:.0%} of it"
-            if summary.monitor == "val_loss" and summary.best_value is not None
-            else ""
-        )
+        naive = summary.naive_val_loss
+        ratio = ratio_text(summary.best_value, naive) if summary.monitor == m.VAL_LOSS else ""
         lines += [
             f"Best trial #{summary.best_number}: {summary.monitor} {summary.best_value:.4g}"
-            f" ({summary.naive_name}: val loss {summary.naive_val_loss:.4g}{ratio})",
-            f"Best settings: {_settings_text(summary.best_values)}",
+            f" (naive predictor's val loss: {naive:.4g}{ratio})",
+            f"Best settings: {settings_text(summary.best_values)}",
             "",
-            f"Top {min(top, len(summary.table))}:",
-            summary.table.head(top).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+            f"Top {min(5, len(summary.table))}:",
+            summary.table.head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        ]
+    if selection is not None:
+        winner = selection.winner
+        lines += [
+            "",
+            f"Recommended (best mean of {len({s.seed for s in selection.seeds})} seed(s) over"
+            f" the top {len(selection.settings)}): trial #{winner.number},"
+            f" {settings_text(winner.values)}",
+            "Test part (see the report for units and notes):",
+            comparison_frame(selection).to_string(float_format=lambda v: f"{v:.4g}"),
         ]
     lines += ["", f"Open the runs in the MLflow UI: {ui_command}"]
     return "\n".join(lines)
 
 
-@dataclass
-class Evidence:
-    """Everything behind a recommendation, for the report and the parent run."""
-
-    importances: dict[str, float]
-    settings: list[select.Setting]
-    reevaluation: select.Reevaluation
-    recommendation: select.Recommendation
-    baselines: pd.DataFrame  # one row per method, the LSTM first when a final model exists
-    final: select.FinalModel | None
-    edges: list[str]  # searched keys at whose range edge the recommendation sits
-    near: tuple[int, int]  # trials near the recommendation, and how many of them are good
-    hard: pd.DataFrame  # validation windows every setting gets wrong
-    hard_source: str
-    images: dict[str, Path]  # what each picture shows -> file in the report folder
-    plots: list[Path]  # Optuna's HTML views
-
-
-def gather_evidence(
-    cfg: Config,
-    data: TrainingData,
-    tracker: Tracker,
-    parent_id: str,
-    table: pd.DataFrame,
-    study: Any,
-    folder: Path,
-) -> Evidence:
-    """Importances, seed re-evaluation, baselines, the final model and the response surface."""
-    keys, report = list(cfg.search), cfg.report
-    importances = param_importances(study, cfg.train.seed)
-    plots = write_study_plots(
-        study, folder / "plots", [k for k in surface.PAIRS[0] if k in cfg.search], cfg.train.seed
-    )
-    settings = select.top_settings(table, keys, report.top_k, cfg.direction)
-    reevaluation = select.reevaluate(cfg, data, tracker, parent_id, settings, report.seeds)
-    recommendation = select.recommend(settings, reevaluation.runs, cfg.direction, cfg.train.monitor)
-    final = None
-    if report.final_model:
-        final = select.train_final(
-            cfg, data, tracker, parent_id, recommendation, folder / "model_files"
-        )
-    compared = baselines.compare(data, "test", refit_on_val=final is not None)
+def comparison_frame(selection: Selection) -> pd.DataFrame:
+    """The LSTM beside every baseline, on the validation and the test part."""
+    rows: dict[str, dict[str, Any]] = {}
+    final = selection.final
     if final is not None:
-        lstm = pd.DataFrame(
-            [{**final.errors, "note": f"final model, {final.epochs} epochs"}], index=["lstm"]
-        )
-        compared = pd.concat([lstm, compared])
-        compared[SKILL[type(data)]] = baselines.skill(compared)
+        rows["lstm"] = {f"test_{k}": v for k, v in final.test.items()}
+        rows["lstm"]["note"] = f"final model ({final.kind})"
+        if final.single_seed_test:
+            rows["lstm (one seed)"] = {f"test_{k}": v for k, v in final.single_seed_test.items()}
+            rows["lstm (one seed)"]["note"] = "the ensemble's first member alone"
+    rows.setdefault("lstm", {"note": "no final model"})
+    rows["lstm"] |= {f"val_{k}": v for k, v in selection.lstm_val.items()}
+    for method, errors in selection.baselines_test.items():
+        rows[method] = {f"test_{k}": v for k, v in errors.items() if k != "note"}
+        rows[method] |= {
+            f"val_{k}": v for k, v in selection.baselines_val[method].items() if k != "note"
+        }
+        rows[method]["note"] = errors.get("note", "")
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    ordered = sorted((c for c in frame if c != "note"), key=lambda c: (not c.startswith("val"), c))
+    return frame[[*ordered, "note"]]
 
+
+def parent_metrics(selection: Selection) -> dict[str, float]:
+    """The closing stage's numbers as single-value metrics of the sweep's parent run."""
+    values: dict[str, float] = {}
+    for method, row in comparison_frame(selection).iterrows():
+        for column, value in row.items():
+            if column != "note" and isinstance(value, float) and math.isfinite(value):
+                name = str(method).replace(" (one seed)", "_single_seed")
+                part, metric = str(column).split("_", 1)
+                values[m.baseline(name, part, metric)] = value
+    winner = selection.winner_spread
+    values["recommended_val_mean"] = float(winner["val_mean"])
+    if selection.final is not None:
+        values |= optimism(selection.final, selection)
+        values["final_test_value"] = selection.final.test_value
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
+def position(value: Any, param: SearchParam) -> float:
+    """Where a value sits in its searched range: 0 at the low end, 1 at the high end (in log
+    space for log ranges, by index for categorical choices)."""
+    if param.type == "categorical":
+        choices = list(param.choices or [])
+        return choices.index(value) / max(1, len(choices) - 1) if value in choices else math.nan
+    scale = math.log if param.log else float
+    low, high = (scale(float(v)) for v in param.span)
+    return (scale(float(value)) - low) / (high - low) if high > low else 0.5
+
+
+def cells(values: pd.Series, param: SearchParam) -> pd.Series:
+    """Each value's cell along one axis of the response surface, as a categorical label."""
+    if param.type == "categorical":
+        labels = [str(c) for c in param.choices or []]
+        categorical = pd.Categorical(values.astype(str), categories=labels)
+        return pd.Series(categorical, index=values.index)
+    low, high = param.span
+    edges = (np.geomspace if param.log else np.linspace)(low, high, BINS + 1)
+    labels = [f"{edges[i]:.2g}-{edges[i + 1]:.2g}" for i in range(BINS)]
+    return pd.cut(values.astype(float), edges, labels=labels, include_lowest=True)
+
+
+def surface(
+    table: pd.DataFrame, x_key: str, y_key: str, metric: str, search: Mapping[str, SearchParam]
+) -> pd.DataFrame:
+    """Median of ``metric`` over completed trials per (y cell, x cell); NaN where none fell."""
+    done = table[(table["state"] == m.COMPLETE) & table[metric].notna()]
+    frame = pd.DataFrame(
+        {
+            "x": cells(done[x_key], search[x_key]),
+            "y": cells(done[y_key], search[y_key]),
+            "v": done[metric].astype(float),
+        }
+    )
+    grid = frame.pivot_table(index="y", columns="x", values="v", aggfunc="median", observed=False)
+    # every cell keeps its place, trials or not, so two pictures of one study line up
+    return grid.reindex(index=frame["y"].cat.categories, columns=frame["x"].cat.categories)
+
+
+def draw_surfaces(
+    table: pd.DataFrame,
+    search: Mapping[str, SearchParam],
+    recommended: Mapping[str, Any],
+    folder: Path,
+) -> list[Path]:
+    """One PNG per searched pair of :data:`PAIRS`, the recommendation starred."""
+    written = []
+    metrics = [k for k in SURFACE_METRICS if k in table and table[k].notna().any()]
+    for x_key, y_key in PAIRS:
+        if x_key not in search or y_key not in search or not metrics:
+            continue
+        grids = {k: surface(table, x_key, y_key, k, search) for k in metrics}
+        star_x = cells(pd.Series([recommended[x_key]]), search[x_key]).iloc[0]
+        star_y = cells(pd.Series([recommended[y_key]]), search[y_key]).iloc[0]
+        name = f"surface_{x_key.split('.')[-1]}_{y_key.split('.')[-1]}.png"
+        written.append(plots.heatmaps(grids, x_key, y_key, (star_x, star_y), folder / name))
+    return written
+
+
+def neighbourhood(
+    table: pd.DataFrame,
+    search: Mapping[str, SearchParam],
+    recommended: Mapping[str, Any],
+    near_best: float,
+    direction: str,
+) -> tuple[int, int]:
+    """Completed trials near the recommendation (every searched key within
+    :data:`NEIGHBOURHOOD` of its range), and how many of them came within ``near_best`` of the
+    study's best value: many good neighbours mean a robust region, none an isolated point."""
+    done = table[table["state"] == m.COMPLETE]
+    if done.empty:
+        return 0, 0
+    near = np.ones(len(done), dtype=bool)
+    for key, param in search.items():
+        here = position(recommended[key], param)
+        where = done[key].map(lambda v, p=param: position(v, p)).to_numpy(dtype=float)
+        near &= np.abs(where - here) <= NEIGHBOURHOOD
+    values = done["value"].to_numpy(dtype=float)
+    if direction == "minimize":
+        good = values <= values.min() * (1 + near_best)
+    else:
+        good = values >= values.max() * (1 - near_best)
+    return int(near.sum()), int((near & good).sum())
+
+
+def hard_windows(worst: list[pd.DataFrame], share: float = HARD_SHARE) -> pd.DataFrame:
+    """Validation samples among the worst-k of at least ``share`` of the runs: the sample's
+    identity (window and start, or id and true class), runs (how many lists hold it), share,
+    and its score averaged over those runs (mae, or the confidence of the wrong answer)."""
+    lists = [w for w in worst if w is not None and not w.empty]
+    keys, score = (
+        (["id", "true"], "confidence")
+        if lists and "id" in lists[0]
+        else (["window", "start"], "mae")
+    )
+    if not lists:
+        return pd.DataFrame(columns=[*keys, "runs", "share", score])
+    stacked = pd.concat(lists)
+    counted = stacked.groupby(keys, as_index=False).agg(
+        runs=(score, "size"), **{score: (score, "mean")}
+    )
+    counted["share"] = counted["runs"] / len(lists)
+    hard = counted[counted["share"] >= share].sort_values(["share", score], ascending=False)
+    return hard[[*keys, "runs", "share", score]].reset_index(drop=True)
+
+
+def markdown(frame: pd.DataFrame, index: bool = False) -> str:
+    """A DataFrame as a GitHub-flavoured Markdown table, numbers to 4 significant digits."""
+    return frame.to_markdown(index=index, floatfmt=".4g", missingval="")
+
+
+@dataclass
+class Report:
+    """Everything the report shows, gathered from the stores."""
+
+    cfg: Config
+    summary: SweepSummary
+    table: pd.DataFrame
+    selection: Selection | None
+    importances: dict[str, float]
+    images: dict[str, Path]  # caption -> picture in the report folder
+    pages: list[Path]  # Optuna's HTML views
+    hard: pd.DataFrame
+    hard_source: str
+    edges: list[str]
+    near: tuple[int, int]
+    task_name: str
+
+
+def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: Path) -> Report:
+    """Read the study, its runs and the closing stage's findings; draw the pictures."""
+    keys = list(cfg.search)
+    runs = tracker.child_runs(parent_id, m.ROLE_TRIAL)
+    table = comparison_table(trials_frame(study), runs, keys)
+    naive = (
+        float(runs[f"metrics.{m.NAIVE_VAL_LOSS}"].dropna().iloc[0])
+        if f"metrics.{m.NAIVE_VAL_LOSS}" in runs
+        and runs[f"metrics.{m.NAIVE_VAL_LOSS}"].notna().any()
+        else math.nan
+    )
+    summary = summarise(table, keys, cfg.direction, cfg.train.monitor, naive)
+    raw = tracker.read_json_artifact(parent_id, m.SELECTION_FILE)
+    selection = Selection.from_dict(raw) if raw else None
+    importances = param_importances(study, cfg.train.seed)
+    contour = [k for k in PAIRS[0] if k in cfg.search]
+    pages = plots.study_pages(study_figures(study, contour, cfg.train.seed), folder / "plots")
     images: dict[str, Path] = {}
-    winner = recommendation.setting
-    history = reevaluation.histories[(winner.number, cfg.train.seed)]
-    verdict = reevaluation.verdicts[(winner.number, cfg.train.seed)]
-    caption = (
-        f"Loss curves of the recommendation, re-evaluated with seed {cfg.train.seed}:"
-        f" {verdict.verdict}"
-    )
-    images[caption] = artifacts.loss_curves(
-        history.rows, history.best_epoch, verdict.onset_epoch, folder / "winner_loss_curves.png"
-    )
+    edges: list[str] = []
+    near = (0, 0)
+    recommended = selection.winner.values if selection else summary.best_values
+    if selection is not None:
+        seed_run = next(s for s in selection.seeds if s.number == selection.recommended)
+        rows = tracker.metric_history(
+            seed_run.run_id, [m.TRAIN_LOSS, m.TRAIN_EVAL_LOSS, m.VAL_LOSS]
+        )
+        onset = tracker.run_metrics(seed_run.run_id).get(m.OVERFIT_ONSET)
+        caption = f"Loss curves of the recommendation, seed {seed_run.seed}: {seed_run.verdict}"
+        images[caption] = plots.loss_curves(
+            rows,
+            seed_run.best_epoch,
+            None if onset is None else int(onset),
+            folder / "winner_loss_curves.png",
+        )
+        edges = dg.edge_warnings([recommended], cfg.search, cfg.report.edge_fraction)
+        near = neighbourhood(table, cfg.search, recommended, cfg.report.near_best, cfg.direction)
     if importances:
-        images["Parameter importances (fANOVA)"] = surface.importance_chart(
+        images["Parameter importances (fANOVA)"] = plots.importance_chart(
             importances, folder / "importances.png"
         )
-    for path in surface.heatmaps(table, cfg.search, winner.values, folder):
-        images[f"Response surface: {path.stem.removeprefix('surface_')}"] = path
-
+    if recommended:
+        for path in draw_surfaces(table, cfg.search, recommended, folder):
+            images[f"Response surface: {path.stem.removeprefix('surface_')}"] = path
+    completed = table.loc[table["state"] == m.COMPLETE, "run_id"].dropna()
     worst = [
-        tracker.read_csv_artifact(run_id, WORST_SAMPLES)
-        for run_id in table.loc[table["state"] == "COMPLETE", "run_id"].dropna()
+        tracker.read_csv_artifact(run_id, f"{m.DIAGNOSTICS_DIR}/{m.WORST_SAMPLES}")
+        for run_id in completed
     ]
-    from_trials = [w for w in worst if w is not None]
-    hard_source = (
-        f"{len(from_trials)} completed trials"
-        if from_trials
-        else f"{len(reevaluation.worst)} re-evaluation runs"
-    )
-    return Evidence(
+    found = [w for w in worst if w is not None]
+    return Report(
+        cfg=cfg,
+        summary=summary,
+        table=table,
+        selection=selection,
         importances=importances,
-        settings=settings,
-        reevaluation=reevaluation,
-        recommendation=recommendation,
-        baselines=compared,
-        final=final,
-        edges=dg.edge_warnings([winner.values], cfg.search, report.edge_fraction),
-        near=surface.neighbourhood(
-            table, cfg.search, winner.values, report.near_best, cfg.direction
-        ),
-        hard=surface.hard_windows(from_trials or reevaluation.worst),
-        hard_source=hard_source,
         images=images,
-        plots=plots,
+        pages=pages,
+        hard=hard_windows(found),
+        hard_source=f"{len(found)} completed trials",
+        edges=edges,
+        near=near,
+        task_name=cfg.task,
     )
 
 
-def parent_metrics(evidence: Evidence) -> dict[str, float]:
-    """The evidence's numbers as single-value metrics of the sweep's parent run."""
-    metrics = {}
-    for method, row in evidence.baselines.iterrows():
-        for metric in (*baselines.METRICS, *baselines.CLASSIFICATION_METRICS):
-            if metric in row and math.isfinite(row[metric]):
-                metrics[f"{method}_test_{metric}"] = float(row[metric])
-    if evidence.final is not None:
-        metrics |= select.optimism(evidence.final, evidence.recommendation)
-        metrics["final_test_loss"] = evidence.final.test_loss
-    winner = evidence.recommendation.spread.iloc[0]
-    metrics |= {
-        "recommended_val_mean": float(winner["val_mean"]),
-        "recommended_val_std": float(winner["val_std"]),
-    }
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
-
-
-def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
-    """A DataFrame as a GitHub-flavoured Markdown table, numbers to 4 significant digits."""
-    if index:
-        frame = frame.reset_index(names="")
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.4g}"
-        return str(value).replace("|", "\\|")
-
-    head = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
-
-
-def _settings_text(values: dict[str, Any]) -> str:
-    return (
-        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        or "(nothing searched)"
-    )
-
-
-def write_report(
-    cfg: Config, summary: SweepSummary, table: pd.DataFrame, evidence: Evidence, folder: Path
-) -> Path:
-    """The one readable report: recommendation first, then the evidence behind it."""
-    rec, final = evidence.recommendation, evidence.final
-    winner = rec.spread.iloc[0]
-    n_near, n_good = evidence.near
-    noise = (
-        f"Within noise of it (mean difference below the two seed standard deviations added):"
-        f" trial(s) {', '.join(f'#{n}' for n in rec.within_noise)}. The data cannot tell these"
-        f" apart; prefer the simpler or cheaper one if it matters."
-        if rec.within_noise
-        else "No other re-evaluated setting is within noise of it."
-        if cfg.report.seeds > 1
-        else "With one seed per setting there is no spread: rerun with report.seeds >= 2"
-        " to judge noise."
-    )
-    verdicts = [
-        f"{v.verdict} ({v.reason})"
-        for (number, _), v in evidence.reevaluation.verdicts.items()
-        if number == rec.setting.number
-    ]
-    spread = 0.0 if math.isnan(winner["val_std"]) else float(winner["val_std"])
+def recommendation_lines(report: Report) -> list[str]:
+    """The recommendation and its evidence, in a few Markdown lines."""
+    selection, cfg = report.selection, report.cfg
+    if selection is None:
+        return ["The closing stage has not run yet: run the sweep's command to finish it."]
+    winner, spread = selection.winner, selection.winner_spread
+    std = 0.0 if pd.isna(spread["val_std"]) else float(spread["val_std"])
+    seeds = [s for s in selection.seeds if s.number == winner.number]
     lines = [
-        f"# Regularisation report: {cfg.study_name}",
+        f"**{settings_text(winner.values)}** (found by trial #{winner.number}).",
         "",
-        "## Recommendation",
+        *[f"**{line}**" for line in honesty_lines(selection, report.task_name)],
         "",
-        f"**{_settings_text(rec.setting.values)}** (found by trial #{rec.setting.number}).",
-        "",
-        f"- Mean best {cfg.train.monitor} over {cfg.report.seeds} seed(s):"
-        f" {winner['val_mean']:.4g} ± {spread:.2g} (the trial itself: {rec.setting.value:.4g};"
-        f" the naive predictor's val loss: {summary.naive_val_loss:.4g}).",
-        f"- Verdicts of its seeds: {'; '.join(verdicts)}.",
-        f"- {noise}",
-        f"- Neighbourhood: {n_near} completed trial(s), its own included, lie within"
-        f" {surface.NEIGHBOURHOOD:.0%} of every searched range around it; {n_good} of them came"
-        f" within {cfg.report.near_best:.0%} of the best value"
-        + (
-            " — a robust region, not a lucky point."
-            if n_good >= 3
-            else " — too few good neighbours to call it a robust region."
-        ),
-        "- Range: "
-        + (
-            "; ".join(evidence.edges)
-            if evidence.edges
-            else "inside every searched range, not at an edge."
-        ),
+        f"- Mean best {cfg.train.monitor} over {len(seeds)} seed(s): {spread['val_mean']:.4g}"
+        f" ± {std:.2g} (the trial itself: {winner.value:.4g}).",
+        f"- Verdicts of its seeds: {', '.join(s.verdict or '?' for s in seeds)}.",
     ]
+    if selection.within_noise:
+        numbers = ", ".join(f"#{n}" for n in selection.within_noise)
+        lines.append(
+            f"- Within noise of it (mean difference below the two seed standard deviations"
+            f" added): trial(s) {numbers}. Prefer the simpler or cheaper one if it matters."
+        )
+    elif len(seeds) > 1:
+        lines.append("- No other re-evaluated setting is within noise of it.")
+    else:
+        lines.append(
+            "- One seed per setting gives no spread: set report.seeds >= 2 to judge noise."
+        )
+    final = selection.final
     if final is not None:
-        opt = select.optimism(final, rec)
-        lstm = evidence.baselines.loc["lstm"]
-        scores = ", ".join(f"{k} {lstm[k]:.4g}" for k in final.errors)
+        opt = optimism(final, selection)
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in final.test.items())
+        how = (
+            f"the mean of its {len(seeds)} seed models"
+            if final.kind == "ensemble"
+            else f"retrained on training + validation samples for {final.epochs} epochs"
+        )
         lines += [
-            f"- Final model: trained on training + validation samples for {final.epochs} epochs"
-            f" (median best epoch + 1 over the seeds), tested once: test loss"
-            f" {final.test_loss:.4g}, {scores}.",
-            f"- Honest estimate: optimism (test minus best validation {cfg.train.monitor}) is"
+            f"- Final model: {how}; tested once: {scores}.",
+            f"- Honest estimate: optimism (test minus validation {cfg.train.monitor}) is"
             f" {opt['optimism_vs_trial']:+.4g} against the trial and"
             f" {opt['optimism_vs_seed_mean']:+.4g} against the seed mean.",
-            f"- Registered model: `{final.model_uri}`"
-            + (
-                f"; forecasts from a CSV:"
-                f" `python -m lstm_sweep.predict {final.model_uri} data.csv`."
-                if cfg.task == "forecast"
-                else "."
-            ),
+            f"- Registered model: `{final.model_uri}`; predictions from a table:"
+            f" `python -m lstm_sweep.predict {final.model_uri} data.csv`.",
         ]
-    lines += [
-        "- Ready-to-train file: `recommended_config.yaml`"
-        f" (`python -m lstm_sweep.run {folder / 'recommended_config.yaml'}`).",
-        "",
-        "## Against the baselines (test part)",
-        "",
-        BASELINE_NOTES[cfg.task],
-        "",
-        markdown_table(evidence.baselines, index=True),
-        "",
-        "## Seed re-evaluation of the top settings",
-        "",
-        "Chosen on the validation mean only; test columns are shown, never used to choose.",
-        "",
-        markdown_table(_spread_with_values(rec.spread, evidence.settings)),
-        "",
-        "## What mattered",
-        "",
-    ]
-    if evidence.importances:
+    lines.append(
+        f"- The closing stage trained {selection.trainings} model(s) in {selection.seconds:.0f} s."
+    )
+    return lines
+
+
+def write_report(report: Report, folder: Path) -> Path:
+    """The one readable report: the answer first, then the evidence behind it."""
+    cfg, summary, selection = report.cfg, report.summary, report.selection
+    n_near, n_good = report.near
+    lines = [f"# Regularisation report: {cfg.study_name}", "", "## Recommendation", ""]
+    lines += recommendation_lines(report)
+    if selection is not None:
         lines += [
-            markdown_table(
-                pd.DataFrame(
-                    {
-                        "key": list(evidence.importances),
-                        "importance": list(evidence.importances.values()),
-                    }
-                )
+            f"- Neighbourhood: {n_near} completed trial(s), its own included, lie within"
+            f" {NEIGHBOURHOOD:.0%} of every searched range around it; {n_good} came within"
+            f" {cfg.report.near_best:.0%} of the best value"
+            + (
+                " — a robust region, not a lucky point."
+                if n_good >= 3
+                else " — too few good neighbours to call it a robust region."
             ),
+            "- Range: "
+            + (
+                "; ".join(report.edges)
+                if report.edges
+                else "inside every searched range, not at an edge."
+            ),
+            "- Ready-to-train file: `recommended_config.yaml`"
+            f" (`python -m lstm_sweep.run {folder / 'recommended_config.yaml'}`).",
+            "",
+            "## Against the baselines",
+            "",
+            BASELINE_NOTES[report.task_name],
+            "",
+            markdown(comparison_frame(selection), index=True),
+            "",
+            "## Seed re-evaluation of the top settings",
+            "",
+            "Chosen on the validation mean only; test columns are shown, never used to choose.",
+            "",
+            markdown(spread_with_values(selection)),
             "",
         ]
+    lines += ["## What mattered", ""]
+    if report.importances:
+        frame = pd.DataFrame(
+            {"key": list(report.importances), "importance": list(report.importances.values())}
+        )
+        lines += [markdown(frame), ""]
     else:
         lines += ["Too few completed trials for importances.", ""]
-    lines += [f"- [{p.stem.replace('_', ' ')}](plots/{p.name})" for p in evidence.plots]
+    lines += [f"- [{p.stem.replace('_', ' ')}](plots/{p.name})" for p in report.pages]
     lines += ["", "## Pictures", ""]
-    for caption, path in evidence.images.items():
+    for caption, path in report.images.items():
         lines += [f"### {caption}", "", f"![{caption}]({path.name})", ""]
     lines += [
         "## Validation windows every setting gets wrong",
         "",
-        f"Windows in the worst {cfg.diagnostics.k_worst} of at least"
-        f" {surface.HARD_SHARE:.0%} of {evidence.hard_source}: a data or regime problem, not a"
-        " regularisation one.",
+        f"Samples in the worst {cfg.diagnostics.k_worst} of at least {HARD_SHARE:.0%} of"
+        f" {report.hard_source}: a data or regime problem, not a regularisation one.",
         "",
-        markdown_table(evidence.hard) if len(evidence.hard) else "None.",
+        markdown(report.hard) if len(report.hard) else "None.",
         "",
         f"## All trials ({summary.finished} finished, {summary.pruned} pruned,"
         f" {summary.failed} failed)",
         "",
-        markdown_table(table.drop(columns=["run_id"], errors="ignore")),
+        markdown(report.table.drop(columns=["run_id"], errors="ignore")),
         "",
     ]
     path = folder / "report.md"
@@ -439,58 +575,71 @@ def write_report(
     return path
 
 
-def _spread_with_values(spread: pd.DataFrame, settings: list[select.Setting]) -> pd.DataFrame:
+BASELINE_NOTES = {
+    "forecast": "Errors in the target's own units. MASE divides the MAE by the naive forecast's"
+    " MAE on the training windows. The ridge baseline is a linear autoregression on the LSTM's"
+    " own input windows, its penalty chosen on validation.",
+    "classification": "Accuracy, balanced accuracy and macro F1; the logistic regression reads"
+    " the flattened sequences.",
+}
+
+
+def spread_with_values(selection: Selection) -> pd.DataFrame:
     values = pd.DataFrame(
-        [{"number": s.number, **s.values, "trial_value": s.value} for s in settings]
+        [{"number": s.number, **s.values, "trial_value": s.value} for s in selection.settings]
     )
-    return values.merge(spread, on="number")
+    return values.merge(pd.DataFrame(selection.spread), on="number")
 
 
-def finish(sweep: Sweep, parent_id: str) -> str:
-    """Build the sweep's report from the stores, attach it to the parent run and close it."""
-    cfg, tracker, data = sweep.cfg, sweep.tracker, sweep.data
-    keys = list(cfg.search)
-    runs = tracker.child_runs(parent_id, "trial")
-    table = comparison_table(trials_frame(sweep.study), runs, keys)
-    summary = summarise(
-        table, keys, naive_loss(data), cfg.direction, cfg.train.monitor, NAIVE_NAMES[cfg.task]
-    )
-    folder = output_dir(cfg)
-    (folder / "resolved_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    table.to_csv(folder / "trials.csv", index=False)
-    lines = [format_summary(summary, tracker.ui_command())]
-    edges = dg.edge_warnings(summary.table.head(EDGE_TOP).to_dict("records"), cfg.search)
-    if edges:  # once per sweep, on screen and as a tag: the range should be widened
-        lines += [f"warning: {warning}" for warning in edges]
-        tracker.set_tags(parent_id, {"range_warnings": " | ".join(edges)})
-    if summary.best_number is not None and summary.best_value is not None:
-        write_best_config(cfg, summary.best_values, folder / "best_config.yaml")
-        tracker.log_summary(parent_id, {f"best_{cfg.train.monitor}": summary.best_value})
-        tracker.set_tags(parent_id, {"best_trial": summary.best_number})
-        evidence = gather_evidence(cfg, data, tracker, parent_id, table, sweep.study, folder)
-        rec = evidence.recommendation
-        write_best_config(
-            cfg, rec.setting.values, folder / "recommended_config.yaml", "recommended"
-        )
-        report = write_report(cfg, summary, table, evidence, folder)
-        tracker.log_summary(parent_id, parent_metrics(evidence))
-        tags: dict[str, Any] = {"recommended_trial": rec.setting.number}
-        if evidence.final is not None:
-            tags["model_uri"] = evidence.final.model_uri
-        tracker.set_tags(parent_id, tags)
+def description(report: Report, report_path: str) -> str:
+    """The parent run's description in the MLflow UI: the answer, its evidence in a few lines
+    and the baseline comparison, so nobody needs to download anything to read it."""
+    cfg, selection = report.cfg, report.selection
+    lines = [f"## {cfg.study_name}: recommended settings", ""]
+    lines += recommendation_lines(report)
+    if selection is not None:
         lines += [
             "",
-            f"Recommended (best mean of {cfg.report.seeds} seed(s) over the top"
-            f" {len(evidence.settings)}): trial #{rec.setting.number},"
-            f" {_settings_text(rec.setting.values)}",
-            "Test part (see the report for units and notes):",
-            evidence.baselines.to_string(float_format=lambda v: f"{v:.4g}"),
-            f"Report: {report}",
+            "### Against the baselines",
+            "",
+            markdown(comparison_frame(selection), index=True),
         ]
-    tracker.log_summary(parent_id, {"naive_val_loss": summary.naive_val_loss})
-    tracker.log_artifacts(parent_id, folder, "report")
-    tracker.finish(parent_id, "COMPLETE")
-    return "\n".join(lines) + f"\nReport files: {folder}"
+    summary = report.summary
+    lines += [
+        "",
+        f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed."
+        f" The full report with its pictures is under the artifacts, `{report_path}`.",
+    ]
+    return "\n".join(lines)
+
+
+def render(cfg: Config, tracker: Tracker, study: Study, parent_id: str, close: bool = True) -> str:
+    """Write the report from the stores, attach it to the parent run, set the run's
+    description and (with ``close``) close the run; returns what the command prints."""
+    folder = output_dir(cfg)
+    report = gather(cfg, tracker, study, parent_id, folder)
+    resolved = mask_stores(cfg.model_dump(mode="json"))
+    (folder / "resolved_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    report.table.to_csv(folder / "trials.csv", index=False)
+    summary = report.summary
+    edges = dg.edge_warnings(summary.table.head(EDGE_TOP).to_dict("records"), cfg.search)
+    if edges:  # once per sweep, on screen and as a tag: the range should be widened
+        tracker.set_tags(parent_id, {m.RANGE_TAG: " | ".join(edges)})
+    if summary.best_number is not None:
+        write_best_config(cfg, summary.best_values, folder / "best_config.yaml", "best")
+        tracker.set_tags(parent_id, {m.BEST_TRIAL_TAG: summary.best_number})
+    if report.selection is not None:
+        write_best_config(
+            cfg, report.selection.winner.values, folder / "recommended_config.yaml", "recommended"
+        )
+    path = write_report(report, folder)
+    tracker.log_artifacts(parent_id, folder, m.REPORT_DIR)
+    tracker.describe(parent_id, description(report, f"{m.REPORT_DIR}/{path.name}"))
+    if close:
+        tracker.finish_parent(parent_id, m.COMPLETE)
+    text = format_summary(summary, report.selection, report.task_name, tracker.ui_command())
+    warnings = [f"warning: {w}" for w in edges]
+    return "\n".join([text, *warnings, f"Report: {path}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,12 +648,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        sweep = prepare(args.sweep, args.set)
+        cfg = load_config(args.sweep, args.set)
+        tracker = Tracker(cfg.tracking.uri, cfg.experiment, args.sweep)
+        study = open_study(cfg, args.sweep)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    parent_id = sweep.tracker.open_parent(sweep.cfg.study_name, sweep.cfg.model_dump(mode="json"))
-    print(finish(sweep, parent_id))
+    parent_id = tracker.find_parent(cfg.study_name)
+    if parent_id is None:
+        print(f"error: {args.sweep}: study {cfg.study_name!r} has no runs yet", file=sys.stderr)
+        return 2
+    print(render(cfg, tracker, study, parent_id, close=False))
     return 0
 
 

@@ -1,28 +1,53 @@
 """The command line: ``python -m lstm_sweep.run SWEEP.yaml [--set key=value ...]``.
 
-Parse, validate, then wire the pieces: data once, the tracker's parent run, the Optuna study and
-its workers, then the report. Everything that can be wrong with the input is found before the
-first run or trial exists, and reported as one line with exit status 2.
+Parse, validate, then call the stages in order: the workers run the study's missing trials;
+once the study holds ``n_trials``, the closing stage (seed re-evaluation, final model,
+registry) and the report run once per study, in whichever process claims them first.
+Everything that can be wrong with the input is found before the first run or trial exists and
+reported as one line with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import os
+import socket
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from lstm_sweep.config import ConfigError
-from lstm_sweep.report import finish
-from lstm_sweep.study import ProgressCallback, counted_trials
-from lstm_sweep.sweep import GracefulStop, Sweep, prepare, start, work, worker_process
-from lstm_sweep.tracking import TrackingUnavailable
+from lstm_sweep import metrics as m
+from lstm_sweep.config import ConfigError, mask_secrets
+from lstm_sweep.report import comparison_table, parent_metrics, render
+from lstm_sweep.select import Selector
+from lstm_sweep.study import (
+    best_value,
+    counted_trials,
+    record_selection,
+    selection_recorded,
+    state_counts,
+    storage_url,
+    trials_frame,
+)
+from lstm_sweep.tracking import TrackingUnavailable, failure_reason
+from lstm_sweep.workers import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    GracefulStop,
+    LockTimeout,
+    StudyLock,
+    Sweep,
+    SweepIncomplete,
+    prepare,
+    run_local_workers,
+    start,
+)
 
-EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 RESUME_HINT = "every finished trial is kept: run the same command again to resume"
 
 EPILOG = """\
@@ -30,15 +55,16 @@ sweep file sections (see sweeps/forecast.yaml for every key with a comment):
   experiment   MLflow experiment name (and default study name)
   data         path, time_column, target, features, window, horizon, split, scaler,
                missing, transform, season
-  model        num_layers, hidden_size, dropout, head_dropout
+  model        num_layers, hidden_size, dropout, head_dropout, skip
   train        max_epochs, batch_size, learning_rate, weight_decay, optimizer, patience,
-               min_delta, grad_clip, seed, device
+               min_delta, grad_clip, seed, device, monitor
   search       dotted key -> {type: float|int|categorical, low, high, log, step, choices}
   study        name, n_trials, timeout, sampler, n_startup_trials, pruner, storage,
-               direction, workers
+               direction, workers, lock_timeout, ray
   tracking     uri, flush_seconds
   diagnostics  level (full|basic|off), eval_subsample, hidden_subsample, k_worst,
                saturation, dead_std, verdict
+  report       top_k, seeds, final_model, ensemble, model_name, edge_fraction, near_best
 
 examples:
   python -m lstm_sweep.run sweeps/forecast.yaml
@@ -48,7 +74,8 @@ examples:
 
 A rerun of the same command resumes the study: it completes only the trials that are missing.
 The same command on several hosts, with study.storage and tracking.uri on shared servers,
-cooperates on one study.
+cooperates on one study. A changed sweep file is refused for an existing study: give it a new
+study.name.
 """
 
 
@@ -77,70 +104,127 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_workers(sweep: Sweep, parent_id: str, bar: tqdm) -> None:
-    """Spawn study.workers processes on the study and follow their progress."""
-    context = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch state
-    processes = [
-        context.Process(target=worker_process, args=(sweep.path, sweep.overrides, parent_id))
-        for _ in range(sweep.cfg.study.workers)
-    ]
-    for process in processes:
-        process.start()
-    with GracefulStop(quiet=True) as stop:  # the workers get the same Ctrl-C and stop cleanly
-        while any(p.is_alive() for p in processes):
-            bar.update(counted_trials(sweep.study) - bar.n)
-            time.sleep(1.0)
-        for process in processes:
-            process.join()
-    bar.update(counted_trials(sweep.study) - bar.n)
-    if stop.requested or any(p.exitcode == EXIT_INTERRUPTED for p in processes):
-        raise KeyboardInterrupt
-    lost = [p.exitcode for p in processes if p.exitcode]
-    counted, wanted = counted_trials(sweep.study), sweep.cfg.study.n_trials
-    if lost and counted < wanted:
-        raise SweepIncomplete(
-            f"{len(lost)} of {len(processes)} workers exited with codes {lost} and the study"
-            f" holds {counted} of {wanted} trials"
-        )
-    if lost:  # e.g. a killed worker: the others retried its trial, the sweep is whole
-        print(
-            f"warning: {len(lost)} worker(s) lost (exit codes {lost});"
-            " their trials were retried by the others",
+class Progress:
+    """One bar over the whole study, fed by this process's trials (an Optuna callback) and by
+    polling the storage while other workers finish theirs."""
+
+    def __init__(self, sweep: Sweep, enabled: bool) -> None:
+        self.study = sweep.study
+        self.bar = tqdm(
+            total=sweep.cfg.study.n_trials,
+            initial=counted_trials(sweep.study),
+            desc=sweep.cfg.study_name,
+            unit="trial",
+            disable=not enabled,
             file=sys.stderr,
         )
 
+    def __call__(self, *_: Any) -> None:
+        counts = state_counts(self.study)
+        best = best_value(self.study)
+        self.bar.set_postfix(
+            finished=counts[m.COMPLETE],
+            pruned=counts[m.PRUNED],
+            failed=counts[m.FAIL],
+            best=f"{best:.4g}" if best is not None else "-",
+            refresh=False,
+        )
+        self.bar.update(counts[m.COMPLETE] + counts[m.PRUNED] - self.bar.n)
 
-class SweepIncomplete(RuntimeError):
-    """Workers stopped before the study held n_trials (all of them crashed or were killed)."""
+    def close(self) -> None:
+        self.bar.close()
 
 
-def run_sweep(sweep: Sweep, progress: bool = True) -> str:
-    """Run the missing trials on study.workers workers, then report; returns the summary."""
-    cfg, study = sweep.cfg, sweep.study
-    parent_id = start(sweep)
-    bar = tqdm(
-        total=cfg.study.n_trials,
-        initial=counted_trials(study),
-        desc=cfg.study_name,
-        unit="trial",
-        disable=not progress,
-        file=sys.stderr,
-    )
+def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop) -> str:
+    """Once the study holds n_trials: the closing stage and the report, exactly once per study
+    however many processes and hosts worked on it (the first to claim the report lock does
+    them; the others say where to look)."""
+    cfg, study, tracker = sweep.cfg, sweep.study, sweep.tracker
+    counted = counted_trials(study)
+    if counted < cfg.study.n_trials:
+        return (
+            f"The study holds {counted} of {cfg.study.n_trials} trials (study.timeout reached):"
+            " run the same command again to continue; the report and the registered model come"
+            " once it is complete."
+        )
+    claim = StudyLock(storage_url(cfg), cfg.study_name, cfg.study.lock_timeout, "report")
+    if not claim.try_acquire():
+        return (
+            f"Another process is writing the report of study {cfg.study_name!r}; it will be on"
+            f" the sweep's parent run: {tracker.ui_command()}"
+        )
     try:
-        if cfg.study.workers == 1:
-            with GracefulStop() as stop:
-                work(sweep, parent_id, stop, [ProgressCallback(bar)])
-        else:
-            run_workers(sweep, parent_id, bar)
+        recorded = selection_recorded(study) or {}
+        current = recorded.get("n_trials") == counted  # a study extended since needs a new one
+        if current and recorded.get("reported_by"):
+            return (
+                f"Study {cfg.study_name!r} is complete; its report was written by"
+                f" {recorded['reported_by']}: {tracker.ui_command()}"
+            )
+        if not current:
+            select_once(sweep, parent_id, stop)
+        text = render(cfg, tracker, study, parent_id)
+        done = selection_recorded(study) or {}
+        record_selection(study, {**done, "reported_by": f"{socket.gethostname()}:{os.getpid()}"})
+        return text
+    finally:
+        claim.release()
+
+
+def select_once(sweep: Sweep, parent_id: str, stop: GracefulStop) -> None:
+    """The closing stage; its findings go onto the parent run and into the study."""
+    cfg, tracker = sweep.cfg, sweep.tracker
+    table = comparison_table(
+        trials_frame(sweep.study), tracker.child_runs(parent_id, m.ROLE_TRIAL), list(cfg.search)
+    )
+    if not (table["state"] == m.COMPLETE).any():
+        return
+    selector = Selector(
+        cfg, sweep.tasks, tracker, parent_id, stop, say=lambda line: print(line, file=sys.stderr)
+    )
+    selection = selector.run(table)
+    with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
+        (Path(tmp) / m.SELECTION_FILE).write_text(selection.to_json())
+        tracker.log_artifacts(parent_id, Path(tmp))
+    tracker.log_summary(parent_id, parent_metrics(selection))
+    tags: dict[str, Any] = {m.RECOMMENDED_TRIAL_TAG: selection.recommended}
+    if selection.final is not None:
+        tags[m.MODEL_URI_TAG] = selection.final.model_uri
+    tracker.set_tags(parent_id, tags)
+    record_selection(
+        sweep.study,
+        {
+            "n_trials": counted_trials(sweep.study),
+            "recommended": selection.recommended,
+            "model_uri": selection.final.model_uri if selection.final else None,
+        },
+    )
+
+
+def run_sweep(sweep: Sweep, stop: GracefulStop, progress: bool = True) -> str:
+    """Run the missing trials on study.workers workers, then conclude; returns the summary."""
+    parent_id = start(sweep)
+    bar = Progress(sweep, progress)
+    started = time.monotonic()
+    try:
+        run_local_workers(sweep, parent_id, stop, [bar], bar)
+        bar()
+        bar.close()
+        text = conclude(sweep, parent_id, stop)
     except KeyboardInterrupt:
-        sweep.tracker.finish(parent_id, "FAIL", {"failure_reason": "interrupted by the user"})
+        sweep.tracker.finish_parent(parent_id, m.FAIL, m.INTERRUPTED_REASON)
         raise
-    except SweepIncomplete as exc:
-        sweep.tracker.finish(parent_id, "FAIL", {"failure_reason": str(exc)})
+    except (SweepIncomplete, LockTimeout) as exc:
+        sweep.tracker.finish_parent(parent_id, m.FAIL, str(exc))
+        raise
+    except TrackingUnavailable:
+        raise  # the parent run cannot be closed now; the next start reopens it
+    except Exception as exc:  # a bug: leave no run RUNNING behind the traceback
+        sweep.tracker.finish_parent(parent_id, m.FAIL, failure_reason(exc))
         raise
     finally:
         bar.close()
-    return finish(sweep, parent_id)
+    return f"{text}\nWall time: {time.monotonic() - started:.0f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,18 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        print(run_sweep(sweep, progress=not args.no_progress))
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted: the current trial was closed as failed and will be retried;"
-            " run the same command again to resume.",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
-    except (SweepIncomplete, TrackingUnavailable) as exc:
-        print(f"error: {exc}; {RESUME_HINT}", file=sys.stderr)
-        return EXIT_FAILED
+    with GracefulStop() as stop:
+        try:
+            print(run_sweep(sweep, stop, progress=not args.no_progress))
+        except KeyboardInterrupt:
+            print(
+                "\ninterrupted: the current trial was closed as failed and will be retried;"
+                " run the same command again to resume.",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+        except (SweepIncomplete, TrackingUnavailable, LockTimeout) as exc:
+            print(f"error: {mask_secrets(str(exc))}; {RESUME_HINT}", file=sys.stderr)
+            return EXIT_FAILED
     return 0
 
 

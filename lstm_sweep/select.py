@@ -1,17 +1,24 @@
-"""From a finished study to one recommended setting and one registered model.
+"""From a finished study to one recommended setting and one registered model. This stage
+trains; the report only reads what it leaves behind.
 
 The luckiest trial is not the answer: the top-k settings are trained again with several seeds
-(nested MLflow runs tagged ``reevaluation``), the one with the best *mean* validation loss is
-recommended, and the report says which others are within noise of it. The recommendation is then
-trained once more on training plus validation windows for the epoch count selection found,
-scored once on the test part, logged and registered. Selection never reads a test number.
+(nested MLflow runs tagged ``reevaluation``; a trial that kept its weights counts as its own
+first seed), the one with the best *mean* monitored metric is recommended, and the settings
+within noise of it are named. The recommendation then becomes the final model (retrained on
+training plus validation windows for the epochs selection found, or the mean of its seed
+models), which is scored once on the test part, logged and registered, next to the baselines on
+the validation and the test part. Selection never reads a test number. Everything it finds is
+kept as ``selection.json`` on the sweep's parent run, and whatever it already finished (a
+re-evaluation, the registered model) is reused when it runs again after an interruption.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-from dataclasses import dataclass, fields, replace
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +26,25 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from tqdm import tqdm
 
-from lstm_sweep import artifacts, baselines
-from lstm_sweep import diagnostics as dg
-from lstm_sweep.config import Config
-from lstm_sweep.tracking import (
-    ROLE_TAG,
-    STUDY_TAG,
-    TRIAL_TAG,
-    EpochLogger,
-    Tracker,
-    flatten,
-    trial_run_name,
+from lstm_sweep import metrics as m
+from lstm_sweep.config import Config, flatten
+from lstm_sweep.data import TrainingData
+from lstm_sweep.model import Ensemble
+from lstm_sweep.record import load_weights, train_in_run
+from lstm_sweep.tasks import Classification, Task, TaskCache, make_task
+from lstm_sweep.tracking import Tracker, run_name
+from lstm_sweep.train import (
+    Callback,
+    Interrupted,
+    Stop,
+    StopWhen,
+    build_model,
+    fit,
+    predict,
+    scores,
 )
-from lstm_sweep.train import History, TrainingData, build_model, evaluate, fit, naive_loss, predict
-
-TEST_LOSS = "test_loss"  # the training loss on the test part, in the units of val_loss
-SEED_TAG = "lstm_sweep.seed"
 
 
 @dataclass(frozen=True)
@@ -46,38 +55,85 @@ class Setting:
     values: dict[str, Any]  # dotted config key -> value
     value: float  # the trial's value: its monitored metric (train.monitor) at its best epoch
     best_epoch: int
-
-
-@dataclass
-class Reevaluation:
-    runs: pd.DataFrame  # one row per (setting, seed): number, seed, run_id, val_loss, ...
-    histories: dict[tuple[int, int], History]  # (trial number, seed) -> its training history
-    verdicts: dict[tuple[int, int], dg.Verdict]  # (trial number, seed) -> its verdict
-    worst: list[pd.DataFrame]  # each run's worst validation windows (diagnostics.worst_windows)
+    run_id: str  # the trial's MLflow run
 
 
 @dataclass(frozen=True)
-class Recommendation:
-    setting: Setting
-    spread: pd.DataFrame  # one row per setting: number, val/test mean and std, within_noise
-    epochs: int  # epochs for the final training: median over seeds of best_epoch + 1
-    within_noise: list[int]  # trial numbers of other settings within noise of the winner
+class SeedResult:
+    """One setting trained with one seed, scored on validation and (read by nobody who
+    chooses) on test."""
+
+    number: int
+    seed: int
+    run_id: str
+    value: float  # the monitored metric at the best epoch
+    best_epoch: int
+    verdict: str
+    val: dict[str, float]  # the task's errors on the validation part (Task.errors)
+    test: dict[str, float]  # the same on the test part
+    test_value: float  # the monitored metric on the test part
+    reused: bool  # the trial's own training, not a new one
 
 
 @dataclass(frozen=True)
 class FinalModel:
     run_id: str
     model_uri: str  # models:/name/version
+    kind: str  # retrained (on train + val) or ensemble (of the seed models)
     epochs: int
-    test_loss: float  # the training loss on the test part, comparable to val_loss
+    test: dict[str, float]  # the task's test errors, comparable with the baselines' rows
     test_value: float  # the monitored metric on the test part, comparable to trial values
-    errors: dict[str, float]  # the task's test metrics (baselines.model_errors)
-    history: History
+    single_seed_test: dict[str, float]  # an ensemble's first member alone, for comparison
+
+
+@dataclass
+class Selection:
+    """What the closing stage found; saved as selection.json on the parent run."""
+
+    settings: list[Setting]
+    seeds: list[SeedResult]
+    spread: list[dict[str, Any]]  # per setting: number, val/test mean and std, epochs, within
+    recommended: int  # the winner's trial number
+    within_noise: list[int]
+    epochs: int  # for a retrained final model: median over seeds of best epoch + 1
+    baselines_val: dict[str, dict[str, Any]]  # method -> errors and note, validation part
+    baselines_test: dict[str, dict[str, Any]]  # the same on the test part
+    lstm_val: dict[str, float]  # the recommendation's validation errors (seed mean or ensemble)
+    beaten_by: dict[str, Any] | None  # the best baseline, when it beats the LSTM on validation
+    final: FinalModel | None
+    trainings: int  # models this stage trained (not counting the trials it reused)
+    seconds: float
+    headline: str  # the error that decides "better" (Task.headline)
+
+    @property
+    def winner(self) -> Setting:
+        return next(s for s in self.settings if s.number == self.recommended)
+
+    @property
+    def winner_spread(self) -> dict[str, Any]:
+        return next(r for r in self.spread if r["number"] == self.recommended)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Selection:
+        """The inverse of ``json.loads(selection.to_json())``."""
+        raw = dict(raw)
+        raw["settings"] = [Setting(**s) for s in raw["settings"]]
+        raw["seeds"] = [SeedResult(**s) for s in raw["seeds"]]
+        raw["final"] = FinalModel(**raw["final"]) if raw["final"] else None
+        return cls(**raw)
+
+
+def plain(value: Any) -> Any:
+    """A NumPy scalar from a DataFrame cell as the Python value YAML and configs expect."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def top_settings(table: pd.DataFrame, keys: list[str], k: int, direction: str) -> list[Setting]:
     """The k best distinct settings among completed trials of a comparison table."""
-    done = table[table["state"] == "COMPLETE"].sort_values(
+    done = table[table["state"] == m.COMPLETE].sort_values(
         "value", ascending=direction == "minimize"
     )
     settings: list[Setting] = []
@@ -88,122 +144,44 @@ def top_settings(table: pd.DataFrame, keys: list[str], k: int, direction: str) -
         if signature in seen:  # a retried trial repeats its settings
             continue
         seen.add(signature)
-        settings.append(
-            Setting(int(row["number"]), values, float(row["value"]), int(row[dg.BEST_EPOCH]))
-        )
+        number, value, epoch = int(row["number"]), float(row["value"]), int(row[m.BEST_EPOCH])
+        settings.append(Setting(number, values, value, epoch, str(row["run_id"])))
         if len(settings) == k:
             break
     return settings
 
 
-def plain(value: Any) -> Any:
-    """A NumPy scalar from a DataFrame cell as the Python value YAML and configs expect."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def reevaluate(
-    cfg: Config,
-    data: TrainingData,
-    tracker: Tracker,
-    parent_id: str,
-    settings: list[Setting],
-    seeds: int,
-) -> Reevaluation:
-    """Train every setting with seeds train.seed, train.seed + 1, ...: one nested run each.
-
-    Seed train.seed repeats the trial itself. Test loss is recorded for the report's spread
-    table, and read by nobody that chooses.
-    """
-    naive_val = naive_loss(data, "val")
-    rows, histories, verdicts, worst = [], {}, {}, []
-    for setting in settings:
-        for seed in range(cfg.train.seed, cfg.train.seed + seeds):
-            run_cfg = cfg.with_values({**setting.values, "train.seed": seed})
-            name = trial_run_name(setting.number, setting.values).replace("trial", "reeval", 1)
-            run_id = tracker.start_child(
-                parent_id,
-                f"{name} seed={seed}",
-                tags={
-                    ROLE_TAG: "reevaluation",
-                    STUDY_TAG: cfg.study_name,
-                    TRIAL_TAG: str(setting.number),
-                    SEED_TAG: str(seed),
-                },
-                params=flatten(run_cfg.model_dump(mode="json")),
-            )
-            logger = EpochLogger(tracker, run_id, cfg.tracking.flush_seconds)
-            model = build_model(data, run_cfg)
-            history = fit(model, data, run_cfg, [logger])
-            logger.flush()
-            verdict = dg.judge(
-                history.rows, naive_val, cfg.diagnostics.verdict, history.unstable_reason
-            )
-            test = test_scores(model, data)
-            metrics = {
-                dg.BEST_VAL_LOSS: history.best_val_loss,
-                dg.BEST_EPOCH: history.best_epoch,
-                dg.EPOCHS_TRAINED: history.epochs_trained,
-                **test,
-            }
-            tracker.log_summary(run_id, metrics)
-            state = "COMPLETE" if history.best_epoch >= 0 else "FAIL"
-            tracker.finish(
-                run_id, state, {"verdict": verdict.verdict, "verdict_reason": verdict.reason}
-            )
-            best = history.rows[history.best_epoch] if history.best_epoch >= 0 else {}
-            rows.append(
-                {
-                    "number": setting.number,
-                    "seed": seed,
-                    "run_id": run_id,
-                    "val_loss": history.best_val_loss,
-                    **test,
-                    **{k: v for k, v in best.items() if k.startswith("val_")},
-                    dg.BEST_EPOCH: history.best_epoch,
-                    "verdict": verdict.verdict,
-                }
-            )
-            histories[(setting.number, seed)] = history
-            verdicts[(setting.number, seed)] = verdict
-            worst.append(artifacts.worst_val_samples(model, data, cfg.diagnostics.k_worst))
-    return Reevaluation(pd.DataFrame(rows), histories, verdicts, worst)
-
-
-def test_scores(model: torch.nn.Module, data: TrainingData) -> dict[str, float]:
-    """The loss and the task's scores on the test part (test_loss, test_accuracy, ...)."""
-    return evaluate(model, data, "test", data.test.x, data.test.y)
-
-
-def recommend(
-    settings: list[Setting], runs: pd.DataFrame, direction: str, monitor: str = dg.VAL_LOSS
-) -> Recommendation:
-    """The setting with the best mean of the monitored validation metric over seeds, and the
-    settings within noise of it: their mean differs from the winner's by less than the two
-    standard deviations added (with one seed there is no spread, so nothing is within noise)."""
-    grouped = runs.groupby("number")
-    test_key = monitor.replace("val_", "test_", 1)
-    spread = pd.DataFrame(
+def spread_table(
+    seeds: list[SeedResult], direction: str, headline: str
+) -> tuple[pd.DataFrame, int, list[int]]:
+    """Per setting the mean and spread of its seeds' values (and, for the record, of their test
+    headline error), best mean first; the winner; and the settings within noise of it: their
+    mean differs from the winner's by less than the two standard deviations added (one seed
+    has no spread, so then nothing is within noise)."""
+    frame = pd.DataFrame(
         {
-            "val_mean": grouped[monitor].mean(),
-            "val_std": grouped[monitor].std(),
-            "test_mean": grouped[test_key].mean(),
-            "test_std": grouped[test_key].std(),
-            "epochs": grouped[dg.BEST_EPOCH].apply(lambda e: int(statistics.median(e + 1))),
+            "number": [s.number for s in seeds],
+            "value": [s.value for s in seeds],
+            "epochs": [s.best_epoch + 1 for s in seeds],
+            "test": [s.test.get(headline, np.nan) for s in seeds],
         }
     )
-    spread = spread.sort_values("val_mean", ascending=direction == "minimize")
+    grouped = frame.groupby("number")
+    spread = pd.DataFrame(
+        {
+            "val_mean": grouped["value"].mean(),
+            "val_std": grouped["value"].std(),
+            f"test_{headline}_mean": grouped["test"].mean(),
+            f"test_{headline}_std": grouped["test"].std(),
+            "epochs": grouped["epochs"].median().round().astype(int),
+        }
+    ).sort_values("val_mean", ascending=direction == "minimize")
     winner = int(spread.index[0])
     noise = spread["val_std"].fillna(0.0)
     distance = (spread["val_mean"] - spread.loc[winner, "val_mean"]).abs()
-    within = distance < noise + noise.loc[winner]
-    spread["within_noise"] = within & (spread.index != winner)
-    by_number = {s.number: s for s in settings}
-    return Recommendation(
-        setting=by_number[winner],
-        spread=spread.reset_index(),
-        epochs=max(1, int(spread.loc[winner, "epochs"])),
-        within_noise=[int(n) for n in spread.index[spread["within_noise"]]],
-    )
+    spread["within_noise"] = (distance < noise + noise.loc[winner]) & (spread.index != winner)
+    within = [int(n) for n in spread.index[spread["within_noise"]]]
+    return spread.reset_index(), winner, within
 
 
 def with_validation_in_training(data: TrainingData) -> TrainingData:
@@ -219,81 +197,310 @@ def with_validation_in_training(data: TrainingData) -> TrainingData:
     return replace(data, train=replace(train, **joined))  # type: ignore[arg-type]
 
 
-def train_final(
-    cfg: Config,
-    data: TrainingData,
-    tracker: Tracker,
-    parent_id: str,
-    recommendation: Recommendation,
-    folder: Path,
-) -> FinalModel:
-    """Train the recommendation on train + validation for ``recommendation.epochs`` epochs,
-    score it once on the test windows, log it with its scaler and data config, register it."""
-    setting, epochs = recommendation.setting, recommendation.epochs
-    run_cfg = cfg.with_values(
-        {**setting.values, "train.max_epochs": epochs, "train.patience": epochs}
-    )
-    run_id = tracker.start_child(
-        parent_id,
-        trial_run_name(setting.number, setting.values).replace("trial", "final", 1),
-        tags={
-            ROLE_TAG: "final",
-            STUDY_TAG: cfg.study_name,
-            TRIAL_TAG: str(setting.number),
-            "val_loss_note": "validation windows are part of this run's training data",
-        },
-        params=flatten(run_cfg.model_dump(mode="json")),
-    )
-    try:
-        final_data = with_validation_in_training(data)
-        model = build_model(final_data, run_cfg)
-        logger = EpochLogger(tracker, run_id, cfg.tracking.flush_seconds)
-        history = fit(model, final_data, run_cfg, [logger], restore_best=False)
-        logger.flush()
-        model = model.cpu().eval()
-        test = test_scores(model, data)
-        errors = baselines.model_errors(data, predict(model, data.test.x).numpy())
-        tracker.log_summary(
-            run_id,
-            {
-                **test,
-                dg.EPOCHS_TRAINED: len(history.rows),
-                **{f"test_{k}": v for k, v in errors.items()},
-            },
-        )
-        example = data.train.x[:5].numpy()
-        model_uri = tracker.log_model(
-            run_id,
-            model,
-            example,
-            predict(model, data.train.x[:5]).numpy(),
-            write_model_files(cfg, data, folder),
-            cfg.report.model_name or cfg.study_name,
-        )
-    except BaseException as exc:
-        tracker.finish(run_id, "FAIL", {"failure_reason": f"{type(exc).__name__}: {exc}"[:500]})
-        raise
-    tracker.finish(run_id, "COMPLETE", {"model_uri": model_uri})
-    test_value = test[cfg.train.monitor.replace("val_", "test_", 1)]
-    return FinalModel(run_id, model_uri, epochs, test[TEST_LOSS], test_value, errors, history)
-
-
-def write_model_files(cfg: Config, data: TrainingData, folder: Path) -> list[Path]:
-    """What predict needs besides the weights to turn a CSV into forecasts: the scaler fitted
-    on the training rows, and the data section of the config (columns, window, transform)."""
+def write_model_files(cfg: Config, task: Task, folder: Path) -> list[Path]:
+    """What predict needs besides the weights: the scaler fitted on the training rows with the
+    input names (and class names), and the data section of the config (columns, window,
+    transform)."""
     folder.mkdir(parents=True, exist_ok=True)
+    preprocessing = {**task.data.scaler.to_dict(), "inputs": task.data.inputs, "task": task.name}
+    if isinstance(task, Classification):
+        preprocessing["classes"] = task.data.classes
     scaler = folder / "scaler.json"
-    scaler.write_text(json.dumps({**data.scaler.to_dict(), "inputs": data.inputs}))
+    scaler.write_text(json.dumps(preprocessing))
     data_config = folder / "data_config.yaml"
     data_config.write_text(yaml.safe_dump(cfg.data.model_dump(mode="json"), sort_keys=False))
     return [scaler, data_config]
 
 
-def optimism(final: FinalModel, recommendation: Recommendation) -> dict[str, float]:
-    """How much worse the test part is than what selection saw: test minus validation loss."""
-    winner = recommendation.spread.iloc[0]
+def score(task: Task, model: torch.nn.Module, monitor: str) -> tuple[dict, dict, float]:
+    """A trained model's errors on the validation and the test part, and its monitored
+    metric's value on the test part."""
+    val = task.errors(predict(model, task.data.val.x).cpu().numpy(), "val")
+    output = predict(model, task.data.test.x).cpu()
+    test = task.errors(output.numpy(), "test")
+    test_value = scores(task, "test", output, task.data.test.y)[m.on_part(monitor, "test")]
+    return val, test, test_value
+
+
+def beaten_by(
+    task: Task, lstm_val: dict[str, float], baselines_val: pd.DataFrame
+) -> dict[str, Any] | None:
+    """The best baseline on the validation part, if it beats the LSTM there."""
+    scored = baselines_val[task.headline].dropna()
+    if scored.empty:
+        return None
+    best = str(scored.idxmax() if task.higher_is_better else scored.idxmin())
+    if not task.better(float(scored[best]), lstm_val[task.headline]):
+        return None
     return {
-        "optimism_vs_trial": final.test_value - recommendation.setting.value,
-        "optimism_vs_seed_mean": final.test_value - float(winner["val_mean"]),
-        "seed_test_minus_val": float(winner["test_mean"] - winner["val_mean"]),
+        "method": best,
+        "metric": task.headline,
+        "baseline": float(scored[best]),
+        "lstm": lstm_val[task.headline],
     }
+
+
+def optimism(final: FinalModel, selection: Selection) -> dict[str, float]:
+    """How much worse the test part is than what selection saw: test minus validation."""
+    return {
+        "optimism_vs_trial": final.test_value - selection.winner.value,
+        "optimism_vs_seed_mean": final.test_value - float(selection.winner_spread["val_mean"]),
+    }
+
+
+@dataclass
+class Selector:
+    """The closing stage of one study; ``say`` prints what it is doing."""
+
+    cfg: Config
+    tasks: TaskCache
+    tracker: Tracker
+    parent_id: str
+    stop_requested: Callable[[], bool]
+    say: Callable[[str], None] = print
+    trainings: int = 0
+    models: dict[tuple[int, int], torch.nn.Module] = field(default_factory=dict)
+
+    def setting_config(self, setting: Setting, seed: int) -> Config:
+        return self.cfg.with_values({**setting.values, "train.seed": seed})
+
+    def run(self, table: pd.DataFrame) -> Selection:
+        cfg = self.cfg
+        started = time.perf_counter()
+        settings = top_settings(table, list(cfg.search), cfg.report.top_k, cfg.direction)
+        seeds = self.reevaluate(settings, table)
+        task = self.tasks.get(self.setting_config(settings[0], cfg.train.seed))
+        spread, winner, within = spread_table(seeds, cfg.direction, task.headline)
+        setting = next(s for s in settings if s.number == winner)
+        task = self.tasks.get(self.setting_config(setting, cfg.train.seed))
+        mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
+        epochs = int(spread.loc[spread["number"] == winner, "epochs"].iloc[0])
+        final = (
+            self.final_model(setting, task, mine, max(1, epochs))
+            if cfg.report.final_model
+            else None
+        )
+        if cfg.report.ensemble:
+            lstm_val = task.errors(
+                predict(self.ensemble(task, mine), task.data.val.x).cpu().numpy(), "val"
+            )
+        else:
+            lstm_val = {k: float(np.mean([s.val[k] for s in mine])) for k in mine[0].val}
+        baselines_val = task.baselines("val", refit_on_val=False)
+        retrained = final is not None and final.kind == "retrained"
+        baselines_test = task.baselines("test", refit_on_val=retrained)
+        return Selection(
+            settings=settings,
+            seeds=seeds,
+            spread=spread.to_dict("records"),
+            recommended=winner,
+            within_noise=within,
+            epochs=max(1, epochs),
+            baselines_val=baselines_val.to_dict("index"),
+            baselines_test=baselines_test.to_dict("index"),
+            lstm_val=lstm_val,
+            beaten_by=beaten_by(task, lstm_val, baselines_val),
+            final=final,
+            trainings=self.trainings,
+            seconds=time.perf_counter() - started,
+            headline=task.headline,
+        )
+
+    def reevaluate(self, settings: list[Setting], table: pd.DataFrame) -> list[SeedResult]:
+        """Every setting with seeds train.seed, train.seed + 1, ...: the trial itself counts as
+        seed train.seed when it kept its weights; a re-evaluation a previous attempt finished
+        is read back; the rest are trained, each in a nested run."""
+        cfg = self.cfg
+        seeds = range(cfg.train.seed, cfg.train.seed + cfg.report.seeds)
+        done = self.finished_reevaluations()
+        verdicts = (
+            dict(zip(table["number"], table["verdict"], strict=True)) if "verdict" in table else {}
+        )
+        plan = [(s, seed) for s in settings for seed in seeds]
+        reused = {(s.number, cfg.train.seed): s for s in settings if self.has_weights(s.run_id)}
+        todo = [(s, seed) for s, seed in plan if (s.number, seed) not in done | reused.keys()]
+        if todo:
+            self.say(
+                f"closing stage: {len(todo)} re-evaluation(s) of the top {len(settings)}"
+                f" setting(s) ({len(plan) - len(todo)} reused from the trials or an earlier run)"
+            )
+        results = []
+        bar = tqdm(total=len(todo), desc="re-evaluating", unit="model", disable=not todo)
+        for setting, seed in plan:
+            run_cfg = self.setting_config(setting, seed)
+            task = self.tasks.get(run_cfg)
+            key = (setting.number, seed)
+            if key in reused:
+                self.models[key] = self.load_model(setting.run_id, task, run_cfg)
+                val, test, test_value = score(task, self.models[key], cfg.train.monitor)
+                verdict = str(verdicts.get(setting.number, ""))
+                results.append(
+                    SeedResult(
+                        setting.number,
+                        seed,
+                        setting.run_id,
+                        setting.value,
+                        setting.best_epoch,
+                        verdict,
+                        val,
+                        test,
+                        test_value,
+                        True,
+                    )
+                )
+            elif key in done:
+                results.append(self.read_back(done[key], setting, seed, task))
+            else:
+                bar.set_postfix_str(f"trial #{setting.number} seed {seed}")
+                results.append(self.train_seed(setting, seed, run_cfg, task))
+                bar.update(1)
+        bar.close()
+        return results
+
+    def has_weights(self, run_id: str) -> bool:
+        with self.tracker.downloaded(run_id, m.WEIGHTS_FILE) as local:
+            return local is not None
+
+    def load_model(self, run_id: str, task: Task, run_cfg: Config) -> torch.nn.Module:
+        with self.tracker.downloaded(run_id, m.WEIGHTS_FILE) as local:
+            if local is None:
+                raise FileNotFoundError(f"run {run_id} kept no {m.WEIGHTS_FILE}")
+            return load_weights(build_model(task, run_cfg), local)
+
+    def finished_reevaluations(self) -> dict[tuple[int, int], pd.Series]:
+        """(trial number, seed) -> the run of a re-evaluation a previous attempt finished."""
+        runs = self.tracker.child_runs(self.parent_id, m.ROLE_REEVALUATION)
+        if runs.empty:
+            return {}
+        closed = runs[runs["status"] == "FINISHED"]
+        return {
+            (int(r[f"tags.{m.TRIAL_TAG}"]), int(r[f"tags.{m.SEED_TAG}"])): r
+            for _, r in closed.iterrows()
+        }
+
+    def read_back(self, run: pd.Series, setting: Setting, seed: int, task: Task) -> SeedResult:
+        key = (setting.number, seed)
+        self.models[key] = self.load_model(run["run_id"], task, self.setting_config(setting, seed))
+        val, test, test_value = score(task, self.models[key], self.cfg.train.monitor)
+        value = float(run[f"metrics.{m.best(self.cfg.train.monitor)}"])
+        epoch = int(run[f"metrics.{m.BEST_EPOCH}"])
+        verdict = str(run.get(f"tags.{m.VERDICT_TAG}", ""))
+        return SeedResult(
+            setting.number, seed, run["run_id"], value, epoch, verdict, val, test, test_value, False
+        )
+
+    def train_seed(self, setting: Setting, seed: int, run_cfg: Config, task: Task) -> SeedResult:
+        name = run_name("reeval", setting.number, setting.values) + f" seed={seed}"
+        tags = {
+            m.ROLE_TAG: m.ROLE_REEVALUATION,
+            m.STUDY_TAG: self.cfg.study_name,
+            m.TRIAL_TAG: setting.number,
+            m.SEED_TAG: seed,
+        }
+        params = flatten(run_cfg.model_dump(mode="json"))
+        flush = run_cfg.tracking.flush_seconds
+        with self.tracker.child_run(self.parent_id, name, tags, params, flush) as run:
+            outcome = train_in_run(run_cfg, task, run, [StopWhen(self.stop_requested)])
+            self.trainings += 1
+            val, test, test_value = score(task, outcome.model, self.cfg.train.monitor)
+            run.log_summary({m.error("test", k): v for k, v in test.items()})
+        if outcome.state == m.COMPLETE:
+            self.models[(setting.number, seed)] = outcome.model
+        history = outcome.history
+        return SeedResult(
+            setting.number,
+            seed,
+            run.run_id,
+            history.best_value,
+            history.best_epoch,
+            outcome.verdict.verdict,
+            val,
+            test,
+            test_value,
+            False,
+        )
+
+    def ensemble(self, task: Task, mine: list[SeedResult]) -> Ensemble:
+        members = [self.models[(s.number, s.seed)].cpu() for s in mine]
+        return Ensemble(members, classification=isinstance(task, Classification)).eval()
+
+    def final_model(
+        self, setting: Setting, task: Task, mine: list[SeedResult], epochs: int
+    ) -> FinalModel:
+        """The registered model: found again if a previous attempt registered it; otherwise the
+        mean of the seed models (report.ensemble) or the recommendation retrained on train +
+        validation for ``epochs`` epochs. Scored once on the test part, logged, registered."""
+        kind = "ensemble" if self.cfg.report.ensemble else "retrained"
+        registered = self.registered_final(setting.number, kind)
+        if registered is not None:
+            return registered
+        run_cfg = self.cfg.with_values(
+            {**setting.values, "train.max_epochs": epochs, "train.patience": epochs}
+        )
+        tags = {
+            m.ROLE_TAG: m.ROLE_FINAL,
+            m.STUDY_TAG: self.cfg.study_name,
+            m.TRIAL_TAG: setting.number,
+            m.FINAL_KIND_TAG: kind,
+        }
+        if kind == "ensemble":
+            self.say(f"final model: the mean of trial #{setting.number}'s {len(mine)} seed models")
+        else:
+            tags["val_loss_note"] = "validation windows are part of this run's training data"
+            self.say(
+                f"final model: trial #{setting.number} retrained on train + validation"
+                f" for {epochs} epochs"
+            )
+        name = run_name("final", setting.number, setting.values)
+        params = flatten(run_cfg.model_dump(mode="json"))
+        with self.tracker.child_run(
+            self.parent_id, name, tags, params, run_cfg.tracking.flush_seconds
+        ) as run:
+            single: dict[str, float] = {}
+            if kind == "ensemble":
+                model: torch.nn.Module = self.ensemble(task, mine)
+                single = mine[0].test
+            else:
+                model = self.retrain(run_cfg, task, run)
+            _, test, test_value = score(task, model, self.cfg.train.monitor)
+            run.log_summary({m.error("test", k): v for k, v in test.items()})
+            with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
+                example = task.data.train.x[:5]
+                model_uri = self.tracker.log_model(
+                    run.run_id,
+                    model,
+                    example.numpy(),
+                    predict(model, example).cpu().numpy(),
+                    write_model_files(self.cfg, task, Path(tmp)),
+                    self.cfg.report.model_name or self.cfg.study_name,
+                )
+            final = FinalModel(run.run_id, model_uri, kind, epochs, test, test_value, single)
+            run.end_as(
+                m.COMPLETE, {m.MODEL_URI_TAG: model_uri, m.FINAL_TAG: json.dumps(asdict(final))}
+            )
+        return final
+
+    def retrain(self, run_cfg: Config, task: Task, run: Callback) -> torch.nn.Module:
+        final_task = make_task(with_validation_in_training(task.data))
+        model = build_model(final_task, run_cfg)
+        callbacks = [run, StopWhen(self.stop_requested)]
+        history = fit(model, final_task, run_cfg, callbacks, restore_best=False)
+        if history.stop is Stop.INTERRUPTED:
+            raise Interrupted
+        self.trainings += 1
+        return model.cpu().eval()
+
+    def registered_final(self, number: int, kind: str) -> FinalModel | None:
+        """The final model of this setting and kind that a previous attempt of this stage
+        registered, if any (a study extended since may recommend another setting)."""
+        runs = self.tracker.child_runs(self.parent_id, m.ROLE_FINAL)
+        column = f"tags.{m.FINAL_TAG}"
+        if runs.empty or column not in runs:
+            return None
+        done = runs[
+            (runs["status"] == "FINISHED")
+            & runs[column].notna()
+            & (runs[f"tags.{m.TRIAL_TAG}"] == str(number))
+            & (runs[f"tags.{m.FINAL_KIND_TAG}"] == kind)
+        ]
+        return FinalModel(**json.loads(done.iloc[0][column])) if len(done) else None

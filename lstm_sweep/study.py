@@ -1,52 +1,50 @@
-"""Optuna, and the only module that imports it: sampler, pruner, storage, the search space and
-the objective that turns one trial into one trained, tracked model."""
+"""Optuna, and the only module that imports it: sampler, pruner, storage, the search space, the
+study's record of its own settings, and the thin objective that turns one trial into one
+trained, tracked model."""
 
 from __future__ import annotations
 
-import fcntl
+import json
 import math
 import os
 import socket
-import time
 import warnings
-import zlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
+import pandas as pd
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from lstm_sweep import artifacts
-from lstm_sweep import diagnostics as dg
-from lstm_sweep.config import Config, ConfigError, SearchParam
-from lstm_sweep.data import ForecastData
-from lstm_sweep.tracking import (
-    ROLE_TAG,
-    STORE_ROOT,
-    STUDY_TAG,
-    TRIAL_TAG,
-    EpochLogger,
-    Tracker,
-    TrackingUnavailable,
+from lstm_sweep import metrics as m
+from lstm_sweep.config import (
+    Config,
+    ConfigError,
+    SearchParam,
+    changed_keys,
     flatten,
-    mask_uri,
-    trial_run_name,
+    mask_secrets,
+    study_fingerprint,
 )
-from lstm_sweep.train import TrainingData, build_model, fit, naive_loss, original_unit_errors
+from lstm_sweep.record import train_in_run
+from lstm_sweep.tasks import TaskCache
+from lstm_sweep.tracking import STORE_ROOT, Tracker, TrackingUnavailable, run_name, with_retries
+from lstm_sweep.train import Callback, History, Stop, StopWhen
 
-RUN_ID_ATTR = "mlflow_run_id"
-WORKER_ATTR = "worker"  # host:pid that ran the trial, to trace a lost worker
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 MAX_RETRY = 2  # a trial's settings are retried at most this often, so a crash cannot loop
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
-BEST_EPOCH_METRICS = (dg.TRAIN_EVAL_LOSS, dg.GAP, dg.VAL_ACCURACY, dg.ACCURACY_GAP)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # we report trials ourselves
 # heartbeats and retry callbacks are marked experimental; we rely on them knowingly
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+Study = optuna.Study
 
 
 def default_storage(root: Path = STORE_ROOT) -> str:
@@ -58,22 +56,63 @@ def storage_url(cfg: Config) -> str:
     return cfg.study.storage or default_storage()
 
 
-def make_sampler(cfg: Config, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded with train.seed (plus an offset per parallel worker, or
-    every worker would propose the same settings)."""
-    seed, startup = cfg.train.seed + seed_offset, cfg.study.n_startup_trials
-    match cfg.study.sampler:
-        case "tpe":
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-        case "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        case "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
-        case "qmc":
-            return optuna.samplers.QMCSampler(seed=seed)
-        case "gp":
-            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-    raise ValueError(f"unknown sampler {cfg.study.sampler!r}")
+def trial_seed(seed: int, number: int) -> int:
+    """A sampler seed for one trial, from the study's seed and the trial's number only."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class SeedPerTrial(optuna.samplers.BaseSampler):
+    """Delegates to a sampler made afresh for each trial and seeded from the study's seed and
+    the trial's number: trial 7 proposes alike in any process and on any storage, and workers
+    sharing a study, holding different numbers, explore instead of repeating each other."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._base = make(seed)
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._base = self._make(trial_seed(self._seed, trial.number))
+        self._base.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._base.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self._base.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        return self._base.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self._base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        """Nothing to do: every trial is seeded by its number already."""
+
+
+def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded per trial from train.seed (QMC walks one seeded sequence
+    indexed by the trial count, so it keeps a single seed)."""
+    startup = cfg.study.n_startup_trials
+    makers: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
+        "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup),
+        "gp": lambda seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
+    }
+    if cfg.study.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=cfg.train.seed)
+    return SeedPerTrial(makers[cfg.study.sampler], cfg.train.seed)
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
@@ -87,21 +126,21 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
             )
         case "successive_halving":
             return optuna.pruners.SuccessiveHalvingPruner(p.min_resource, p.reduction_factor)
-        case "none":
-            return optuna.pruners.NopPruner()
-    raise ValueError(f"unknown pruner {p.type!r}")
+    return optuna.pruners.NopPruner()
 
 
 def make_storage(
     url: str,
-    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None,
+    on_stale: Callable[[Study, FrozenTrial], None] | None,
     heartbeat_seconds: int,
     grace_seconds: int,
-):
+) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats, so a killed worker's trial is failed and retried."""
-    if not url.startswith(RDB_SCHEMES):
-        return url  # e.g. a journal storage given by the user as an object elsewhere
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a writer, do not fail
+    elif url.startswith("postgresql"):
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}}  # a dead host fails fast
     return optuna.storages.RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
@@ -113,71 +152,61 @@ def make_storage(
 
 def open_study(
     cfg: Config,
-    source: str = "study.storage",
-    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-    seed_offset: int = 0,
-) -> optuna.Study:
-    """Create the study, or load it to resume; an unreachable storage is a ConfigError."""
+    source: str,
+    on_stale: Callable[[Study, FrozenTrial], None] | None = None,
+) -> Study:
+    """Create the study, or load it to resume it. ConfigError when the storage is unreachable
+    or when the stored study was run with other settings (its trials would answer another
+    question): the message names the changed keys and how to start a new study."""
     url = storage_url(cfg)
-    try:
+    if not url.startswith(RDB_SCHEMES):
+        schemes = ", ".join(f"{s}://" for s in RDB_SCHEMES)
+        raise ConfigError(source, "study.storage", url, f"must be a database URL ({schemes})")
+    fingerprint = study_fingerprint(cfg)
+
+    def create() -> Study:
+        heartbeat, grace = cfg.study.heartbeat_seconds, cfg.study.grace_seconds
         return optuna.create_study(
             study_name=cfg.study_name,
-            storage=make_storage(
-                url, on_stale, cfg.study.heartbeat_seconds, cfg.study.grace_seconds
-            ),
-            sampler=make_sampler(cfg, seed_offset),
+            storage=make_storage(url, on_stale, heartbeat, grace),
+            sampler=make_sampler(cfg),
             pruner=make_pruner(cfg),
             direction=cfg.direction,
             load_if_exists=True,
         )
-    except Exception as exc:  # driver errors vary by database; the user needs the URI and why
-        reason = str(exc).splitlines()[0][:200]
+
+    try:
+        # two processes creating a new storage together race on its tables (and its study
+        # row); the loser finds both made on its second try
+        study = with_retries(create, attempts=3, first_wait=0.5, retry_on=(Exception,))
+        stored = study.user_attrs.get(m.CONFIG_ATTR)
+    except TrackingUnavailable as exc:  # the storage stayed out of reach through the retries
+        raise ConfigError(source, "study.storage", url, f"unreachable: {exc.reason}") from None
+    if stored is None:
+        if study.get_trials(deepcopy=False):
+            raise ConfigError(
+                source,
+                "study.name",
+                cfg.study_name,
+                "this study holds trials but no record of the settings they were run with"
+                " (an older lstm_sweep made it); set study.name to start a new study",
+            )
+        study.set_user_attr(m.CONFIG_ATTR, json.dumps(fingerprint))
+        return study
+    changed = changed_keys(json.loads(stored), fingerprint)
+    if changed:
+        old = json.loads(stored)
+        first = changed[0]
+        others = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if changed[1:] else ""
         raise ConfigError(
-            source, "study.storage", mask_uri(url), f"unreachable: {reason}"
-        ) from None
-
-
-class StudyLock:
-    """A lock shared by every worker of a study, on any host that reaches its storage.
-
-    It makes "count the trials, then start one" atomic, so N workers finish exactly n_trials:
-    a PostgreSQL advisory lock on the Optuna database, or a file lock beside a SQLite file.
-    """
-
-    def __init__(self, url: str, study_name: str) -> None:
-        self.url, self.key = url, zlib.crc32(study_name.encode())
-        self._release: Callable[[], None] | None = None
-
-    def acquire(self) -> None:
-        if self.url.startswith("sqlite:///"):
-            handle = open(self.url.removeprefix("sqlite:///") + ".lock", "a")  # noqa: SIM115
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            self._release = handle.close  # closing drops the flock
-        elif self.url.startswith("postgresql"):
-            engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
-            connection = engine.connect()
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
-
-            def release() -> None:
-                connection.execute(
-                    sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}
-                )
-                connection.close()
-                engine.dispose()
-
-            self._release = release
-
-    def release(self) -> None:
-        if self._release is not None:
-            release, self._release = self._release, None
-            release()
-
-    def __enter__(self) -> StudyLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+            source,
+            first,
+            fingerprint.get(first),
+            f"study {cfg.study_name!r} in {mask_secrets(url)} was run with {old.get(first)!r}"
+            f"{others}; its trials answer another question. Start a new study with"
+            f" --set study.name={cfg.study_name}-2 (or delete the old one)",
+        )
+    return study
 
 
 def suggest_params(trial: optuna.Trial, search: Mapping[str, SearchParam]) -> dict[str, Any]:
@@ -196,28 +225,14 @@ def suggest_params(trial: optuna.Trial, search: Mapping[str, SearchParam]) -> di
     return values
 
 
-def counted_trials(study: optuna.Study) -> int:
+def state_counts(study: Study) -> Counter[str]:
+    """How many trials are in each state, by name (COMPLETE, PRUNED, FAIL, RUNNING, ...)."""
+    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+
+
+def counted_trials(study: Study) -> int:
+    """The trials ``n_trials`` counts: completed and pruned ones."""
     return len(study.get_trials(deepcopy=False, states=COUNTED))
-
-
-def retry_failed(
-    study: optuna.Study, tracker: Tracker | None = None, max_retry: int = MAX_RETRY
-) -> int:
-    """Queue the settings of every failed trial (a crash, Ctrl-C, a lost worker) not yet
-    retried, so a resumed sweep finishes exactly what was lost; Optuna's own retry callback
-    records which trial each retry replaces. With a ``tracker``, a failed trial's run that was
-    never closed (the tracking server was down when it failed) is closed as FAILED."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    lost = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-    for trial in lost:
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if tracker is not None and run_id:
-            reason = "failed while its run could not be closed (tracking unreachable)"
-            tracker.finish_if_running(run_id, "FAIL", {"failure_reason": reason})
-        retry(study, trial)
-    return len(lost)
 
 
 class StaleTrialHandler:
@@ -228,224 +243,151 @@ class StaleTrialHandler:
         self.tracker = tracker
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    def __call__(self, study: Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(m.RUN_ID_ATTR)
         if run_id:
-            self.tracker.finish(run_id, "FAIL", {"failure_reason": "worker lost (no heartbeat)"})
+            self.tracker.close_if_running(run_id, m.WORKER_LOST_REASON)
         self.retry(study, trial)
 
 
-class PruneCallback:
-    """Training callback: report the monitored metric to Optuna each epoch and stop when it
-    says prune."""
+def fail_stale_trials(study: Study, grace_seconds: int, on_stale: StaleTrialHandler) -> int:
+    """Fail the trials of workers that are gone, and queue their settings again.
+
+    Optuna's own check covers trials whose heartbeat stopped; a trial whose worker died before
+    its first heartbeat (while the sampler ran) has none, so it is judged by its start time.
+    Returns how many were failed.
+    """
+    before = state_counts(study)[TrialState.FAIL.name]
+    optuna.storages.fail_stale_trials(study)
+    cutoff = datetime.now() - timedelta(seconds=grace_seconds)
+    # Optuna wraps its RDB storage in a cache; the heartbeat table is only on the RDB one
+    storage = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started, trial_id = trial.datetime_start, trial._trial_id  # noqa: SLF001
+        if started is None or started > cutoff or has_heartbeat(storage, trial_id):
+            continue
+        try:
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+        on_stale(study, study.get_trials(deepcopy=False)[trial.number])
+    return state_counts(study)[TrialState.FAIL.name] - before
+
+
+def has_heartbeat(storage: Any, trial_id: int) -> bool:
+    """Whether a trial's worker ever recorded a heartbeat (Optuna has no public reader)."""
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+
+    query = sqlalchemy.text(
+        f"SELECT COUNT(*) FROM {TrialHeartbeatModel.__tablename__} WHERE trial_id = :id"
+    )
+    with storage.engine.connect() as connection:
+        return bool(connection.execute(query, {"id": trial_id}).scalar())
+
+
+def retry_failed(study: Study, tracker: Tracker, max_retry: int = MAX_RETRY) -> int:
+    """Queue the settings of every failed trial (a crash, Ctrl-C, a lost worker) not yet
+    retried, so a resumed sweep finishes exactly what was lost; Optuna's own retry callback
+    records which trial each retry replaces. A failed trial's run that was never closed (the
+    tracking store was down when it failed) is closed as FAILED."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    lost = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    for trial in lost:
+        run_id = trial.user_attrs.get(m.RUN_ID_ATTR)
+        if run_id:
+            reason = "failed while its run could not be closed (tracking unreachable)"
+            tracker.close_if_running(run_id, reason)
+        retry(study, trial)
+    return len(lost)
+
+
+class Pruning(Callback):
+    """Report the monitored metric to Optuna each epoch; stop when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial, monitor: str) -> None:
         self.trial, self.monitor = trial, monitor
 
-    def on_epoch_end(self, epoch: int, row: Mapping[str, float]) -> str | None:
+    def on_epoch_end(self, epoch: int, row: dict[str, float], history: History) -> Stop | None:
         value = row[self.monitor]
         if not math.isfinite(value):
             return None  # the loop's own instability check ends the trial
         self.trial.report(value, epoch)
-        return "pruned" if self.trial.should_prune() else None
-
-
-class StopCallback:
-    """Training callback: end the epoch loop when the user asked the sweep to stop (Ctrl-C)."""
-
-    def __init__(self, stop_requested: Callable[[], bool]) -> None:
-        self.stop_requested = stop_requested
-
-    def on_epoch_end(self, epoch: int, row: Mapping[str, float]) -> str | None:
-        return "interrupted" if self.stop_requested() else None
-
-
-@dataclass(frozen=True)
-class TrialSummary:
-    state: str  # COMPLETE or PRUNED
-    value: float
-    verdict: dg.Verdict
-    metrics: dict[str, float]
+        return Stop.PRUNED if self.trial.should_prune() else None
 
 
 class Objective:
-    """One trial: sample, train with pruning, judge, and record it all in one nested run."""
+    """One trial: sample, then train and record that setting in the trial's nested run."""
 
     def __init__(
         self,
         cfg: Config,
-        data: TrainingData,
+        tasks: TaskCache,
         tracker: Tracker,
         parent_id: str,
         stop_requested: Callable[[], bool] = lambda: False,
     ) -> None:
-        self.cfg, self.data, self.tracker, self.parent_id = cfg, data, tracker, parent_id
+        self.cfg, self.tasks, self.tracker, self.parent_id = cfg, tasks, tracker, parent_id
         self.stop_requested = stop_requested
-        self.naive_val_loss = naive_loss(data, "val")
 
     def __call__(self, trial: optuna.Trial) -> float:
         values = suggest_params(trial, self.cfg.search)
-        trial_cfg = self.cfg.with_values(values)
-        run_id = self.tracker.start_child(
-            self.parent_id,
-            trial_run_name(trial.number, values),
-            tags={ROLE_TAG: "trial", STUDY_TAG: self.cfg.study_name, TRIAL_TAG: str(trial.number)},
-            params=flatten(trial_cfg.model_dump(mode="json")),
-        )
-        trial.set_user_attr(RUN_ID_ATTR, run_id)
-        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-        logger = EpochLogger(self.tracker, run_id, self.cfg.tracking.flush_seconds)
-        try:
-            model = build_model(self.data, trial_cfg)
-            stop = StopCallback(self.stop_requested)
-            history = fit(
-                model,
-                self.data,
-                trial_cfg,
-                [logger, PruneCallback(trial, trial_cfg.train.monitor), stop],
-            )
-            logger.flush()
-            if history.stop_reason == "interrupted":
-                raise KeyboardInterrupt
-            summary = self.record(run_id, model, history, trial_cfg)
-        except BaseException as exc:
-            if isinstance(exc, TrackingUnavailable):
-                raise  # closing the run would only wait again; the next start closes it
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            reason = "interrupted by the user" if interrupted else f"{type(exc).__name__}: {exc}"
-            self.tracker.finish(run_id, "FAIL", {"failure_reason": reason[:500]})
-            raise
-        for key in (dg.BEST_EPOCH, dg.EPOCHS_TRAINED):
-            trial.set_user_attr(key, int(summary.metrics[key]))
-        trial.set_user_attr("verdict", summary.verdict.verdict)
-        trial.set_user_attr("verdict_reason", summary.verdict.reason)
-        if summary.state == "PRUNED":
-            raise optuna.TrialPruned(
-                summary.verdict.reason if summary.verdict.verdict == "unstable" else None
-            )
-        return summary.value
-
-    def record(self, run_id: str, model: Any, history: Any, cfg: Config) -> TrialSummary:
-        """Summary metrics, verdict tags and artifacts of a finished training; closes the run."""
-        verdict = dg.judge(
-            history.rows, self.naive_val_loss, cfg.diagnostics.verdict, history.unstable_reason
-        )
-        metrics = {
-            dg.BEST_VAL_LOSS: history.best_val_loss,
-            dg.BEST_EPOCH: history.best_epoch,
-            dg.EPOCHS_TRAINED: history.epochs_trained,
-            dg.NAIVE_VAL_LOSS: self.naive_val_loss,
-            dg.OVERFIT_SCORE: verdict.score,
-            "train_seconds": history.seconds,
+        cfg = self.cfg.with_values(values)
+        task = self.tasks.get(cfg)
+        trial.set_user_attr(m.WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+        tags = {
+            m.ROLE_TAG: m.ROLE_TRIAL,
+            m.STUDY_TAG: cfg.study_name,
+            m.TRIAL_TAG: trial.number,
         }
-        if verdict.onset_epoch is not None:
-            metrics[dg.OVERFIT_ONSET] = verdict.onset_epoch
-        if history.best_epoch >= 0:
-            best = history.rows[history.best_epoch]
-            metrics |= {f"best_{k}": v for k, v in best.items() if k in BEST_EPOCH_METRICS}
-            if isinstance(self.data, ForecastData):
-                metrics |= original_unit_errors(model, self.data, "val")
-        self.tracker.log_summary(run_id, metrics)
-        if cfg.diagnostics.level == "full" and history.best_epoch >= 0:
-            with self.tracker.artifact_dir() as tmp:
-                artifacts.trial_artifacts(
-                    Path(tmp), model, self.data, history, verdict, cfg.diagnostics.k_worst
-                )
-                self.tracker.log_artifacts(run_id, Path(tmp), "diagnostics")
-        pruned = history.stop_reason in ("pruned", "unstable")
-        state = "PRUNED" if pruned else "COMPLETE"
-        self.tracker.finish(
-            run_id,
-            state,
-            {
-                "verdict": verdict.verdict,
-                "verdict_reason": verdict.reason,
-                "stop_reason": history.stop_reason,
-            },
-        )
-        return TrialSummary(state, history.best_value, verdict, metrics)
+        params = flatten(cfg.model_dump(mode="json"))
+        with self.tracker.child_run(
+            self.parent_id,
+            run_name("trial", trial.number, values),
+            tags,
+            params,
+            cfg.tracking.flush_seconds,
+        ) as run:
+            trial.set_user_attr(m.RUN_ID_ATTR, run.run_id)
+            callbacks = [Pruning(trial, cfg.train.monitor), StopWhen(self.stop_requested)]
+            outcome = train_in_run(cfg, task, run, callbacks)
+        history = outcome.history
+        trial.set_user_attr(m.BEST_EPOCH, history.best_epoch)
+        trial.set_user_attr(m.EPOCHS_TRAINED, history.epochs_trained)
+        trial.set_user_attr(m.VERDICT_ATTR, outcome.verdict.verdict)
+        trial.set_user_attr(m.VERDICT_REASON_ATTR, outcome.verdict.reason)
+        if outcome.state == m.PRUNED:
+            unstable = history.stop is Stop.UNSTABLE
+            raise optuna.TrialPruned(outcome.verdict.reason if unstable else None)
+        return history.best_value
 
 
-class ProgressCallback:
-    """Study callback: keeps a tqdm bar's finished/pruned/failed counts and best value."""
-
-    def __init__(self, bar: Any) -> None:
-        self.bar = bar
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        best = _best_value(study)
-        self.bar.set_postfix(
-            finished=states.count(TrialState.COMPLETE),
-            pruned=states.count(TrialState.PRUNED),
-            failed=states.count(TrialState.FAIL),
-            best=f"{best:.4g}" if best is not None else "-",
-            refresh=False,
-        )
-        if trial.state in COUNTED:
-            self.bar.update(1)
-
-
-def _best_value(study: optuna.Study) -> float | None:
-    try:
-        return study.best_value
-    except ValueError:  # no completed trial yet
-        return None
-
-
-def optimize(
-    study: optuna.Study,
+def run_one_trial(
+    study: Study,
     objective: Callable[[optuna.Trial], float],
-    n_trials: int,
-    lock: StudyLock,
-    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
-    timeout: float | None = None,
-    stop_requested: Callable[[], bool] = lambda: False,
-    poll_seconds: float = 1.0,
+    callbacks: list[Callable[[Study, FrozenTrial], None]],
 ) -> None:
-    """This worker's loop: run trials until the study holds ``n_trials`` finished (complete or
-    pruned) ones, alone or beside other workers on the same storage.
-
-    Counting and starting a trial happen under ``lock``, and trials that other workers are
-    running count as taken, so the study ends with exactly ``n_trials``; a worker that finds
-    all remaining trials taken waits, in case one of them is lost and comes back for retry.
-    """
-    deadline = time.monotonic() + timeout if timeout else math.inf
-    while time.monotonic() < deadline and not stop_requested():
-        lock.acquire()
-        try:
-            optuna.storages.fail_stale_trials(study)  # a lost worker's trial is retried
-            states = [t.state for t in study.get_trials(deepcopy=False)]
-            finished = sum(states.count(s) for s in COUNTED)
-            if finished >= n_trials:
-                return
-            if finished + states.count(TrialState.RUNNING) >= n_trials:
-                lock.release()
-                time.sleep(poll_seconds)
-                continue
-
-            def run_released(trial: optuna.Trial) -> float:
-                lock.release()  # the trial is RUNNING in storage now: others see it as taken
-                return objective(trial)
-
-            study.optimize(run_released, n_trials=1, callbacks=callbacks, catch=())
-        finally:
-            lock.release()
+    """One trial through Optuna's own loop (heartbeats, state, callbacks); its exceptions,
+    Ctrl-C included, propagate after Optuna has recorded the trial as failed."""
+    study.optimize(objective, n_trials=1, callbacks=callbacks, catch=())
 
 
-def torch_threads_per_worker(workers: int) -> int:
-    """Share the cores between worker processes so they do not fight over threads."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
-def trials_frame(study: optuna.Study) -> Any:
+def trials_frame(study: Study) -> pd.DataFrame:
     """The study's trials as a DataFrame, searched values under their dotted config keys."""
     frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs"))
     frame.columns = [c.removeprefix("params_").removeprefix("user_attrs_") for c in frame.columns]
     return frame
 
 
-def param_importances(study: optuna.Study, seed: int = 0) -> dict[str, float]:
+def best_value(study: Study) -> float | None:
+    try:
+        return study.best_value
+    except ValueError:  # no completed trial yet
+        return None
+
+
+def param_importances(study: Study, seed: int = 0) -> dict[str, float]:
     """fANOVA importance of each searched key for the objective, summing to 1, largest first;
     empty when fewer than two trials completed or nothing varied."""
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
@@ -457,32 +399,34 @@ def param_importances(study: optuna.Study, seed: int = 0) -> dict[str, float]:
         return {}
 
 
-def write_study_plots(
-    study: optuna.Study, folder: Path, contour: list[str], seed: int = 0
-) -> list[Path]:
-    """Optuna's own views of the study as HTML: history, importances, slices, the ``contour``
-    pair, parallel coordinates. Plotly's script is written once beside them, so the pages
-    open offline without one 4 MB copy each."""
-    folder.mkdir(parents=True, exist_ok=True)
+def study_figures(study: Study, contour: list[str], seed: int = 0) -> dict[str, Any]:
+    """Optuna's own views of the study as plotly figures: history, importances, slices, the
+    ``contour`` pair, parallel coordinates; a view with too few completed trials is left out."""
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-    plots: dict[str, Callable[[], Any]] = {
+    views: dict[str, Callable[[], Any]] = {
         "optimization_history": lambda: optuna.visualization.plot_optimization_history(study),
         "param_importances": lambda: optuna.visualization.plot_param_importances(
             study, evaluator=evaluator
         ),
         "slice": lambda: optuna.visualization.plot_slice(study),
-        "contour": lambda: optuna.visualization.plot_contour(study, params=contour),
         "parallel_coordinate": lambda: optuna.visualization.plot_parallel_coordinate(study),
     }
-    written = []
-    for name, plot in plots.items():
-        if name == "contour" and len(contour) != 2:
-            continue
+    if len(contour) == 2:
+        views["contour"] = lambda: optuna.visualization.plot_contour(study, params=contour)
+    figures = {}
+    for name, view in views.items():
         try:
-            figure = plot()
+            figures[name] = view()
         except (RuntimeError, ValueError):  # too few completed trials for this view
             continue
-        path = folder / f"{name}.html"
-        figure.write_html(path, include_plotlyjs="directory")
-        written.append(path)
-    return written
+    return figures
+
+
+def selection_recorded(study: Study) -> dict[str, Any] | None:
+    """What the closing stage recorded on the study (its model, its run), or None."""
+    raw = study.user_attrs.get(m.SELECTION_ATTR)
+    return json.loads(raw) if raw else None
+
+
+def record_selection(study: Study, summary: Mapping[str, Any]) -> None:
+    study.set_user_attr(m.SELECTION_ATTR, json.dumps(dict(summary)))

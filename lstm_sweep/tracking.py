@@ -1,8 +1,8 @@
-"""MLflow, and the only module that imports it: the sweep's parent run, one nested run per trial,
-batched metric logging and artifacts.
+"""MLflow, and the only module that imports it: the sweep's parent run, the one lifecycle every
+nested run goes through (:meth:`Tracker.child_run`), batched logging, artifacts and models.
 
 Everything goes through ``MlflowClient`` with explicit run ids, never the fluent active-run
-stack, so trials in several threads or processes cannot log into each other's runs.
+stack, so runs in several threads or processes cannot log into each other's runs.
 
 Run status mapping (Optuna trial state -> MLflow run status, plus tag ``optuna.state``):
 COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED. A pruned run is therefore neither an
@@ -11,14 +11,18 @@ ordinary success nor a crash; ``tags.optuna.state = 'PRUNED'`` filters them in t
 
 from __future__ import annotations
 
+import base64
+import fcntl
+import json
+import logging
 import os
-import re
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from functools import partial
 from importlib.metadata import version
@@ -32,25 +36,26 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from torch import nn
 
-from lstm_sweep.config import ConfigError
+from lstm_sweep import metrics as m
+from lstm_sweep.config import ConfigError, mask_secrets
+from lstm_sweep.train import Callback, History
 
 # downloads here are small files read by a program, not a person: no progress bars in the log
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's INFO lines (store migrations, "registered model ...") would interleave with the
+# sweep's own output, and put two lines before a one-line error; warnings still show
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 STORE_ROOT = Path("mlruns")  # local stores, relative to the working directory
-ROLE_TAG = "lstm_sweep.role"  # sweep | trial | reevaluation | final
-STUDY_TAG = "optuna.study"
-TRIAL_TAG = "optuna.trial_number"
-STATE_TAG = "optuna.state"
-RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-BATCH_LIMIT = 1000  # MLflow's cap on entities per log_batch
 RETRY_ATTEMPTS = 6  # a failed tracking call is tried this often in all ...
 RETRY_FIRST_WAIT = 1.0  # ... waiting 1, 2, 4, 8, 16 s between: a 30 s outage loses nothing
 HEALTH_TIMEOUT = 5.0  # seconds for a tracking server to answer GET /health at start-up
 # MLflow's own HTTP retries would wait ~4 minutes per call against a closed port; with_retries
 # does the backoff here instead, so an outage is noticed, retried and reported in one place.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+REASON_LENGTH = 500  # characters of a failure reason kept in its tag
 T = TypeVar("T")
 
 
@@ -60,27 +65,10 @@ def default_tracking_uri(root: Path = STORE_ROOT) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def mask_uri(uri: str) -> str:
-    """Hide a password inside a URI before it is printed or logged."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", uri)
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"dropout": 0.1}}`` -> ``{"model.dropout": 0.1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = value
-    return flat
-
-
-def trial_run_name(number: int, values: Mapping[str, Any]) -> str:
+def run_name(kind: str, number: int, values: Mapping[str, Any]) -> str:
     """Reads well in the UI's run list: ``trial 007 dropout=0.21 weight_decay=3.1e-04``."""
     parts = [f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in values.items()]
-    return " ".join([f"trial {number:03d}", *parts])
+    return " ".join([f"{kind} {number:03d}", *parts])
 
 
 def _short(value: Any) -> str:
@@ -89,42 +77,76 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _chunks(items: list[T], size: int = BATCH_LIMIT) -> Iterable[list[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return m.INTERRUPTED_REASON
+    return mask_secrets(f"{type(exc).__name__}: {exc}")[:REASON_LENGTH]
 
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store kept failing through every retry; the sweep stops, Optuna's record
     of each trial stays, and the same command resumes once the store is back."""
 
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # the last failure, masked, one line
+
 
 def with_retries(
-    call: Callable[[], T], attempts: int | None = None, first_wait: float | None = None
+    call: Callable[[], T],
+    attempts: int | None = None,
+    first_wait: float | None = None,
+    retry_on: tuple[type[BaseException], ...] = (MlflowException, OSError),
 ) -> T:
-    """Retry a tracking call with exponential backoff: a server that blinks loses nothing;
-    one that stays down raises :class:`TrackingUnavailable`."""
+    """Retry a call with exponential backoff: a server that blinks loses nothing; one that
+    stays down raises :class:`TrackingUnavailable`."""
     attempts = attempts or RETRY_ATTEMPTS
     first_wait = RETRY_FIRST_WAIT if first_wait is None else first_wait
     for attempt in range(attempts):
         try:
             return call()
-        except (MlflowException, OSError) as exc:
+        except retry_on as exc:
             if attempt == attempts - 1:
-                reason = mask_uri(str(exc).splitlines()[0][:200])
+                reason = mask_secrets(
+                    (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
+                )
                 waited = first_wait * (2 ** (attempts - 1) - 1)
                 raise TrackingUnavailable(
-                    f"tracking failed {attempts} times over {waited:g} s: {reason}"
-                ) from exc
+                    f"tracking failed {attempts} times over {waited:g} s: {reason}", reason
+                ) from None
             time.sleep(first_wait * 2**attempt)
     raise AssertionError("unreachable")
 
 
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
     """Fail fast (OSError) when nothing answers at an http(s) tracking URI: MLflow's client
-    would retry for minutes first. Any HTTP answer, even an error, means a server is there."""
+    would retry for minutes first. Any HTTP answer, even an error, means a server is there.
+    Credentials in the URI go into a basic-auth header, as MLflow's client sends them."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    url = urllib.parse.urlunsplit(
+        (parts.scheme, netloc, f"{parts.path.rstrip('/')}/health", "", "")
+    )
+    request = urllib.request.Request(url)
+    if parts.username or parts.password:
+        token = base64.b64encode(f"{parts.username or ''}:{parts.password or ''}".encode())
+        request.add_header("Authorization", f"Basic {token.decode()}")
     with suppress(urllib.error.HTTPError):
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        urllib.request.urlopen(request, timeout=timeout).close()
+
+
+@contextmanager
+def creating(uri: str) -> Iterator[None]:
+    """Hold a file lock beside a local SQLite store while a client opens it: the first client
+    creates the store and runs its migrations, and two processes starting together would race
+    on them."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(uri.removeprefix("sqlite:///") + ".create.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # closing the file releases it
+        yield
 
 
 class Tracker:
@@ -132,127 +154,195 @@ class Tracker:
 
     def __init__(self, uri: str | None, experiment: str, source: str = "tracking.uri") -> None:
         self.uri = uri or default_tracking_uri()
-        self.client = MlflowClient(self.uri, registry_uri=self.uri)
+        self.experiment = experiment
         try:
             if self.uri.startswith(("http://", "https://")):
                 for name, value in HTTP_DEFAULTS.items():
                     os.environ.setdefault(name, value)  # the user's own setting wins
                 check_server(self.uri)
-            self.experiment_id = self._experiment(experiment)
+            with creating(self.uri):
+                self.client = MlflowClient(self.uri, registry_uri=self.uri)
+                found = self.client.get_experiment_by_name(experiment)
         except Exception as exc:  # any driver or HTTP error means the same to the user
-            reason = str(exc).splitlines()[0][:200]
-            raise ConfigError(
-                source, "tracking.uri", mask_uri(self.uri), f"unreachable: {reason}"
-            ) from None
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise ConfigError(source, "tracking.uri", self.uri, f"unreachable: {reason}") from None
+        self._experiment_id = found.experiment_id if found else None
 
-    def _experiment(self, name: str) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:///"):  # keep artifacts beside the local store
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+    @property
+    def experiment_id(self) -> str:
+        """The experiment, created on first use and marked as model training, so the UI opens
+        it in the runs view rather than the GenAI one."""
+        if self._experiment_id is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):  # keep artifacts beside the local store
+                folder = Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts"
+                location = folder.as_uri()
+            self._experiment_id = with_retries(
+                lambda: self.client.create_experiment(
+                    self.experiment,
+                    artifact_location=location,
+                    tags={m.EXPERIMENT_KIND_TAG: m.EXPERIMENT_KIND},
+                )
+            )
+        return self._experiment_id
 
     def ui_command(self) -> str:
         if self.uri.startswith(("http://", "https://")):
-            return f"open {mask_uri(self.uri)} (the tracking server's UI)"
-        return f"mlflow ui --backend-store-uri {mask_uri(self.uri)}"
+            return f"open {mask_secrets(self.uri)} (the tracking server's UI)"
+        return f"mlflow ui --backend-store-uri {mask_secrets(self.uri)}"
 
-    def open_parent(self, study_name: str, config: Mapping[str, Any]) -> str:
+    def find_parent(self, study_name: str) -> str | None:
+        """The run id of this study's parent run, if it has one."""
+        query = f"tags.`{m.ROLE_TAG}` = '{m.ROLE_SWEEP}'"
+        runs = with_retries(lambda: self.client.search_runs([self.experiment_id], query))
+        # the study name is compared here, not in the filter: a name may hold any quote
+        ids = [r.info.run_id for r in runs if r.data.tags.get(m.STUDY_TAG) == study_name]
+        return ids[0] if ids else None
+
+    def open_parent(self, study_name: str, params: Mapping[str, Any]) -> str:
         """The sweep's parent run: resumed if this study already has one, created otherwise."""
-        existing = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = 'sweep' and tags.`{STUDY_TAG}` = '{study_name}'",
-            max_results=1,
-        )
-        if existing:
-            run_id = existing[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+        kind = self.client.get_experiment(self.experiment_id).tags.get(m.EXPERIMENT_KIND_TAG)
+        if kind != m.EXPERIMENT_KIND:  # an experiment made by an older version, or by hand
+            self.client.set_experiment_tag(
+                self.experiment_id, m.EXPERIMENT_KIND_TAG, m.EXPERIMENT_KIND
+            )
+        run_id = self.find_parent(study_name)
+        if run_id is not None:
+            with_retries(lambda: self.client.update_run(run_id, status="RUNNING"))
             return run_id
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=study_name,
-            tags={ROLE_TAG: "sweep", STUDY_TAG: study_name},
-        )
-        self.log_params(run.info.run_id, flatten(config))
-        return run.info.run_id
-
-    def start_child(
-        self, parent_id: str, name: str, tags: Mapping[str, str], params: Mapping[str, Any]
-    ) -> str:
         run = with_retries(
             lambda: self.client.create_run(
                 self.experiment_id,
-                run_name=name,
-                tags={MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, **tags},
+                run_name=study_name,
+                tags={m.ROLE_TAG: m.ROLE_SWEEP, m.STUDY_TAG: study_name},
             )
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def finish_parent(self, run_id: str, state: str, reason: str | None = None) -> None:
+        tags = {m.FAILURE_REASON_TAG: reason} if reason else {}
+        self._close(run_id, state, tags)
+
+    @contextmanager
+    def child_run(
+        self,
+        parent_id: str,
+        name: str,
+        tags: Mapping[str, Any],
+        params: Mapping[str, Any],
+        flush_seconds: float,
+    ) -> Iterator[RunRecorder]:
+        """The one lifecycle of a nested run (trial, re-evaluation, final model): open it with
+        its tags and params, hand the body a :class:`RunRecorder`, and on every way out flush
+        the buffered metrics and close it: as the body's ``end_as`` state (FINISHED, or KILLED
+        when pruned) on a normal exit, FAILED with the reason on an exception, Ctrl-C or
+        SIGTERM. A tracking store that stays down leaves the run open; the next start of the
+        sweep closes it."""
+        all_tags = {MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, **tags}
+        run = with_retries(
+            lambda: self.client.create_run(
+                self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
+            )
+        )
+        recorder = RunRecorder(self, run.info.run_id, flush_seconds)
+        try:
+            self.log_params(recorder.run_id, params)
+            yield recorder
+            recorder.flush()
+        except TrackingUnavailable:
+            raise
+        except BaseException as exc:
+            with suppress(TrackingUnavailable):
+                recorder.flush()  # the curves up to the failure are evidence too
+            self._close(recorder.run_id, m.FAIL, {m.FAILURE_REASON_TAG: failure_reason(exc)})
+            raise
+        self._close(recorder.run_id, recorder.state, recorder.end_tags)
+
+    def close_if_running(self, run_id: str, reason: str) -> bool:
+        """Close as FAILED a run left RUNNING (its worker was killed, or the store went away
+        before the run could be closed); True if it was."""
+        if with_retries(lambda: self.client.get_run(run_id)).info.status != "RUNNING":
+            return False
+        self._close(run_id, m.FAIL, {m.FAILURE_REASON_TAG: reason})
+        return True
+
+    def _close(self, run_id: str, state: str, tags: Mapping[str, Any]) -> None:
+        """Tag a run with its Optuna state and end it with the matching MLflow status."""
+        self.set_tags(run_id, {m.STATE_TAG: state, **tags})
+        with_retries(lambda: self.client.set_terminated(run_id, m.RUN_STATUS[state]))
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        items = [Param(k, mask_uri(str(v))) for k, v in params.items()]
-        for chunk in _chunks(items, 100):
-            with_retries(partial(self.client.log_batch, run_id, params=chunk))
+        items = [Param(k, mask_secrets(str(v))) for k, v in params.items()]
+        with_retries(lambda: self.client.log_batch(run_id, params=items))  # it chunks itself
 
     def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
-        for chunk in _chunks(metrics):
-            with_retries(partial(self.client.log_batch, run_id, metrics=chunk))
+        with_retries(lambda: self.client.log_batch(run_id, metrics=metrics))
+
+    def log_summary(self, run_id: str, values: Mapping[str, float], step: int = 0) -> None:
+        """Single values (e.g. best_val_loss), or values of one step."""
+        now = int(time.time() * 1000)
+        self.log_metrics(run_id, [Metric(k, float(v), now, step) for k, v in values.items()])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [RunTag(k, mask_secrets(str(v))) for k, v in tags.items()]
         with_retries(lambda: self.client.log_batch(run_id, tags=items))
 
-    def log_summary(self, run_id: str, values: Mapping[str, float]) -> None:
-        """Single-value metrics (no step), e.g. best_val_loss."""
-        now = int(time.time() * 1000)
-        self.log_metrics(run_id, [Metric(k, float(v), now, 0) for k, v in values.items()])
+    def describe(self, run_id: str, markdown: str) -> None:
+        """The run's description on its page in the MLflow UI."""
+        self.set_tags(run_id, {m.NOTE_TAG: markdown})
 
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
         with_retries(lambda: self.client.log_artifacts(run_id, str(folder), artifact_path))
-
-    def finish(self, run_id: str, state: str, tags: Mapping[str, Any] | None = None) -> None:
-        """Close a run; ``state`` is an Optuna state name, mapped by :data:`RUN_STATUS`."""
-        self.set_tags(run_id, {STATE_TAG: state, **(tags or {})})
-        with_retries(lambda: self.client.set_terminated(run_id, RUN_STATUS[state]))
-
-    def finish_if_running(self, run_id: str, state: str, tags: Mapping[str, Any]) -> bool:
-        """Close a run left RUNNING (its worker was killed, or the server went away before the
-        run could be closed); True if it was."""
-        if with_retries(lambda: self.client.get_run(run_id)).info.status != "RUNNING":
-            return False
-        self.finish(run_id, state, tags)
-        return True
-
-    def artifact_dir(self) -> tempfile.TemporaryDirectory[str]:
-        return tempfile.TemporaryDirectory(prefix="lstm_sweep_")
 
     def child_runs(self, parent_id: str, role: str) -> pd.DataFrame:
         """The parent's nested runs of one role as ``mlflow.search_runs`` returns them: one row
         per run, columns ``run_id``, ``status``, ``start_time``, ``end_time``, ``metrics.*``,
         ``params.*``, ``tags.*``."""
-        query = f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{ROLE_TAG}` = '{role}'"
+        query = f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{m.ROLE_TAG}` = '{role}'"
         with fluent_uri(self.uri):
             return with_retries(
                 lambda: mlflow.search_runs([self.experiment_id], filter_string=query)
             )
 
-    def read_csv_artifact(self, run_id: str, path: str) -> pd.DataFrame | None:
-        """A CSV a run logged, or None if it has none at ``path``."""
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """A run's metrics, each at its latest value."""
+        return dict(with_retries(lambda: self.client.get_run(run_id)).data.metrics)
+
+    def metric_history(self, run_id: str, keys: list[str]) -> list[dict[str, float]]:
+        """A run's per-epoch metrics back as rows, one per step (what ``fit`` logged)."""
+        rows: dict[int, dict[str, float]] = {}
+        for key in keys:
+            history = with_retries(partial(self.client.get_metric_history, run_id, key))
+            for metric in history:
+                rows.setdefault(metric.step, {})[key] = metric.value
+        return [rows[step] for step in sorted(rows)]
+
+    @contextmanager
+    def downloaded(self, run_id: str, path: str) -> Iterator[Path | None]:
+        """A run's artifact as a local path for a block, or None if the run has none there."""
         with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
             try:
                 local = mlflow.artifacts.download_artifacts(
                     run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.uri
                 )
             except (MlflowException, OSError):
-                return None
-            return pd.read_csv(local)
+                yield None
+                return
+            yield Path(local)
+
+    def read_csv_artifact(self, run_id: str, path: str) -> pd.DataFrame | None:
+        with self.downloaded(run_id, path) as local:
+            return pd.read_csv(local) if local is not None else None
+
+    def read_json_artifact(self, run_id: str, path: str) -> Any:
+        with self.downloaded(run_id, path) as local:
+            return json.loads(local.read_text()) if local is not None else None
 
     def log_model(
         self,
         run_id: str,
-        model: Any,
+        model: nn.Module,
         input_example: np.ndarray,
         output_example: np.ndarray,
         extra_files: list[Path],
@@ -271,7 +361,7 @@ class Tracker:
         signature = infer_signature(input_example, output_example)
         requirements = [f"torch=={version('torch').split('+')[0]}", f"mlflow=={mlflow.__version__}"]
         with fluent_uri(self.uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch.export on nn.LSTM's flat weights
+            warnings.simplefilter("ignore", UserWarning)  # torch.export on LSTM flat weights
             info = mlflow.pytorch.log_model(
                 model,
                 name="model",
@@ -286,24 +376,43 @@ class Tracker:
         return f"models:/{registered_name}/{info.registered_model_version}"
 
 
-class EpochLogger:
-    """Training callback: buffers each epoch's row and writes it in few batched calls."""
+class RunRecorder(Callback):
+    """One open nested run, as :meth:`Tracker.child_run` hands it to its body; also a training
+    callback that buffers each epoch's row and writes rows in few batched calls."""
 
     def __init__(self, tracker: Tracker, run_id: str, flush_seconds: float) -> None:
         self.tracker, self.run_id, self.flush_seconds = tracker, run_id, flush_seconds
+        self.state = m.COMPLETE
+        self.end_tags: dict[str, Any] = {}
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
 
-    def on_epoch_end(self, epoch: int, row: Mapping[str, float]) -> None:
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, epoch) for k, v in row.items()]
+    def end_as(self, state: str, tags: Mapping[str, Any]) -> None:
+        """How the run is to be closed when its block ends normally."""
+        self.state, self.end_tags = state, dict(tags)
+
+    def on_epoch_end(self, epoch: int, row: dict[str, float], history: History) -> None:
+        self.log_step(epoch, row)
         if time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
+
+    def log_step(self, step: int, values: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in values.items()]
 
     def flush(self) -> None:
         if self.pending:
             self.tracker.log_metrics(self.run_id, self.pending)
         self.pending, self.last_flush = [], time.monotonic()
+
+    def log_summary(self, values: Mapping[str, float]) -> None:
+        self.tracker.log_summary(self.run_id, values)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.tracker.set_tags(self.run_id, tags)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.tracker.log_artifacts(self.run_id, folder, artifact_path)
 
 
 @contextmanager

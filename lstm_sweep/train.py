@@ -1,49 +1,65 @@
-"""The training loop: ``fit(model, data, cfg, callbacks) -> History``.
+"""The training loop: ``fit(model, task, cfg, callbacks) -> History``.
 
 It reads top to bottom and knows nothing of Optuna or MLflow: after every epoch it appends one
-row of metrics to the History and hands the row to each callback (tracker, pruner), any of which
-may ask it to stop. Patience-based early stopping and restoring the best weights live here,
-because they are part of what a trained model *is*.
+row of metrics to the History and hands it to each callback (tracker, pruner, stop request),
+any of which may ask it to stop by returning a :class:`Stop`. Patience-based early stopping and
+restoring the best weights live here, because they are part of what a trained model *is*.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
 from lstm_sweep import diagnostics as dg
+from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, TrainConfig
-from lstm_sweep.data import ClassificationData, ForecastData
-from lstm_sweep.model import LSTMNet, decay_groups, layer_outputs
-
-TrainingData = ForecastData | ClassificationData
+from lstm_sweep.model import LSTMNet, decay_groups
+from lstm_sweep.tasks import Task
 
 EVAL_BATCH = 4096  # windows per forward pass when only scoring
 
 
-class Callback(Protocol):
-    def on_epoch_end(self, epoch: int, row: dict[str, float]) -> str | None:
-        """Look at one epoch's metrics; return a reason to stop training, or None."""
+class Stop(enum.StrEnum):
+    """Why training ended."""
+
+    MAX_EPOCHS = "max_epochs"
+    PATIENCE = "patience"
+    PRUNED = "pruned"  # the pruner judged the trial hopeless
+    UNSTABLE = "unstable"  # a loss turned non-finite or a gradient exploded
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM asked the sweep to stop
+
+    @property
+    def cut_short(self) -> bool:
+        """Stopped from outside before the run could show how it would end."""
+        return self in (Stop.PRUNED, Stop.INTERRUPTED)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The sweep was asked to stop (Ctrl-C, SIGTERM); the current run ends as failed and is
+    retried when the same command runs again."""
 
 
 @dataclass
 class History:
     """The one record of a training run: every consumer reads its numbers from here."""
 
-    monitor: str = dg.VAL_LOSS  # the metric that picks the best epoch
+    monitor: str = m.VAL_LOSS  # the metric that picks the best epoch
+    minimize: bool = True
     rows: list[dict[str, float]] = field(default_factory=list)  # one per epoch, epoch = index
     best_epoch: int = -1
     best_value: float = math.nan  # the monitored metric at the best epoch
-    stop_reason: str = "max_epochs"  # max_epochs | patience | pruned | unstable
+    stop: Stop = Stop.MAX_EPOCHS
     unstable_reason: str | None = None
-    weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # first/best/last
+    # diagnostics level full: each parameter group's values at the first, best and last epoch
+    snapshots: dict[str, tuple[int, dict[str, torch.Tensor]]] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -51,25 +67,47 @@ class History:
         return len(self.rows)
 
     @property
-    def best_val_loss(self) -> float:
-        return self.rows[self.best_epoch][dg.VAL_LOSS] if self.best_epoch >= 0 else math.nan
+    def best_row(self) -> dict[str, float]:
+        return self.rows[self.best_epoch] if self.best_epoch >= 0 else {}
 
     def column(self, key: str) -> list[float]:
         return [row[key] for row in self.rows if key in row]
 
 
+class Callback:
+    """A listener of :func:`fit`; every hook is a no-op unless overridden."""
+
+    def on_fit_start(self, model: nn.Module, history: History) -> None:
+        """Before the first epoch."""
+
+    def on_epoch_end(self, epoch: int, row: dict[str, float], history: History) -> Stop | None:
+        """After each epoch's row is in the history; return a Stop to end training."""
+        return None
+
+    def on_fit_end(self, model: nn.Module, history: History) -> None:
+        """After training, with the best weights restored."""
+
+
+class StopWhen(Callback):
+    """End training after the current epoch once ``requested()`` is true (Ctrl-C, SIGTERM)."""
+
+    def __init__(self, requested: Callable[[], bool]) -> None:
+        self.requested = requested
+
+    def on_epoch_end(self, epoch: int, row: dict[str, float], history: History) -> Stop | None:
+        return Stop.INTERRUPTED if self.requested() else None
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = 'cuda' but no CUDA device is available")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def build_model(data: TrainingData, cfg: Config) -> LSTMNet:
+def build_model(task: Task, cfg: Config) -> LSTMNet:
     """A freshly initialised model; the seed fixes its weights and its dropout masks."""
     torch.manual_seed(cfg.train.seed)
-    return LSTMNet(data.n_inputs, data.output_shape, cfg.model)
+    return LSTMNet(task.n_inputs, task.steps, task.output_shape, cfg.model)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -81,26 +119,48 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off for a block; the model's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Eval-mode outputs for all of ``x``: (n, horizon, targets) forecasts or (n, classes)
-    logits."""
-    was_training = model.training
-    model.eval()
+    logits, from any module (an LSTMNet, an Ensemble)."""
     device = next(model.parameters()).device
-    out = torch.cat([model(x[i : i + EVAL_BATCH].to(device)) for i in range(0, len(x), EVAL_BATCH)])
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return torch.cat([model(chunk.to(device)) for chunk in x.split(EVAL_BATCH)])
 
 
-def evaluate(
-    model: nn.Module, data: TrainingData, part: str, x: torch.Tensor, y: torch.Tensor
-) -> dict[str, float]:
-    """The training loss in eval mode, and the task's scores, on (x, y) named ``part``."""
-    prediction = predict(model, x)
-    y = y.to(prediction.device)
-    loss_key = {"val": dg.VAL_LOSS, "train": dg.TRAIN_EVAL_LOSS}.get(part, f"{part}_loss")
-    return {loss_key: float(data.loss(prediction, y)), **data.score(part, prediction, y)}
+@torch.no_grad()
+def predict_with_states(
+    model: LSTMNet, x: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`predict`, plus every layer's hidden states of the samples ``keep`` (sorted
+    indices into ``x``), from the same forward pass."""
+    device = next(model.parameters()).device
+    outputs, kept = [], []
+    with eval_mode(model):
+        for start, chunk in zip(range(0, len(x), EVAL_BATCH), x.split(EVAL_BATCH), strict=True):
+            out, states = model.forward_with_states(chunk.to(device))
+            here = keep[(keep >= start) & (keep < start + len(chunk))] - start
+            outputs.append(out)
+            kept.append([s[here.to(device)] for s in states])
+    return torch.cat(outputs), [torch.cat(layer) for layer in zip(*kept, strict=True)]
+
+
+def scores(task: Task, part: str, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """The loss in eval mode and the task's scores of an output on a part."""
+    loss_key = m.TRAIN_EVAL_LOSS if part == "train" else m.on_part(m.VAL_LOSS, part)
+    target = target.to(output.device)
+    return {loss_key: float(task.loss(output, target)), **task.epoch_scores(part, output, target)}
 
 
 def improved(value: float, best: float, minimize: bool, min_delta: float) -> bool:
@@ -110,7 +170,8 @@ def improved(value: float, best: float, minimize: bool, min_delta: float) -> boo
 
 
 def fixed_subsample(n: int, size: int, seed: int) -> torch.Tensor:
-    """A sorted, seeded subset of ``range(n)`` of at most ``size`` indices."""
+    """A sorted, seeded subset of ``range(n)`` of at most ``size`` indices (its own generator:
+    the training's random streams are untouched)."""
     if n <= size:
         return torch.arange(n)
     generator = torch.Generator().manual_seed(seed)
@@ -118,17 +179,17 @@ def fixed_subsample(n: int, size: int, seed: int) -> torch.Tensor:
 
 
 def _instability(row: dict[str, float], explode: float) -> str | None:
-    for key in (dg.TRAIN_LOSS, dg.VAL_LOSS):
+    for key in (m.TRAIN_LOSS, m.VAL_LOSS):
         if not math.isfinite(row[key]):
             return f"{key} became {row[key]}"
-    if row.get(dg.GRAD_NORM_MAX, 0.0) > explode:
-        return f"gradient norm {row[dg.GRAD_NORM_MAX]:.3g} exceeded {explode:g}"
+    if row.get(m.GRAD_NORM_MAX, 0.0) > explode:
+        return f"gradient norm {row[m.GRAD_NORM_MAX]:.3g} exceeded {explode:g}"
     return None
 
 
 def fit(
     model: LSTMNet,
-    data: TrainingData,
+    task: Task,
     cfg: Config,
     callbacks: Sequence[Callback] = (),
     restore_best: bool = True,
@@ -141,93 +202,88 @@ def fit(
     device = resolve_device(train.device)
     model.to(device).train()
     optimizer = make_optimizer(model, train)
+    data = task.data
     x, y = data.train.x.to(device), data.train.y.to(device)
+    val_x, val_y = data.val.x.to(device), data.val.y.to(device)
     eval_index = fixed_subsample(len(x), diag.eval_subsample, train.seed + 1).to(device)
-    val_index = fixed_subsample(len(data.val), diag.hidden_subsample, train.seed + 2)
+    hidden_index = fixed_subsample(len(val_x), diag.hidden_subsample, train.seed + 2)
     params = [p for p in model.parameters() if p.requires_grad]
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    group_index = dg.group_index(model)
     batches = torch.Generator().manual_seed(train.seed)
     max_norm = train.grad_clip if train.grad_clip > 0 else math.inf
-    history, best_state, since_best = History(monitor=train.monitor), None, 0
-    minimize = train.monitor == dg.VAL_LOSS
+    history = History(monitor=train.monitor, minimize=train.monitor != m.VAL_ACCURACY)
+    best_state, since_best = None, 0
+    for callback in callbacks:
+        callback.on_fit_start(model, history)
     started = time.perf_counter()
 
     for epoch in range(train.max_epochs):
         order = torch.randperm(len(x), generator=batches).to(device)
-        losses, norms, group_norms = [], [], []
+        losses, norms, param_norms = [], [], []
         for start in range(0, len(x), train.batch_size):
             idx = order[start : start + train.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = data.loss(model(x[idx]), y[idx])
+            loss = task.loss(model(x[idx]), y[idx])
             loss.backward()
-            if level == "full":
-                group_norms.append(dg.grad_norms_by_group(named))
-            if level != "off" or train.grad_clip > 0:
+            if level == "full":  # one fused norm per parameter gives the total and the groups
+                grads = [p.grad for p in params if p.grad is not None]
+                per_param = torch.stack(torch._foreach_norm(grads))
+                norms.append(torch.linalg.vector_norm(per_param))
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms[-1])
+                param_norms.append(per_param)
+            elif level == "basic" or train.grad_clip > 0:
                 norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
             optimizer.step()
             losses.append(loss.detach())
 
-        row = {dg.TRAIN_LOSS: float(torch.stack(losses).mean())}
-        row |= evaluate(model, data, "val", data.val.x, data.val.y)
+        row = {m.TRAIN_LOSS: float(torch.stack(losses).mean())}
+        if level == "full":  # hidden states ride on the validation pass
+            val_output, states = predict_with_states(model, val_x, hidden_index)
+        else:
+            val_output = predict(model, val_x)
+        row |= scores(task, "val", val_output, val_y)
         if level != "off":
-            row |= evaluate(model, data, "train", x[eval_index], y[eval_index])
-            row |= dg.honest_gap(row[dg.TRAIN_EVAL_LOSS], row[dg.VAL_LOSS])
-            if dg.TRAIN_ACCURACY in row:
-                row[dg.ACCURACY_GAP] = row[dg.TRAIN_ACCURACY] - row[dg.VAL_ACCURACY]
-            stacked = torch.stack(group_norms) if group_norms else None
-            row |= dg.gradient_summary(torch.stack(norms), train.grad_clip, stacked)
+            row |= scores(task, "train", predict(model, x[eval_index]), y[eval_index])
+            row |= dg.honest_gap(row[m.TRAIN_EVAL_LOSS], row[m.VAL_LOSS])
+            if m.TRAIN_ACCURACY in row:
+                row[m.ACCURACY_GAP] = row[m.TRAIN_ACCURACY] - row[m.VAL_ACCURACY]
+            by_group = (
+                dg.group_norms(torch.stack(param_norms), group_index) if param_norms else None
+            )
+            row |= dg.gradient_summary(torch.stack(norms), train.grad_clip, by_group)
         if level == "full":
-            values = dg.group_values(model)
-            row |= dg.weight_stats(values)
-            model.eval()
-            with torch.no_grad():
-                states = layer_outputs(model.lstm, data.val.x[val_index].to(device))
-            model.train()
+            row |= dg.weight_norms(model)
             row |= dg.hidden_stats(states, diag.saturation, diag.dead_std)
-            history.weights.setdefault("first", values)
-            history.weights["last"] = values
+            if epoch == 0:
+                history.snapshots["first"] = (epoch, dg.group_values(model))
         history.rows.append(row)
 
         history.unstable_reason = _instability(row, diag.verdict.explode_grad_norm)
         if history.unstable_reason:
             history.unstable_reason += f" at epoch {epoch}"
-            history.stop_reason = "unstable"
+            history.stop = Stop.UNSTABLE
             break
-        if improved(row[train.monitor], history.best_value, minimize, train.min_delta):
+        if improved(row[train.monitor], history.best_value, history.minimize, train.min_delta):
             history.best_epoch, history.best_value, since_best = epoch, row[train.monitor], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if level == "full":
-                history.weights["best"] = values
+                history.snapshots["best"] = (epoch, dg.group_values(model))
         else:
             since_best += 1
-        reasons = [r for cb in callbacks if (r := cb.on_epoch_end(epoch, row))]
-        if reasons:
-            history.stop_reason = reasons[0]
+        requests = [s for cb in callbacks if (s := cb.on_epoch_end(epoch, row, history))]
+        if requests:
+            history.stop = requests[0]
             break
         if since_best >= train.patience:
-            history.stop_reason = "patience"
+            history.stop = Stop.PATIENCE
             break
 
+    if level == "full" and history.rows:
+        history.snapshots["last"] = (len(history.rows) - 1, dg.group_values(model))
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     history.seconds = time.perf_counter() - started
+    for callback in callbacks:
+        callback.on_fit_end(model, history)
     return history
-
-
-def naive_loss(data: TrainingData, part: str = "val") -> float:
-    """The loss of the naive predictor on a part, in the model's own loss: the last value
-    carried forward for forecasting, the training class frequencies for classification."""
-    return float(data.loss(data.naive_prediction(part), data.part(part).y))
-
-
-def original_unit_errors(model: nn.Module, data: ForecastData, part: str) -> dict[str, float]:
-    """MAE and RMSE of the model on a part, in the target's own units."""
-    windows = data.part(part)
-    prediction = data.to_original(predict(model, windows.x).cpu().numpy(), windows)
-    truth = data.to_original(windows.y.numpy(), windows)
-    error = prediction - truth
-    return {
-        f"{part}_mae": float(np.abs(error).mean()),
-        f"{part}_rmse": float(np.sqrt((error**2).mean())),
-    }

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real sweep files shrunk to seconds, and real stores under tmp_path.
+"""Fixtures: real stores under tmp_path, the real sweep files shrunk, one finished sweep shared.
 
 Creating an MLflow SQLite store runs its migrations (seconds), so one is made per session and
 copied into each test's own mlruns/.
@@ -6,33 +6,23 @@ copied into each test's own mlruns/.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
-import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from lstm_sweep.config import Config, load_config
+from lstm_sweep.tasks import Task, TaskCache
+from tests.helpers import QUICK, TINY, load_study, mlflow_client, runs_of, sweep_args
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICK = ROOT / "sweeps" / "quick.yaml"
-FORECAST = ROOT / "sweeps" / "forecast.yaml"
 
-# The quick sweep, shrunk: tiny model, few epochs, few trials. Still the real CO2 data.
-TINY = [
-    "data.window=8",
-    "data.horizon=2",
-    "model.num_layers=1",
-    "model.hidden_size=8",
-    "train.max_epochs=4",
-    "train.batch_size=256",
-    "study.n_trials=4",
-    "study.n_startup_trials=2",
-    "diagnostics.eval_subsample=256",
-]
+def pytest_configure(config: pytest.Config) -> None:
+    # the tests' models are tiny: a second intra-op thread only waits on the first, and with
+    # anything else running it can slow a fit down a hundredfold
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -42,42 +32,52 @@ def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def stores(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh mlruns/ in the test's working directory, where the default URIs point."""
-    monkeypatch.chdir(tmp_path)
-    root = tmp_path / "mlruns"
-    root.mkdir()
-    shutil.copy(mlflow_template, root / "mlflow.db")
+def new_stores(folder: Path, template: Path) -> Path:
+    root = folder / "mlruns"
+    root.mkdir(parents=True)
+    shutil.copy(template, root / "mlflow.db")
     return root
 
 
 @pytest.fixture
-def tiny_cfg(stores: Path) -> Config:
+def stores(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh mlruns/ in the test's working directory, where the default URIs point."""
+    monkeypatch.chdir(tmp_path)
+    return new_stores(tmp_path, mlflow_template)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Config:
     return load_config(QUICK, TINY)
 
 
-def write_series(path: Path, values: np.ndarray, **extra: np.ndarray) -> Path:
-    """A weekly series as a CSV with a `date` column and a `y` target."""
-    frame = pd.DataFrame(
-        {"date": pd.date_range("2000-01-01", periods=len(values), freq="W"), "y": values, **extra}
+@pytest.fixture(scope="session")
+def tiny_task(tiny_cfg: Config) -> Task:
+    """The tiny quick sweep's data (real CO2), loaded once."""
+    return TaskCache().get(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> SimpleNamespace:
+    """One tiny sweep with its closing stage and report, run through the command line once and
+    shared by the tests that only read it."""
+    from lstm_sweep.run import main
+
+    folder = tmp_path_factory.mktemp("finished")
+    root = new_stores(folder, mlflow_template)
+    extra = ["report.model_name=co2-tiny", "study.n_trials=5", "diagnostics.level=full"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        assert main(sweep_args(*extra)) == 0
+    client = mlflow_client(root)
+    experiment = client.get_experiment_by_name("co2-quick").experiment_id
+    (parent,) = runs_of(client, "co2-quick", "sweep")
+    return SimpleNamespace(
+        root=root,
+        folder=folder,
+        study=load_study(root),
+        client=client,
+        experiment=experiment,
+        parent=client.get_run(parent.info.run_id),
+        report=root / "reports" / "co2-quick",
     )
-    frame.to_csv(path, index=False)
-    return path
-
-
-def write_sweep(path: Path, data_path: Path, **sections: dict) -> Path:
-    """A minimal sweep file on a given CSV; sections override the defaults."""
-    import yaml
-
-    raw: dict = {
-        "experiment": "test",
-        "data": {"path": str(data_path), "time_column": "date", "target": "y", "window": 8},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-IN_CI = os.environ.get("CI") == "true"

@@ -10,7 +10,7 @@ import pytest
 from lstm_sweep import baselines
 from lstm_sweep.config import load_config
 from lstm_sweep.data import ForecastData, load_forecast_data
-from tests.conftest import write_series, write_sweep
+from tests.helpers import write_series, write_sweep
 
 
 def series_data(tmp_path: Path, values: np.ndarray, **data: object) -> ForecastData:
@@ -24,11 +24,15 @@ def periodic(n: int = 300, period: int = 12) -> np.ndarray:
 
 
 @pytest.mark.parametrize("transform", ["none", "diff"])
-def test_naive_forecast_is_exact_on_a_constant_series(tmp_path: Path, transform: str) -> None:
-    data = series_data(tmp_path, np.full(200, 5.0), transform=transform)
-    table = baselines.evaluate_baselines(data, "test")
-    assert table.loc["naive", "mse"] == 0.0 and table.loc["naive", "mae"] == 0.0
-    np.testing.assert_array_equal(baselines.naive(data, "test"), 5.0)
+def test_naive_forecast_is_exact_where_the_series_stands_still(
+    tmp_path: Path, transform: str
+) -> None:
+    still = np.concatenate([np.linspace(0.0, 5.0, 100), np.full(100, 5.0)])  # ramp, then flat
+    data = series_data(tmp_path, still, transform=transform)
+    table = baselines.forecast_baselines(data, "test", refit_on_val=True)
+    assert table.loc["naive", "mse"] == pytest.approx(0.0, abs=1e-12)
+    assert table.loc["naive", "mae"] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(baselines.naive(data, "test"), 5.0, atol=1e-5)
 
 
 def test_seasonal_naive_is_exact_on_a_pure_periodic_series(tmp_path: Path) -> None:
@@ -37,7 +41,7 @@ def test_seasonal_naive_is_exact_on_a_pure_periodic_series(tmp_path: Path) -> No
     np.testing.assert_allclose(
         baselines.seasonal_naive(data, "test"), baselines.truth(data, "test"), atol=1e-9
     )
-    table = baselines.evaluate_baselines(data, "test")
+    table = baselines.forecast_baselines(data, "test", refit_on_val=True)
     assert table.loc["seasonal_naive", "mse"] < 1e-15 < table.loc["naive", "mse"]
 
 
@@ -54,7 +58,7 @@ def test_ridge_autoregression_recovers_a_sinusoid_and_naive_mase_is_one_in_sampl
     tmp_path: Path,
 ) -> None:
     data = series_data(tmp_path, periodic(), season=12)
-    table = baselines.evaluate_baselines(data, "test")
+    table = baselines.forecast_baselines(data, "test", refit_on_val=True)
     assert table.loc["ridge_ar", "mse"] < 1e-3 * table.loc["naive", "mse"]
     assert "chosen on validation" in table.loc["ridge_ar", "note"]
     in_sample = baselines.errors(
@@ -64,7 +68,7 @@ def test_ridge_autoregression_recovers_a_sinusoid_and_naive_mase_is_one_in_sampl
 
 
 def test_without_a_season_the_seasonal_baseline_is_a_note_not_a_number(tmp_path: Path) -> None:
-    table = baselines.evaluate_baselines(series_data(tmp_path, periodic()), "test")
+    table = baselines.forecast_baselines(series_data(tmp_path, periodic()), "test", True)
     assert np.isnan(table.loc["seasonal_naive", "mse"])
     assert "season" in table.loc["seasonal_naive", "note"]
     assert np.isfinite(table.loc["naive", "mase"]) and np.isfinite(table.loc["ridge_ar", "mse"])

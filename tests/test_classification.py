@@ -1,4 +1,5 @@
-"""Sequence classification: stratified split, accuracy metrics, verdicts, an end-to-end sweep."""
+"""Sequence classification: stratified split, accuracy metrics, verdicts, an end-to-end sweep
+whose registered model serves predictions."""
 
 from __future__ import annotations
 
@@ -8,19 +9,18 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-import torch
 import yaml
-from mlflow.tracking import MlflowClient
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from lstm_sweep import diagnostics as dg
+from lstm_sweep import metrics as m
+from lstm_sweep import predict
 from lstm_sweep.config import ConfigError, load_config
 from lstm_sweep.data import load_data
 from lstm_sweep.run import main
-from lstm_sweep.train import build_model, fit, naive_loss
-from tests.conftest import ROOT
+from lstm_sweep.tasks import TaskCache
+from lstm_sweep.train import build_model, fit
+from tests.helpers import CLASSIFY, ROOT, mlflow_client
 
-CLASSIFY = ROOT / "sweeps" / "classify.yaml"
 TINY_CLASSIFY = [
     "model.num_layers=1",
     "model.hidden_size=16",
@@ -50,27 +50,6 @@ def test_scaler_is_fit_on_training_sequences_only() -> None:
     train = data.train.x.numpy().reshape(-1, 8)
     assert np.allclose(train.mean(axis=0), 0.0, atol=1e-5)
     assert not np.allclose(data.val.x.numpy().reshape(-1, 8).mean(axis=0), 0.0, atol=1e-3)
-
-
-def test_accuracy_metrics_equal_scikit_learns_on_fixed_predictions() -> None:
-    data = load_data(load_config(CLASSIFY))
-    truth = torch.tensor([0, 1, 2, 2, 1, 0, 2])
-    predicted = np.array([0, 2, 2, 2, 1, 1, 0])
-    logits = torch.nn.functional.one_hot(torch.from_numpy(predicted), 10).float()
-    scores = data.score("val", logits, truth)
-    assert scores["val_accuracy"] == pytest.approx(accuracy_score(truth, predicted))
-    assert scores["val_balanced_accuracy"] == pytest.approx(
-        balanced_accuracy_score(truth, predicted)
-    )
-    assert scores["val_macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
-    assert set(data.score("train", logits, truth)) == {"train_accuracy"}
-
-
-def test_naive_loss_is_the_majority_class_predictors_cross_entropy() -> None:
-    data = load_data(load_config(CLASSIFY))
-    prior = np.bincount(data.train.y.numpy(), minlength=10) / len(data.train)
-    expected = -np.log(prior[data.val.y.numpy()]).mean()
-    assert naive_loss(data) == pytest.approx(expected, rel=1e-5)
 
 
 def test_sequences_are_read_from_a_long_table(tmp_path: Path) -> None:
@@ -120,12 +99,12 @@ def test_a_classifier_memorising_random_labels_is_called_overfitting(tmp_path: P
     }
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
     cfg = load_config(tmp_path / "s.yaml")
-    data = load_data(cfg)
-    history = fit(build_model(data, cfg), data, cfg)
+    task = TaskCache().get(cfg)
+    history = fit(build_model(task, cfg), task, cfg)
     last = history.rows[-1]
-    assert last[dg.TRAIN_ACCURACY] > 0.95
-    assert last[dg.ACCURACY_GAP] == pytest.approx(last[dg.TRAIN_ACCURACY] - last[dg.VAL_ACCURACY])
-    verdict = dg.judge(history.rows, naive_loss(data), cfg.diagnostics.verdict)
+    assert last[m.TRAIN_ACCURACY] > 0.95
+    assert last[m.ACCURACY_GAP] == pytest.approx(last[m.TRAIN_ACCURACY] - last[m.VAL_ACCURACY])
+    verdict = dg.judge(history.rows, task.naive_val_loss, cfg.diagnostics.verdict)
     assert verdict.verdict == "overfitting", verdict.reason
 
 
@@ -136,7 +115,10 @@ def test_monitoring_val_accuracy_maximizes(stores: Path) -> None:
         load_config(CLASSIFY, ["train.monitor=val_accuracy", "study.direction=minimize"])
 
 
-def test_a_tiny_classification_sweep_end_to_end(stores: Path) -> None:
+@pytest.mark.slow
+def test_a_tiny_classification_sweep_end_to_end_serves_its_model(
+    stores: Path, tmp_path: Path
+) -> None:
     args = [
         str(CLASSIFY),
         "--no-progress",
@@ -149,34 +131,40 @@ def test_a_tiny_classification_sweep_end_to_end(stores: Path) -> None:
     )
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert len(study.trials) == 3
-    uri = f"sqlite:///{stores / 'mlflow.db'}"
-    client = MlflowClient(uri, registry_uri=uri)
+    client = mlflow_client(stores)
     for trial in study.trials:
-        run = client.get_run(trial.user_attrs["mlflow_run_id"])
-        assert {"val_accuracy", "train_accuracy", "accuracy_gap", "val_macro_f1"} <= set(
-            run.data.metrics
-        )
-        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        run = client.get_run(trial.user_attrs[m.RUN_ID_ATTR])
+        wanted = {m.VAL_ACCURACY, m.TRAIN_ACCURACY, m.ACCURACY_GAP, m.VAL_MACRO_F1}
+        assert wanted <= set(run.data.metrics)
+        history = client.get_metric_history(run.info.run_id, m.VAL_ACCURACY)
         if trial.state.name == "COMPLETE":
-            assert trial.value == pytest.approx(max(m.value for m in history))
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")}
-        assert {
-            "diagnostics/confusion_matrix.png",
-            "diagnostics/worst_val_samples.csv",
-        } <= artifacts
+            assert trial.value == pytest.approx(max(h.value for h in history))
+            files = {a.path for a in client.list_artifacts(run.info.run_id, "diagnostics")}
+            assert {"diagnostics/val_predictions.png", "diagnostics/worst_val_samples.csv"} <= files
 
-    # the report: the task's baselines, seed re-evaluation, a registered model
     experiment = client.get_experiment_by_name("digits-classify").experiment_id
-    parent = client.search_runs([experiment], "tags.`lstm_sweep.role` = 'sweep'")[0]
+    (parent,) = client.search_runs([experiment], "tags.`lstm_sweep.role` = 'sweep'")
     metrics = parent.data.metrics
     for method in ("lstm", "majority_class", "logistic_regression"):
-        assert 0.0 <= metrics[f"{method}_test_accuracy"] <= 1.0
+        assert 0.0 <= metrics[m.baseline(method, "test", "accuracy")] <= 1.0
     assert metrics["lstm_test_accuracy"] > metrics["majority_class_test_accuracy"]
-    assert len(client.search_model_versions("name = 'digits-classify'")) == 1
-    reevaluations = client.search_runs([experiment], "tags.`lstm_sweep.role` = 'reevaluation'")
-    assert len(reevaluations) == 2 * 2  # top_k x seeds
+    (version,) = client.search_model_versions("name = 'digits-classify'")
     report = (stores / "reports" / "digits-classify" / "report.md").read_text()
-    assert "majority_class" in report and "accuracy_gain" in report
+    assert "majority_class" in report and "logistic_regression" in report
+
+    # the registered model serves the training data's own format: labels and probabilities
+    out = tmp_path / "labels.csv"
+    uri = f"models:/digits-classify/{version.version}"
+    tracking = ["--tracking-uri", f"sqlite:///{stores / 'mlflow.db'}"]
+    assert (
+        predict.main([uri, str(ROOT / "sweeps" / "data" / "digits.npz"), "-o", str(out), *tracking])
+        == 0
+    )
+    table = pd.read_csv(out)
+    probabilities = table[[f"p_{c}" for c in range(10)]].to_numpy()
+    assert len(table) == 1797 and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (table["predicted"] == probabilities.argmax(axis=1)).all()
+    assert (table["predicted"] == table["true"]).mean() > 0.5  # far above the 0.1 of chance
 
 
 def test_confidently_wrong_ranks_misclassified_samples_by_confidence() -> None:

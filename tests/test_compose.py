@@ -14,7 +14,7 @@ from mlflow.cli import server as mlflow_server
 
 from lstm_sweep.config import load_config
 from lstm_sweep.run import parse_args
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 EXAMPLE_ENV = dict(
@@ -96,11 +96,12 @@ def test_mlflow_server_is_backed_by_postgres_and_serves_artifacts_from_a_volume(
     assert {a for a in mlflow["command"] if a.startswith("-")} <= flags
     assert "--serve-artifacts" in mlflow["command"]
     env = environment(mlflow)
-    assert set(env) <= {p.envvar for p in mlflow_server.params}  # `mlflow server` reads them
+    read_by_server = {p.envvar for p in mlflow_server.params} | {"PGPASSWORD"}  # + libpq's
+    assert set(env) <= read_by_server
     backend = urlsplit(env["MLFLOW_BACKEND_STORE_URI"])
     assert backend.scheme == "postgresql+psycopg2"
     assert (backend.hostname, backend.path) == ("postgres", f"/{EXAMPLE_ENV['MLFLOW_DB']}")
-    assert backend.password == EXAMPLE_ENV["POSTGRES_PASSWORD"]
+    assert backend.password is None and env["PGPASSWORD"] == EXAMPLE_ENV["POSTGRES_PASSWORD"]
     volume, destination = mlflow["volumes"][0].split(":")
     assert volume in compose["volumes"] and destination == env["MLFLOW_ARTIFACTS_DESTINATION"]
     assert "/health" in " ".join(mlflow["healthcheck"]["test"])
@@ -122,15 +123,15 @@ def test_worker_command_is_a_valid_sweep_on_the_compose_services(compose: dict[s
         5432,
         f"/{EXAMPLE_ENV['OPTUNA_DB']}",
     )
-    assert (storage.username, storage.password) == (
-        EXAMPLE_ENV["POSTGRES_USER"],
-        EXAMPLE_ENV["POSTGRES_PASSWORD"],
-    )
+    assert (storage.username, storage.password) == (EXAMPLE_ENV["POSTGRES_USER"], None)
+    assert environment(worker)["PGPASSWORD"] == EXAMPLE_ENV["POSTGRES_PASSWORD"]
+    assert not any(EXAMPLE_ENV["POSTGRES_PASSWORD"] in arg for arg in worker["command"])
+    assert worker["stop_grace_period"]  # time for SIGTERM to end the epoch and close the trial
     tracking = urlsplit(cfg.tracking.uri)
     assert tracking.hostname == "mlflow"
     assert str(tracking.port) == mlflow["command"][mlflow["command"].index("--port") + 1]
     assert tracking.netloc in environment(mlflow)["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
-    assert cfg.study.workers == 1  # compose scales containers, one worker each
+    assert args.workers == 1  # compose scales containers, one worker each
     assert {name: dep["condition"] for name, dep in worker["depends_on"].items()} == {
         "postgres": "service_healthy",
         "mlflow": "service_healthy",

@@ -5,9 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from lstm_sweep.config import ConfigError, load_config, parse_override
-from tests.conftest import FORECAST, QUICK, ROOT
+from lstm_sweep.config import (
+    ConfigError,
+    changed_keys,
+    load_config,
+    mask_secrets,
+    parse_override,
+    sanity_warnings,
+    study_fingerprint,
+    without_password,
+)
+from tests.helpers import CLASSIFY, FORECAST, QUICK, ROOT
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -24,10 +34,10 @@ data:
 """
 
 
-@pytest.mark.parametrize("sweep", [FORECAST, QUICK])
+@pytest.mark.parametrize("sweep", [FORECAST, QUICK, CLASSIFY])
 def test_shipped_sweep_files_load_and_resolve_data_path_against_their_folder(sweep: Path) -> None:
     cfg = load_config(sweep)
-    assert cfg.data.path == ROOT / "sweeps" / "data" / "co2_weekly.csv"
+    assert cfg.data.path.parent == ROOT / "sweeps" / "data"
     assert cfg.data.path.is_file()
     assert {"model.dropout", "train.weight_decay", "train.learning_rate"} <= set(cfg.search)
 
@@ -92,6 +102,24 @@ def test_with_values_puts_sampled_values_in_and_validates_again() -> None:
             "`low > 0` must hold",
         ),
         ("experiment: x\n", "data", "required key is missing"),
+        (
+            BASE + "search:\n  model.hidden_size: {type: int, low: 8, high: 64, step: 0.5}\n",
+            "search.model.hidden_size",
+            "`step` must be a whole number",
+        ),
+        (BASE + "study:\n  n_trials: 0\n", "study.n_trials", "greater than or equal to 1"),
+        (BASE + "train:\n  batch_size: 0\n", "train.batch_size", "greater than or equal to 1"),
+        (
+            BASE + "search:\n  data.transform: {type: categorical, choices: [none, diff]}\n",
+            "search.data.transform",
+            "set train.monitor: val_nmse",
+        ),
+        (BASE + "train:\n  monitor: val_accuracy\n", "train.monitor", "forecast monitors"),
+        (
+            BASE + "search:\n  train.seed: {type: int, low: 0, high: 3}\n",
+            "search.train.seed",
+            "cannot be searched",
+        ),
     ],
 )
 def test_bad_sweep_files_name_file_key_and_rule(
@@ -120,3 +148,82 @@ def test_override_without_equals_sign_is_rejected() -> None:
 def test_unknown_override_key_is_caught_with_a_suggestion() -> None:
     with pytest.raises(ConfigError, match="did you mean 'train.max_epochs'"):
         load_config(QUICK, ["train.max_epoch=3"])
+
+
+def test_malformed_yaml_in_an_override_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(QUICK, ["model.dropout=[0.1"])
+    assert caught.value.key == "model.dropout" and "malformed YAML" in str(caught.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="train.device = 'cuda': no CUDA device"):
+        load_config(QUICK, ["train.device=cuda"])
+
+
+PASSWORD = "pw-secret-123"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (f"postgresql://u:{PASSWORD}@h:5432/db", "postgresql://u:***@h:5432/db"),
+        (f"postgresql://:{PASSWORD}@h/db", "postgresql://:***@h/db"),
+        (
+            f"postgresql://u@h/db?password={PASSWORD}&sslmode=require",
+            "postgresql://u@h/db?password=***&sslmode=require",
+        ),
+        (f"http://user:{PASSWORD}@mlflow:5000", "http://user:***@mlflow:5000"),
+        (
+            f"could not connect to 'postgresql+psycopg2://a:{PASSWORD}@x/y': refused",
+            "could not connect to 'postgresql+psycopg2://a:***@x/y': refused",
+        ),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+    ],
+)
+def test_mask_secrets_hides_every_kind_of_password(text: str, shown: str) -> None:
+    assert mask_secrets(text) == shown
+
+
+def test_without_password_leaves_a_uri_that_libpq_completes_from_the_environment() -> None:
+    assert without_password(f"postgresql://u:{PASSWORD}@h/db") == "postgresql://u@h/db"
+    assert without_password(f"postgresql://u@h/db?password={PASSWORD}") == "postgresql://u@h/db"
+
+
+def test_a_typo_next_to_a_secret_does_not_echo_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(QUICK, [f"study.storag=postgresql://u:{PASSWORD}@h/db"])
+    assert PASSWORD not in str(caught.value) and "did you mean 'study.storage'" in str(caught.value)
+
+
+def test_the_fingerprint_holds_what_trial_values_depend_on_and_names_what_changed() -> None:
+    base = study_fingerprint(load_config(QUICK))
+    assert base["data.path"].startswith("sha256:") and "train.max_epochs" in base
+    for neutral in (
+        "study.n_trials=3",
+        "diagnostics.level=off",
+        "report.top_k=1",
+        "study.workers=2",
+    ):
+        assert study_fingerprint(load_config(QUICK, [neutral])) == base, neutral
+    changed = study_fingerprint(
+        load_config(
+            QUICK, ["train.max_epochs=7", "search.model.dropout={type: float, low: 0.1, high: 0.2}"]
+        )
+    )
+    assert changed_keys(base, changed) == [
+        "search.model.dropout.high",
+        "search.model.dropout.low",
+        "train.max_epochs",
+    ]
+
+
+def test_sanity_warnings_name_settings_that_do_nothing() -> None:
+    cfg = load_config(
+        QUICK, ["model.num_layers=1", "train.optimizer=adam", "train.weight_decay=0.01"]
+    )
+    warnings = sanity_warnings(cfg)
+    assert any("num_layers = 1" in w for w in warnings)
+    assert any("couples weight_decay" in w for w in warnings)
+    assert sanity_warnings(load_config(QUICK)) == []

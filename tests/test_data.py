@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from lstm_sweep.config import ConfigError, load_config
 from lstm_sweep.data import cut_windows, fit_scaler, load_forecast_data, split_bounds
-from tests.conftest import write_series, write_sweep
+from tests.helpers import write_series, write_sweep
 
 
 def load(tmp_path: Path, values: np.ndarray, **data: object):
@@ -108,6 +108,27 @@ def test_missing_values_are_interpolated_when_asked(tmp_path: Path) -> None:
         (lambda f: f.head(25), {"window": 20}, "data.window", "too few rows"),
         (lambda f: f, {"features": ["nope"]}, "data.features", "no such column"),
         (lambda f: f.assign(y=-f.y), {"transform": "log"}, "data.transform", "must be > 0"),
+        (
+            lambda f: f.assign(date=f.date.where(f.index != 7)),
+            {},
+            "data.time_column",
+            "no time stamp at row 8",
+        ),
+        (
+            lambda f: f.assign(date=f.date.where(f.index != 7, "soon")),
+            {},
+            "data.time_column",
+            "not a date",
+        ),
+        (
+            lambda f: f.assign(y=f.y.where(f.index != 9, np.inf)),
+            {},
+            "data.target",
+            "infinite value at row 10",
+        ),
+        (lambda f: f.head(0), {}, "data.path", "the table has no rows"),
+        (lambda f: f.assign(y=np.nan), {"missing": "drop"}, "data.missing", "no rows are left"),
+        (lambda f: f.assign(y=3.0), {}, "data.target", "constant over the training part"),
     ],
 )
 def test_bad_data_names_file_key_and_value(
@@ -127,3 +148,46 @@ def test_missing_data_file_is_a_config_error(tmp_path: Path) -> None:
     cfg = load_config(write_sweep(tmp_path / "sweep.yaml", tmp_path / "absent.csv"))
     with pytest.raises(ConfigError, match="no such data file"):
         load_forecast_data(cfg.data)
+
+
+def test_an_empty_file_a_folder_and_latin_1_bytes_are_named_not_tracebacks(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("date,y\n2000-01-02,1\n2000-01-09,caf\xe9\n".encode("latin-1"))
+    for path, fragment in ((empty, "no rows"), (tmp_path, "is a directory"), (latin, "not UTF-8")):
+        cfg = load_config(write_sweep(tmp_path / "sweep.yaml", path))
+        with pytest.raises(ConfigError, match=fragment) as caught:
+            load_forecast_data(cfg.data)
+        assert caught.value.key == "data.path"
+
+
+def test_a_searched_window_and_transform_get_their_own_windows(tmp_path: Path) -> None:
+    """Different values give different training data, each built once; the scaler of every
+    variant is fit on the training rows only, whatever the window or transform."""
+    from lstm_sweep.tasks import TaskCache
+
+    values = 10 + np.cumsum(np.random.default_rng(3).normal(0.2, 1.0, 300))
+    csv = write_series(tmp_path / "series.csv", values)
+    sweep = write_sweep(
+        tmp_path / "sweep.yaml",
+        csv,
+        train={"monitor": "val_nmse"},
+        search={
+            "data.window": {"type": "categorical", "choices": [4, 12]},
+            "data.transform": {"type": "categorical", "choices": ["none", "diff"]},
+        },
+    )
+    cfg = load_config(sweep)
+    cache = TaskCache()
+    short = cache.get(cfg.with_values({"data.window": 4}))
+    long = cache.get(cfg.with_values({"data.window": 12}))
+    diff = cache.get(cfg.with_values({"data.window": 12, "data.transform": "diff"}))
+    assert short.data.train.x.shape[1:] == (4, 1) and long.data.train.x.shape[1:] == (12, 1)
+    assert cache.get(cfg.with_values({"data.window": 4})) is short  # built once
+    assert len(cache) == 3
+    val_start, _ = split_bounds(300, cfg.data.split)
+    assert long.data.scaler.center[0] == pytest.approx(values[:val_start].mean())
+    changes = np.diff(values)[: val_start - 1]  # diff drops the first row
+    assert diff.data.scaler.center[0] == pytest.approx(changes.mean())
+    assert not np.allclose(diff.data.train.y.numpy()[:5], long.data.train.y.numpy()[:5])

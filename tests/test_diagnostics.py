@@ -9,45 +9,47 @@ import pytest
 import torch
 
 from lstm_sweep import diagnostics as dg
+from lstm_sweep import metrics as m
 from lstm_sweep.config import ModelConfig, VerdictRules
 from lstm_sweep.model import LSTMNet
 
 
 def test_honest_gap_is_difference_and_ratio() -> None:
-    assert dg.honest_gap(0.5, 0.75) == {dg.GAP: 0.25, dg.GAP_RATIO: 1.5}
+    assert dg.honest_gap(0.5, 0.75) == {m.GAP: 0.25, m.GAP_RATIO: 1.5}
 
 
 def small_model() -> LSTMNet:
     torch.manual_seed(3)
-    return LSTMNet(2, (2, 1), ModelConfig(hidden_size=3))
+    return LSTMNet(2, 4, (2, 1), ModelConfig(hidden_size=3))
 
 
 def test_gradient_statistics_equal_direct_torch_computation() -> None:
     model = small_model()
     loss = model(torch.randn(5, 4, 2)).pow(2).mean()
     loss.backward()
-    by_group = dg.grad_norms_by_group(list(model.named_parameters()))
-    expected_recurrent = model.lstm.weight_hh_l0.grad.norm()
-    assert by_group[1] == pytest.approx(float(expected_recurrent), rel=1e-5)
-    biases = torch.cat(
-        [model.lstm.bias_ih_l0.grad, model.lstm.bias_hh_l0.grad, model.head.bias.grad]
-    )
+    grads = [p.grad for p in model.parameters()]
+    per_param = torch.stack(torch._foreach_norm(grads))[None, :]  # one step
+    by_group = dg.group_norms(per_param, dg.group_index(model))[0]
+    layer = model.layers[0]
+    assert by_group[1] == pytest.approx(float(layer.weight_hh_l0.grad.norm()), rel=1e-5)
+    biases = torch.cat([layer.bias_ih_l0.grad, layer.bias_hh_l0.grad, model.head.bias.grad])
     assert by_group[2] == pytest.approx(float(biases.norm()), rel=1e-5)
-    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    total = torch.nn.utils.get_total_norm(grads)
     assert float(by_group.norm()) == pytest.approx(float(total), rel=1e-5)
 
     steps = torch.tensor([0.5, 2.0, 1.5, 0.25])
-    summary = dg.gradient_summary(steps, grad_clip=1.0, group_norms=torch.ones(4, 4))
-    assert summary[dg.GRAD_NORM_MEAN] == pytest.approx(1.0625)
-    assert summary[dg.GRAD_NORM_MAX] == 2.0
-    assert summary[dg.CLIP_FRACTION] == 0.5
-    assert summary["grad_norm_head"] == 1.0
+    summary = dg.gradient_summary(steps, grad_clip=1.0, by_group=torch.ones(4, 5))
+    assert summary[m.GRAD_NORM_MEAN] == pytest.approx(1.0625)
+    assert summary[m.GRAD_NORM_MAX] == 2.0
+    assert summary[m.CLIP_FRACTION] == 0.5
+    assert summary[m.grad_norm("head")] == 1.0
 
 
 def test_weight_statistics_equal_direct_torch_computation() -> None:
     model = small_model()
     stats = dg.weight_stats(dg.group_values(model))
-    w = model.head.weight.detach().reshape(-1)
+    assert stats["weight_head_norm"] == pytest.approx(dg.weight_norms(model)["weight_head_norm"])
+    w = torch.cat([model.head.weight.detach().reshape(-1)])
     assert stats["weight_head_norm"] == pytest.approx(float(w.norm()))
     assert stats["weight_head_mean"] == pytest.approx(float(w.mean()))
     assert stats["weight_head_std"] == pytest.approx(float(w.std()))
@@ -66,7 +68,7 @@ def test_hidden_statistics_by_hand() -> None:
 
 def rows(val: list[float], train: list[float]) -> list[dict[str, float]]:
     return [
-        {dg.VAL_LOSS: v, dg.TRAIN_EVAL_LOSS: t, dg.TRAIN_LOSS: t}
+        {m.VAL_LOSS: v, m.TRAIN_EVAL_LOSS: t, m.TRAIN_LOSS: t}
         for v, t in zip(val, train, strict=True)
     ]
 
@@ -96,6 +98,16 @@ def test_judge_applies_the_documented_rules(val, train, naive, unstable, expecte
         assert "40.0%" in verdict.reason
 
 
+def test_a_trial_cut_short_gets_no_verdict_unless_it_already_overfit() -> None:
+    early = rows([1.0, 0.8, 0.7], [1.0, 0.8, 0.7])
+    verdict = dg.judge(early, 2.0, VerdictRules(), cut_short="pruned")
+    assert verdict.verdict == "undecided"
+    assert "pruned after 3 epoch(s)" in verdict.reason
+    assert dg.judge(early, 2.0, VerdictRules()).verdict == "healthy"  # a natural end
+    rising = rows([1.0, 0.5, 0.6, 0.7], [1.0, 0.4, 0.3, 0.2])
+    assert dg.judge(rising, 2.0, VerdictRules(), cut_short="pruned").verdict == "overfitting"
+
+
 def test_worst_windows_are_ranked_by_mean_absolute_error() -> None:
     truth = np.zeros((4, 2, 1))
     prediction = np.array([1.0, 3.0, 0.0, 2.0])[:, None, None] * np.ones((4, 2, 1))
@@ -104,19 +116,6 @@ def test_worst_windows_are_ranked_by_mean_absolute_error() -> None:
     assert table["window"].tolist() == [1, 3]
     assert table["start"].tolist() == ["c", "g"]
     assert table["mae"].tolist() == [3.0, 2.0]
-
-
-def test_sanity_warnings_name_settings_that_do_nothing() -> None:
-    from lstm_sweep.config import load_config
-    from tests.conftest import QUICK
-
-    one_layer = load_config(QUICK, ["model.num_layers=1"])
-    assert any("does nothing" in w for w in dg.config_warnings(one_layer))
-    stacked = load_config(QUICK, ["model.num_layers=2"])
-    assert not any("does nothing" in w for w in dg.config_warnings(stacked))
-    adam = load_config(QUICK, ["train.optimizer=adam"])
-    assert any("couples weight_decay" in w for w in dg.config_warnings(adam))
-    assert not any("couples" in w for w in dg.config_warnings(stacked))
 
 
 def test_edge_warning_when_the_best_trials_sit_at_a_range_edge() -> None:

@@ -1,0 +1,146 @@
+"""One setting trained inside the MLflow run that holds it: build, fit, judge, record.
+
+Trials and seed re-evaluations both go through :func:`train_in_run`, so every run of a setting
+records the same numbers, tags and files the same way; the run itself is opened and closed by
+``Tracker.child_run``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lstm_sweep import diagnostics as dg
+from lstm_sweep import metrics as m
+from lstm_sweep import plots
+from lstm_sweep.config import Config
+from lstm_sweep.model import LSTMNet
+from lstm_sweep.tasks import Task
+from lstm_sweep.tracking import RunRecorder
+from lstm_sweep.train import Callback, History, Interrupted, Stop, build_model, fit, predict
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a trained setting left behind, beside its run."""
+
+    model: LSTMNet  # holding its best epoch's weights
+    history: History
+    verdict: dg.Verdict
+    state: str  # COMPLETE, or PRUNED (pruned or unstable)
+    val_output: np.ndarray  # the best weights' validation output, model space
+
+
+def summary_metrics(
+    history: History, verdict: dg.Verdict, task: Task, val_output: np.ndarray
+) -> dict[str, float]:
+    """A run's single-value metrics: its best epoch, what it cost, the verdict's numbers."""
+    metrics = {
+        m.BEST_VAL_LOSS: history.best_row.get(m.VAL_LOSS, float("nan")),
+        m.BEST_EPOCH: history.best_epoch,
+        m.EPOCHS_TRAINED: history.epochs_trained,
+        m.NAIVE_VAL_LOSS: task.naive_val_loss,
+        m.OVERFIT_SCORE: verdict.score,
+        m.TRAIN_SECONDS: history.seconds,
+    }
+    if verdict.onset_epoch is not None:
+        metrics[m.OVERFIT_ONSET] = verdict.onset_epoch
+    if history.best_epoch >= 0:
+        best = history.best_row
+        metrics |= {m.best(k): best[k] for k in m.AT_BEST_EPOCH if k in best}
+        metrics |= task.best_epoch_errors(val_output)
+    return metrics
+
+
+def save_weights(model: torch.nn.Module, folder: Path) -> Path:
+    path = folder / m.WEIGHTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Best weights a run saved, into a model built from the same setting."""
+    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    return model.eval()
+
+
+def write_files(folder: Path, task: Task, outcome: Outcome, k_worst: int, draw: bool) -> None:
+    """A run's diagnostics files: the worst validation samples and the weight snapshots (raw,
+    cheap), and with ``draw`` the pictures of its curves, weights and predictions."""
+    diagnostics = folder / m.DIAGNOSTICS_DIR
+    diagnostics.mkdir(parents=True, exist_ok=True)
+    history = outcome.history
+    task.worst_samples(outcome.val_output, k_worst).to_csv(
+        diagnostics / m.WORST_SAMPLES, index=False
+    )
+    snapshots = {
+        moment: {group: values.numpy() for group, values in groups.items()}
+        for moment, (_, groups) in history.snapshots.items()
+    }
+    if snapshots:
+        arrays: dict[str, Any] = {
+            f"{moment}__{g}": v for moment, groups in snapshots.items() for g, v in groups.items()
+        }
+        np.savez_compressed(diagnostics / "weight_values.npz", **arrays)
+    if not draw:
+        return
+    plots.loss_curves(
+        history.rows,
+        history.best_epoch,
+        outcome.verdict.onset_epoch,
+        diagnostics / "loss_curves.png",
+    )
+    if snapshots:
+        plots.weight_histograms(snapshots, diagnostics / "weight_histograms.png")
+    task.prediction_figure(outcome.val_output, "val", diagnostics / "val_predictions.png")
+
+
+def train_in_run(
+    cfg: Config, task: Task, run: RunRecorder, callbacks: Sequence[Callback] = ()
+) -> Outcome:
+    """Train one setting, judge it and record it in ``run``: per-epoch rows as they come, then
+    its summary, verdict, weight quantiles at the first, best and last epoch, diagnostics
+    files (level full; pictures only for a completed run) and, if it completed, its best
+    weights. A stop request ends the run as failed (:class:`Interrupted`)."""
+    model = build_model(task, cfg)
+    history = fit(model, task, cfg, [run, *callbacks])
+    if history.stop is Stop.INTERRUPTED:
+        raise Interrupted
+    val_output = predict(model, task.data.val.x).cpu().numpy()
+    cut_short = "pruned" if history.stop is Stop.PRUNED else None
+    verdict = dg.judge(
+        history.rows,
+        task.naive_val_loss,
+        cfg.diagnostics.verdict,
+        history.unstable_reason,
+        cut_short,
+    )
+    state = m.PRUNED if history.stop in (Stop.PRUNED, Stop.UNSTABLE) else m.COMPLETE
+    outcome = Outcome(model, history, verdict, state, val_output)
+    run.log_summary(summary_metrics(history, verdict, task, val_output))
+    for epoch, groups in history.snapshots.values():
+        run.log_step(epoch, dg.weight_stats(groups))
+    with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
+        folder = Path(tmp)
+        if cfg.diagnostics.level == "full" and history.best_epoch >= 0:
+            write_files(folder, task, outcome, cfg.diagnostics.k_worst, draw=state == m.COMPLETE)
+        if state == m.COMPLETE:
+            save_weights(model, folder)
+        if any(folder.iterdir()):
+            run.log_artifacts(folder)
+    run.end_as(
+        state,
+        {
+            m.VERDICT_TAG: verdict.verdict,
+            m.VERDICT_REASON_TAG: verdict.reason,
+            m.STOP_REASON_TAG: history.stop.value,
+        },
+    )
+    return outcome

@@ -1,0 +1,393 @@
+"""Who runs the trials: this process, spawned processes on this machine, or (see ``ray_workers``)
+a Ray cluster; the study lock they share; stale trials of lost workers; and the one place where
+Ctrl-C and SIGTERM become a graceful stop.
+
+Every worker, wherever it runs, runs :func:`optimize` against the shared Optuna storage and
+MLflow store, so the study ends with exactly ``n_trials`` however many processes and hosts work
+on it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TextIO
+
+import sqlalchemy
+import torch
+
+from lstm_sweep import metrics as m
+from lstm_sweep.config import Config, load_config, mask_secrets, sanity_warnings
+from lstm_sweep.study import (
+    Objective,
+    StaleTrialHandler,
+    Study,
+    counted_trials,
+    fail_stale_trials,
+    open_study,
+    retry_failed,
+    run_one_trial,
+    state_counts,
+    storage_url,
+)
+from lstm_sweep.tasks import TaskCache
+from lstm_sweep.tracking import Tracker, TrackingUnavailable
+from lstm_sweep.train import Interrupted
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+LOCK_POLL = 0.2  # seconds between two tries of a busy study lock
+LOCK_NOTICE = 10.0  # say what we wait for after this long, and again this often
+
+
+class LockTimeout(RuntimeError):
+    """The study lock stayed busy for ``study.lock_timeout`` seconds."""
+
+
+class SweepIncomplete(RuntimeError):
+    """Workers stopped before the study held n_trials (all of them crashed or were killed)."""
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or SIGTERM (``docker compose stop``, Kubernetes, schedulers): finish the
+    current epoch, close the run and the trial as failed (the next run retries it) and stop.
+    A second signal stops at once. Installed once per process; as PID 1 in a container a
+    handler is what makes SIGTERM count at all."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, quiet: bool = False, stream: TextIO = sys.stderr) -> None:
+        self.requested, self.quiet, self.stream = False, quiet, stream
+        self.listeners: list[Callable[[int], None]] = []
+
+    def __enter__(self) -> GracefulStop:
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        for listener in self.listeners:
+            listener(signum)
+        if not self.quiet:
+            name = signal.Signals(signum).name
+            print(
+                f"\n{name}: stopping after this epoch ({name} again to stop at once)",
+                file=self.stream,
+            )
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+class StudyLock:
+    """A lock shared by every worker of a study, on any host that reaches its storage: a
+    PostgreSQL advisory lock on the Optuna database, or a file lock beside a SQLite file.
+
+    It makes "count the trials, then start one" atomic, so N workers finish exactly n_trials.
+    Waiting is bounded by ``timeout``; after a while it says what it waits for (and, on
+    PostgreSQL, which client holds the lock).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        study_name: str,
+        timeout: float,
+        purpose: str = "trials",
+        stream: TextIO = sys.stderr,
+    ) -> None:
+        self.url, self.timeout, self.stream = url, timeout, stream
+        self.name = f"study lock of {study_name!r}" + (
+            "" if purpose == "trials" else f" ({purpose})"
+        )
+        self.key = zlib.crc32(
+            study_name.encode() + (b"" if purpose == "trials" else purpose.encode())
+        )
+        self._release: Callable[[], None] | None = None
+        self._engine: sqlalchemy.Engine | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; True if taken."""
+        if self.url.startswith("sqlite:///"):
+            handle = open(self.url.removeprefix("sqlite:///") + f".{self.key}.lock", "a")  # noqa: SIM115
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                return False
+            self._release = handle.close  # closing drops the flock
+            return True
+        connection = self._postgres().connect()
+        query = sqlalchemy.text("SELECT pg_try_advisory_lock(:k)")
+        if not connection.execute(query, {"k": self.key}).scalar():
+            connection.close()
+            return False
+
+        def release() -> None:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            connection.close()
+
+        self._release = release
+        return True
+
+    def acquire(self) -> None:
+        started = noticed = time.monotonic()
+        while not self.try_acquire():
+            now = time.monotonic()
+            if now - started > self.timeout:
+                raise LockTimeout(
+                    f"waited {self.timeout:g} s for the {self.name}, held by {self.holder()};"
+                    " if that process is gone for good, its lock ends with its connection"
+                )
+            if now - noticed > LOCK_NOTICE:
+                print(f"waiting for the {self.name}, held by {self.holder()}", file=self.stream)
+                noticed = now
+            time.sleep(LOCK_POLL)
+
+    def holder(self) -> str:
+        """Who holds the lock, as far as the storage can tell."""
+        if not self.url.startswith("postgresql"):
+            return "another process on this machine"
+        query = sqlalchemy.text(
+            "SELECT a.application_name, a.client_addr, a.pid, a.backend_start"
+            " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objid = :k"
+        )
+        with self._postgres().connect() as connection:
+            row = connection.execute(query, {"k": self.key}).first()
+        if row is None:
+            return "nobody any more"
+        name, address, pid, since = row
+        where = f"{name or 'a client'} at {address or 'the local socket'}"
+        return f"{where} (server pid {pid}, connected {since:%Y-%m-%d %H:%M:%S})"
+
+    def _postgres(self) -> sqlalchemy.Engine:
+        if self._engine is None:
+            self._engine = sqlalchemy.create_engine(
+                self.url,
+                poolclass=sqlalchemy.pool.NullPool,
+                connect_args={
+                    "application_name": f"lstm_sweep {socket.gethostname()}:{os.getpid()}",
+                    "connect_timeout": 10,
+                },
+            )
+        return self._engine
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    def dispose(self) -> None:
+        """Release, and close the lock's database engine."""
+        self.release()
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def __enter__(self) -> StudyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class Sweep:
+    """A sweep, validated and connected: what every worker of this process shares."""
+
+    path: str
+    overrides: list[str]
+    cfg: Config
+    tasks: TaskCache
+    tracker: Tracker
+    study: Study
+    lock: StudyLock = field(repr=False)
+    on_stale: StaleTrialHandler = field(repr=False)
+
+
+def data_variants(cfg: Config) -> list[Config]:
+    """The config as given, and one per value at the edge of each searched data key: loading
+    them all up front finds a window too long or a log of a non-positive series before any
+    trial exists."""
+    variants = [cfg]
+    for key, param in cfg.search.items():
+        if key.startswith("data."):
+            variants += [cfg.with_values({key: value}) for value in param.bounds()]
+    return variants
+
+
+def prepare(path: str, overrides: list[str]) -> Sweep:
+    """Validate the config and the data and connect to both stores; ConfigError on any fault,
+    found before a run or trial exists."""
+    cfg = load_config(path, overrides)
+    tasks = TaskCache()
+    for variant in data_variants(cfg):
+        tasks.get(variant)
+    tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
+    on_stale = StaleTrialHandler(tracker)
+    study = open_study(cfg, path, on_stale)
+    lock = StudyLock(storage_url(cfg), cfg.study_name, cfg.study.lock_timeout)
+    return Sweep(path, list(overrides), cfg, tasks, tracker, study, lock, on_stale)
+
+
+def start(sweep: Sweep) -> str:
+    """Open (or resume) the sweep's parent run and queue the trials a previous run lost.
+
+    Under the study lock, so workers starting together on several hosts share one parent run
+    and retry each lost trial once.
+    """
+    cfg = sweep.cfg
+    with sweep.lock:
+        params = {k: v for k, v in _flat_config(cfg).items()}
+        parent_id = sweep.tracker.open_parent(cfg.study_name, params)
+        retry_failed(sweep.study, sweep.tracker)
+    warnings = sanity_warnings(cfg)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if warnings:
+        sweep.tracker.set_tags(parent_id, {m.SANITY_TAG: " | ".join(warnings)})
+    return parent_id
+
+
+def _flat_config(cfg: Config) -> dict[str, Any]:
+    from lstm_sweep.config import flatten
+
+    return flatten(cfg.model_dump(mode="json"))
+
+
+def optimize(
+    sweep: Sweep,
+    objective: Callable[[Any], float],
+    callbacks: list[Callable[..., None]],
+    stop_requested: Callable[[], bool],
+    poll_seconds: float = 1.0,
+) -> None:
+    """This worker's loop: run trials until the study holds ``n_trials`` finished (complete or
+    pruned) ones, alone or beside other workers on the same storage.
+
+    Counting and starting a trial happen under the study lock, and trials that other workers
+    are running count as taken, so the study ends with exactly ``n_trials``; a worker that
+    finds all remaining trials taken waits, in case one of them is lost and comes back.
+    """
+    cfg, study, lock = sweep.cfg, sweep.study, sweep.lock
+    timeout = cfg.study.timeout
+    deadline = time.monotonic() + timeout if timeout else float("inf")
+    while time.monotonic() < deadline and not stop_requested():
+        lock.acquire()
+        try:
+            fail_stale_trials(study, cfg.study.grace_seconds, sweep.on_stale)
+            counts = state_counts(study)
+            finished = counts[m.COMPLETE] + counts[m.PRUNED]
+            if finished >= cfg.study.n_trials:
+                return
+            if finished + counts["RUNNING"] >= cfg.study.n_trials:
+                lock.release()
+                time.sleep(poll_seconds)
+                continue
+
+            def run_released(trial: Any) -> float:
+                lock.release()  # the trial is RUNNING in storage now: others see it as taken
+                return objective(trial)
+
+            run_one_trial(study, run_released, callbacks)
+        finally:
+            lock.release()
+
+
+def threads_per_worker(workers: int) -> int:
+    """Share the cores between worker processes so they do not fight over threads."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def work(
+    sweep: Sweep, parent_id: str, stop: GracefulStop, callbacks: list[Callable[..., None]]
+) -> None:
+    """One worker: run trials until the study holds n_trials; Interrupted if asked to stop."""
+    torch.set_num_threads(threads_per_worker(sweep.cfg.study.workers))
+    objective = Objective(sweep.cfg, sweep.tasks, sweep.tracker, parent_id, stop)
+    optimize(sweep, objective, callbacks, stop)
+    if stop.requested:  # asked between two trials
+        raise Interrupted
+
+
+def worker_process(path: str, overrides: list[str], parent_id: str) -> None:
+    """Entry point of a spawned worker process; exits 130 when stopped, 1 when the tracking
+    store or the study lock stays out of reach."""
+    sweep = prepare(path, overrides)
+    with GracefulStop(quiet=True) as stop:
+        try:
+            work(sweep, parent_id, stop, [])
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        except (TrackingUnavailable, LockTimeout) as exc:  # one line; the driver sums up
+            print(f"worker {os.getpid()}: {mask_secrets(str(exc))}", file=sys.stderr)
+            sys.exit(EXIT_FAILED)
+
+
+def run_local_workers(
+    sweep: Sweep,
+    parent_id: str,
+    stop: GracefulStop,
+    callbacks: list[Callable[..., None]],
+    on_progress: Callable[[], None],
+) -> None:
+    """This process works as one worker and spawns ``study.workers - 1`` more (each a clean
+    interpreter: no forked torch state); SIGTERM to this process reaches them too."""
+    context = multiprocessing.get_context("spawn")
+    extra = [
+        context.Process(target=worker_process, args=(sweep.path, sweep.overrides, parent_id))
+        for _ in range(sweep.cfg.study.workers - 1)
+    ]
+    for process in extra:
+        process.start()
+
+    def forward(signum: int) -> None:
+        for process in extra:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    stop.listeners.append(forward)
+    try:
+        work(sweep, parent_id, stop, callbacks)
+    finally:
+        while any(p.is_alive() for p in extra):
+            on_progress()
+            time.sleep(0.5)
+        stop.listeners.remove(forward)
+    check_workers(sweep.study, [p.exitcode or 0 for p in extra], sweep.cfg.study.n_trials)
+
+
+def check_workers(study: Study, exit_codes: list[int], n_trials: int) -> None:
+    """After the workers ended: Interrupted if they were stopped, SweepIncomplete if they all
+    died short of n_trials, a warning line if some died but the others finished the study."""
+    if EXIT_INTERRUPTED in exit_codes:
+        raise Interrupted
+    lost = [code for code in exit_codes if code]
+    counted = counted_trials(study)
+    if lost and counted < n_trials:
+        raise SweepIncomplete(
+            f"{len(lost)} of {len(exit_codes)} extra workers exited with codes {lost} and the"
+            f" study holds {counted} of {n_trials} trials"
+        )
+    if lost:  # e.g. a killed worker: the others retried its trial, the sweep is whole
+        print(
+            f"warning: {len(lost)} worker(s) lost (exit codes {lost});"
+            " their trials were retried by the others",
+            file=sys.stderr,
+        )

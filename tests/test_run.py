@@ -1,0 +1,355 @@
+"""The command line end to end, on real stores: Optuna trials and MLflow runs agree; bad input
+is one line; a stopped sweep resumes; two processes give one answer; the same seed gives the
+same study wherever it is stored; no password is written anywhere."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from lstm_sweep import metrics as m
+from lstm_sweep.config import load_config
+from lstm_sweep.run import main
+from lstm_sweep.study import open_study
+from tests.helpers import (
+    QUICK,
+    command,
+    environment,
+    fresh_database,
+    load_study,
+    mlflow_client,
+    postgres_or_skip,
+    runs_of,
+    sweep_args,
+    wait_for,
+    write_series,
+    write_sweep,
+)
+
+PASSWORD = "pw-secret-123"
+
+
+def assert_one_line_and_nothing_created(err: str, start: str, stores: Path) -> None:
+    line = err.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    assert line.startswith(f"error: {start}"), line
+    assert PASSWORD not in line
+    assert not runs_of(mlflow_client(stores), "co2-quick", m.ROLE_SWEEP)
+    assert not runs_of(mlflow_client(stores), "test", m.ROLE_SWEEP)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        (["model.dropout=1.5"], f"{QUICK}: model.dropout = 1.5: Input should be less than 1"),
+        ([f"study.storag=postgresql://u:{PASSWORD}@h/db"], f"{QUICK}: study.storag = "),
+        (["search.model.hidden_size={type: int, low: 4, high: 8, step: 0.5}"], f"{QUICK}: search"),
+        (["model.dropout=[0.1"], "--set: model.dropout = '[0.1': malformed YAML value"),
+        (["data.path=/nonexistent/co2.csv"], "/nonexistent/co2.csv: data.path = "),
+        ([f"study.storage=postgresql://u:{PASSWORD}@127.0.0.1:1/x"], f"{QUICK}: study.storage"),
+    ],
+    ids=["range", "typo with a secret", "int step", "bad YAML in --set", "data file", "storage"],
+)
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(
+    stores: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], start: str
+) -> None:
+    assert main([str(QUICK), *(f"--set={o}" for o in overrides)]) == 2
+    assert_one_line_and_nothing_created(capsys.readouterr().err, start, stores)
+    assert not (stores / "optuna.db").exists() or "storage" in start
+
+
+def test_bad_data_is_one_line_exit_2_and_creates_nothing(
+    stores: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = write_series(tmp_path / "series.csv", np.full(100, 3.0))
+    assert main([str(write_sweep(tmp_path / "s.yaml", csv))]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_and_nothing_created(err, f"{csv}: data.target = 'y': constant", stores)
+    assert not (stores / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_the_real_command_prints_one_line_and_no_traceback(stores: Path) -> None:
+    result = subprocess.run(
+        command(str(QUICK), "--set=modle.dropout=0.1"),
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=120,
+    )
+    assert result.returncode == 2
+    expected = f"{QUICK}: modle = {{'dropout': 0.1}}: unknown key (did you mean 'model'?)"
+    assert_one_line_and_nothing_created(result.stderr, expected, stores)
+
+
+@pytest.mark.slow
+def test_every_optuna_trial_has_one_nested_mlflow_run_with_its_metrics(finished) -> None:
+    parent = finished.parent.info.run_id
+    runs = [
+        r
+        for r in runs_of(finished.client, "co2-quick", m.ROLE_TRIAL)
+        if r.data.tags["mlflow.parentRunId"] == parent
+    ]
+    assert len(finished.study.trials) == len(runs) == 5
+    by_id = {r.info.run_id: r for r in runs}
+    for trial in finished.study.trials:
+        run = by_id[trial.user_attrs[m.RUN_ID_ATTR]]
+        assert run.data.tags[m.TRIAL_TAG] == str(trial.number)
+        assert run.data.tags["mlflow.parentRunId"] == finished.parent.info.run_id
+        assert run.info.status == m.RUN_STATUS[trial.state.name]
+        assert run.data.tags[m.STATE_TAG] == trial.state.name
+        assert run.data.tags[m.VERDICT_TAG] in m.VERDICTS
+        assert float(run.data.params["model.dropout"]) == pytest.approx(
+            trial.params["model.dropout"]
+        )
+        history = finished.client.get_metric_history(run.info.run_id, m.VAL_LOSS)
+        assert [h.step for h in history] == list(range(trial.user_attrs[m.EPOCHS_TRAINED]))
+        assert run.info.run_name.startswith(f"trial {trial.number:03d} dropout=")
+        if trial.state.name == "COMPLETE":
+            assert run.data.metrics[m.BEST_VAL_LOSS] == pytest.approx(trial.value)
+            files = {a.path for a in finished.client.list_artifacts(run.info.run_id, "diagnostics")}
+            assert {"diagnostics/loss_curves.png", "diagnostics/worst_val_samples.csv"} <= files
+            weights = finished.client.list_artifacts(run.info.run_id, "model")
+            assert [a.path for a in weights] == [m.WEIGHTS_FILE]
+
+
+@pytest.mark.slow
+def test_pruning_stops_poor_trials_and_their_runs_say_so(stores: Path) -> None:
+    args = sweep_args(
+        "study.n_trials=8",
+        "train.max_epochs=8",
+        "study.sampler=random",
+        "study.pruner.n_startup_trials=1",
+        "study.pruner.n_warmup_steps=1",
+        "train.learning_rate=1e-3",
+        "diagnostics.level=off",
+        "report.final_model=false",
+    )
+    assert main(args) == 0
+    study, client = load_study(stores), mlflow_client(stores)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "no trial was pruned"
+    for trial in pruned:
+        run = client.get_run(trial.user_attrs[m.RUN_ID_ATTR])
+        assert (run.info.status, run.data.tags[m.STATE_TAG]) == ("KILLED", m.PRUNED)
+        assert run.data.tags[m.STOP_REASON_TAG] == "pruned"
+        assert trial.user_attrs[m.EPOCHS_TRAINED] < 8
+        if run.data.tags[m.VERDICT_TAG] != "overfitting":  # all it can know when cut short
+            assert run.data.tags[m.VERDICT_TAG] == "undecided"
+
+
+@pytest.mark.slow
+def test_a_blown_up_trial_is_unstable_and_the_study_goes_on(stores: Path) -> None:
+    args = sweep_args(
+        "study.n_trials=2",
+        "train.grad_clip=0",
+        "train.optimizer=adam",
+        "diagnostics.verdict.explode_grad_norm=1000",
+        "search.train.learning_rate={type: float, low: 1.0e-3, high: 1.0e4, log: true}",
+        "report.final_model=false",
+    )
+    study = open_study(load_config(QUICK, [a.removeprefix("--set=") for a in args[2:]]), "t")
+    study.enqueue_trial({"train.learning_rate": 1e4})  # the first trial explodes
+    assert main(args) == 0
+    first, second = load_study(stores).trials
+    assert first.state == optuna.trial.TrialState.PRUNED
+    assert first.user_attrs[m.VERDICT_ATTR] == "unstable"
+    assert second.user_attrs[m.EPOCHS_TRAINED] >= 1  # the study went on to its next trial
+    run = mlflow_client(stores).get_run(first.user_attrs[m.RUN_ID_ATTR])
+    assert (
+        run.data.tags[m.VERDICT_TAG] == "unstable"
+        and "epoch" in run.data.tags[m.VERDICT_REASON_TAG]
+    )
+
+
+def test_a_changed_sweep_file_is_refused_before_any_training(
+    stores: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    optuna_study = optuna.create_study(
+        study_name="co2-quick", storage=f"sqlite:///{stores / 'optuna.db'}"
+    )
+    optuna_study.set_user_attr(m.CONFIG_ATTR, '{"train.max_epochs": 99}')
+    assert main(sweep_args()) == 2
+    err = capsys.readouterr().err.strip()
+    assert "study 'co2-quick' in sqlite:///" in err and "--set study.name=co2-quick-2" in err
+    assert "\n" not in err and not load_study(stores).trials
+
+
+def trial_values(root: Path, name: str = "co2-quick") -> list[tuple[str, float | None]]:
+    return [(t.state.name, t.value) for t in load_study(root, name).trials]
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_trials_at_every_diagnostics_level_and_on_any_storage(
+    tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import new_stores
+
+    lean = ["report.top_k=1", "report.seeds=1", "report.final_model=false", "model.num_layers=2"]
+    explicit = tmp_path / "explicit.db"
+    runs = {
+        "off": (["diagnostics.level=off"], "mlruns/optuna.db"),
+        "full": (["diagnostics.level=full"], "mlruns/optuna.db"),
+        "explicit": (["diagnostics.level=off", f"study.storage=sqlite:///{explicit}"], explicit),
+    }
+    results = {}
+    for name, (extra, storage) in runs.items():
+        folder = tmp_path / name
+        new_stores(folder, mlflow_template)
+        monkeypatch.chdir(folder)
+        assert main(sweep_args(*lean, *extra, "model.dropout=0.3")) == 0
+        study = optuna.load_study(study_name="co2-quick", storage=f"sqlite:///{folder / storage}")
+        results[name] = [(t.params, t.value) for t in study.trials]
+    assert results["off"] == results["full"] == results["explicit"]
+    assert len({tuple(params.values()) for params, _ in results["off"]}) == 4
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes_it(stores: Path) -> None:
+    """The real command: SIGTERM mid-trial exits 130 with the trial closed in both stores;
+    the same command resumes to exactly n_trials with nothing left RUNNING."""
+    args = command(
+        *sweep_args(
+            "study.n_trials=3",
+            "train.max_epochs=150",  # trials of seconds: a wide window to stop one
+            "train.patience=150",
+            "study.pruner.type=none",
+            "report.final_model=false",
+        )
+    )
+    log = (stores / "stderr.txt").open("w+")  # a file, not a pipe nobody reads until the end
+    sweep = subprocess.Popen(args, env=environment(), stderr=log, text=True)
+    wait_for(lambda: running(stores))
+    sweep.send_signal(signal.SIGTERM)
+    sweep.wait(timeout=120)
+    log.seek(0)
+    err = log.read()
+    assert sweep.returncode == 130, err
+    assert "Traceback" not in err and "SIGTERM: stopping after this epoch" in err
+    stopped = load_study(stores).trials[-1]
+    assert stopped.state.name == "FAIL"
+    client = mlflow_client(stores)
+    run = client.get_run(stopped.user_attrs[m.RUN_ID_ATTR])
+    assert (run.info.status, run.data.tags[m.FAILURE_REASON_TAG]) == (
+        "FAILED",
+        m.INTERRUPTED_REASON,
+    )
+
+    args_short = [a.replace("train.max_epochs=150", "train.max_epochs=4") for a in args]
+    resumed = subprocess.run(args_short, env=environment(), capture_output=True, text=True)
+    assert resumed.returncode == 2 and "train.max_epochs" in resumed.stderr  # a changed file
+    assert subprocess.run(args, env=environment(), capture_output=True).returncode == 0
+    study = load_study(stores)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 3
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == stopped.number]
+    assert len(retry) == 1 and retry[0].params == stopped.params
+    runs = [
+        *runs_of(client, "co2-quick", m.ROLE_TRIAL),
+        *runs_of(client, "co2-quick", m.ROLE_SWEEP),
+    ]
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert len(runs) == len(study.trials) + 1
+
+
+def running(stores: Path) -> bool:
+    """One trial finished and the next one training."""
+    if not (stores / "optuna.db").exists():
+        return False
+    try:
+        trials = load_study(stores).trials
+    except Exception:  # the sweep is still creating the study or its tables
+        return False
+    states = [t.state.name for t in trials]
+    return "COMPLETE" in states and states[-1] == "RUNNING" and bool(trials[-1].intermediate_values)
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_study_give_one_report_and_one_model(stores: Path) -> None:
+    args = command(*sweep_args("study.n_trials=6", "train.max_epochs=20", "train.patience=20"))
+    processes = [
+        subprocess.Popen(
+            args, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    study = load_study(stores)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 6
+    assert len({tuple(t.params.values()) for t in study.trials}) == len(study.trials)
+    client = mlflow_client(stores)
+    assert len(runs_of(client, "co2-quick", m.ROLE_FINAL)) == 1
+    assert len(client.search_model_versions("name = 'co2-quick'")) == 1
+    reevaluations = runs_of(client, "co2-quick", m.ROLE_REEVALUATION)
+    assert len(reevaluations) == len(
+        {(r.data.tags[m.TRIAL_TAG], r.data.tags[m.SEED_TAG]) for r in reevaluations}
+    )
+    texts = [out for out, _ in outputs]
+    assert sum("Report: " in text for text in texts) == 1
+    others = [t for t in texts if "Report: " not in t]
+    assert "report of study 'co2-quick'" in others[0] or "its report was written by" in others[0]
+
+
+@pytest.mark.slow
+def test_a_password_in_the_storage_url_is_written_nowhere(stores: Path, tmp_path: Path) -> None:
+    engine = postgres_or_skip()
+    with fresh_database(engine) as name:
+        storage = f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
+        result = subprocess.run(
+            command(*sweep_args(f"study.storage={storage}", "diagnostics.level=full")),
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert PASSWORD not in result.stdout + result.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert PASSWORD.encode() not in path.read_bytes(), path
+    client = mlflow_client(tmp_path / "mlruns")
+    experiment = client.get_experiment_by_name("co2-quick").experiment_id
+    downloads = tmp_path.parent / f"{tmp_path.name}_artifacts"
+    for run in client.search_runs([experiment]):
+        data = run.data
+        assert not any(PASSWORD in v for v in [*data.params.values(), *data.tags.values()])
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id,
+            dst_path=str(downloads / run.info.run_id),
+            tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        )
+        for path in Path(local).rglob("*"):
+            if path.is_file():
+                assert PASSWORD.encode() not in path.read_bytes(), path
+    resolved = yaml.safe_load(
+        (tmp_path / "mlruns" / "reports" / "co2-quick" / "resolved_config.yaml").read_text()
+    )
+    assert resolved["study"]["storage"] == f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+@pytest.mark.slow
+def test_a_quote_in_the_experiment_name_just_works(stores: Path) -> None:
+    args = sweep_args("study.n_trials=2", "report.final_model=false", "diagnostics.level=off")
+    assert main([*args, "--set=experiment=it's mine"]) == 0
+    assert main([*args, "--set=experiment=it's mine", "--set=study.n_trials=3"]) == 0
+    (parent,) = runs_of(mlflow_client(stores), "it's mine", m.ROLE_SWEEP)
+    assert parent.info.status == "FINISHED"
+    assert len(load_study(stores, "it's mine").trials) == 3
+
+
+def test_help_explains_the_sections(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("--set", "search", "study", "tracking", "resumes", "is refused"):
+        assert word in out

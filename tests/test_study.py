@@ -1,0 +1,133 @@
+"""The Optuna side, driven by hand: the objective on a FixedTrial and through ask/tell, samplers
+seeded per trial, the study's record of its settings, and lost trials."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from lstm_sweep import metrics as m
+from lstm_sweep.config import Config, ConfigError
+from lstm_sweep.study import (
+    Objective,
+    StaleTrialHandler,
+    fail_stale_trials,
+    make_sampler,
+    open_study,
+    retry_failed,
+    suggest_params,
+)
+from lstm_sweep.tasks import TaskCache
+from lstm_sweep.tracking import Tracker
+from tests.helpers import mlflow_client
+
+
+@pytest.fixture
+def tracker(stores: Path, tiny_cfg: Config) -> Tracker:
+    return Tracker(None, tiny_cfg.experiment)
+
+
+def objective(cfg: Config, tracker: Tracker) -> Objective:
+    return Objective(cfg, TaskCache(), tracker, tracker.open_parent(cfg.study_name, {}))
+
+
+def test_the_objective_trains_one_trial_and_records_it_in_its_run(
+    tiny_cfg: Config, tracker: Tracker
+) -> None:
+    values = {"model.dropout": 0.1, "train.weight_decay": 1e-4, "train.learning_rate": 5e-3}
+    trial = optuna.trial.FixedTrial(values, number=3)
+    value = objective(tiny_cfg, tracker)(trial)
+    run = mlflow_client(Path("mlruns").resolve()).get_run(trial.user_attrs[m.RUN_ID_ATTR])
+    assert run.info.status == "FINISHED" and run.data.tags[m.TRIAL_TAG] == "3"
+    assert float(run.data.params["train.learning_rate"]) == 5e-3
+    assert run.data.metrics[m.best(m.VAL_LOSS)] == pytest.approx(value)
+    assert trial.user_attrs[m.VERDICT_ATTR] in m.VERDICTS
+
+
+def test_a_pruned_trial_is_pruned_in_optuna_killed_in_mlflow_and_undecided(
+    tiny_cfg: Config, tracker: Tracker
+) -> None:
+    cfg = tiny_cfg.with_values({"train.max_epochs": 10})
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    study.optimize(objective(cfg, tracker), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs[m.EPOCHS_TRAINED] == 1
+    run = mlflow_client(Path("mlruns").resolve()).get_run(trial.user_attrs[m.RUN_ID_ATTR])
+    assert run.info.status == "KILLED" and run.data.tags[m.STOP_REASON_TAG] == "pruned"
+    assert run.data.tags[m.VERDICT_TAG] == "undecided"
+
+
+def proposals(cfg: Config, storage: str | None, n: int) -> list[dict]:
+    study = optuna.create_study(storage=storage, sampler=make_sampler(cfg))
+    study.optimize(lambda t: sum(map(float, suggest_params(t, cfg.search).values())), n_trials=n)
+    return [t.params for t in study.trials]
+
+
+def test_the_same_seed_proposes_the_same_trials_on_any_storage(
+    tiny_cfg: Config, tmp_path: Path
+) -> None:
+    cfg = tiny_cfg.with_values({"study.n_startup_trials": 3})
+    in_memory = proposals(cfg, None, 6)
+    assert proposals(cfg, f"sqlite:///{tmp_path / 'a.db'}", 6) == in_memory
+    assert proposals(cfg.with_values({"train.seed": 1}), None, 6) != in_memory
+
+
+def test_workers_sharing_a_study_explore_instead_of_repeating_each_other(
+    tiny_cfg: Config, tmp_path: Path
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    name = "shared"
+    first, second = (
+        optuna.create_study(
+            study_name=name, storage=storage, sampler=make_sampler(tiny_cfg), load_if_exists=True
+        )
+        for _ in range(2)
+    )
+    asked = [study.ask() for study in (first, second, first, second)]  # as two processes would
+    params = [tuple(suggest_params(t, tiny_cfg.search).values()) for t in asked]
+    assert len(set(params)) == 4
+
+
+def test_a_changed_sweep_file_is_refused_with_the_changed_key_and_a_way_out(
+    tiny_cfg: Config, stores: Path
+) -> None:
+    study = open_study(tiny_cfg, "sweep.yaml")
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    assert open_study(tiny_cfg.with_values({"study.n_trials": 9}), "sweep.yaml").trials
+    with pytest.raises(ConfigError) as caught:
+        open_study(tiny_cfg.with_values({"train.max_epochs": 9}), "sweep.yaml")
+    message = str(caught.value)
+    assert caught.value.key == "train.max_epochs"
+    assert "was run with 4" in message and "--set study.name=co2-quick-2" in message
+    maximize = tiny_cfg.with_values({"study.direction": "maximize", "train.monitor": "val_loss"})
+    with pytest.raises(ConfigError, match="study.direction"):
+        open_study(maximize, "sweep.yaml")
+
+
+def test_a_running_trial_that_never_beat_is_failed_and_its_settings_retried(
+    tiny_cfg: Config, tracker: Tracker
+) -> None:
+    cfg = tiny_cfg.with_values({"study.heartbeat_seconds": 1, "study.grace_seconds": 2})
+    handler = StaleTrialHandler(tracker)
+    study = open_study(cfg, "sweep.yaml", handler)
+    lost = study.ask()  # RUNNING; its worker "died" before the first heartbeat
+    suggest_params(lost, cfg.search)
+    assert fail_stale_trials(study, cfg.study.grace_seconds, handler) == 0  # still young
+    time.sleep(2.5)
+    assert fail_stale_trials(study, cfg.study.grace_seconds, handler) == 1
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "WAITING"]
+    assert study.trials[1].params == study.trials[0].params
+    assert retry_failed(study, tracker) == 0  # already queued once
+
+
+def test_an_unreachable_storage_is_one_masked_line(tiny_cfg: Config) -> None:
+    cfg = tiny_cfg.with_values({"study.storage": "postgresql://u:pw-secret-123@127.0.0.1:1/x"})
+    with pytest.raises(ConfigError) as caught:
+        open_study(cfg, "sweep.yaml")
+    message = str(caught.value)
+    assert "unreachable" in message and "pw-secret-123" not in message and "\n" not in message

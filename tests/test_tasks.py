@@ -1,0 +1,85 @@
+"""Forecasting and classification behind one interface: scores, naive predictors, errors in
+original units, baselines and the skill against them, on small real data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from lstm_sweep import baselines
+from lstm_sweep import metrics as m
+from lstm_sweep.config import load_config
+from lstm_sweep.tasks import Classification, Forecast, Task, TaskCache
+from tests.helpers import CLASSIFY, ROOT
+
+
+@pytest.fixture(scope="module")
+def digits() -> Classification:
+    task = TaskCache().get(load_config(CLASSIFY))
+    assert isinstance(task, Classification)
+    return task
+
+
+def test_forecast_errors_are_the_baselines_errors_of_the_same_numbers(tiny_task: Task) -> None:
+    assert isinstance(tiny_task, Forecast)
+    data = tiny_task.data
+    naive_output = data.naive_forecast(data.test).numpy()
+    errors = tiny_task.errors(naive_output, "test")
+    table = tiny_task.baselines("test", refit_on_val=False)
+    assert errors["mse"] == pytest.approx(table.loc["naive", "mse"], rel=1e-5)
+    assert errors["mase"] == pytest.approx(table.loc["naive", "mase"], rel=1e-5)
+
+
+def test_skill_is_one_minus_the_mse_ratio_and_the_accuracy_difference(
+    tiny_task: Task, digits: Classification
+) -> None:
+    table = tiny_task.baselines("test", refit_on_val=False)
+    table.loc["lstm"] = table.loc["naive"] * [0.5, 1, 1, np.nan]
+    skill = tiny_task.skill(table)
+    assert skill["naive"] == pytest.approx(0.5) and np.isnan(skill["lstm"])
+    classes = digits.baselines("test", refit_on_val=False)
+    classes.loc["lstm"] = classes.loc["majority_class"] + [0.3, 0, 0, ""]
+    assert digits.skill(classes)["majority_class"] == pytest.approx(0.3)
+    assert digits.better(0.9, 0.8) and tiny_task.better(0.8, 0.9)
+
+
+def test_accuracy_metrics_equal_scikit_learns_on_fixed_predictions(digits: Classification) -> None:
+    truth = torch.tensor([0, 1, 2, 2, 1, 0, 2])
+    predicted = np.array([0, 2, 2, 2, 1, 1, 0])
+    logits = torch.nn.functional.one_hot(torch.from_numpy(predicted), 10).float()
+    scores = digits.epoch_scores("val", logits, truth)
+    assert scores[m.VAL_ACCURACY] == pytest.approx(accuracy_score(truth, predicted))
+    assert scores[m.VAL_BALANCED_ACCURACY] == pytest.approx(
+        balanced_accuracy_score(truth, predicted)
+    )
+    assert scores[m.VAL_MACRO_F1] == pytest.approx(f1_score(truth, predicted, average="macro"))
+    assert set(digits.epoch_scores("train", logits, truth)) == {m.TRAIN_ACCURACY}
+
+
+def test_the_naive_loss_is_the_majority_class_priors_cross_entropy(digits: Classification) -> None:
+    prior = np.bincount(digits.data.train.y.numpy(), minlength=10) / len(digits.data.train)
+    expected = -np.log(prior[digits.data.val.y.numpy()]).mean()
+    assert digits.naive_val_loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_worst_samples_rank_the_largest_errors_and_the_surest_mistakes(
+    tiny_task: Task, digits: Classification
+) -> None:
+    data = tiny_task.data
+    output = data.val.y.numpy().copy()
+    output[5] += 3.0  # one window far off
+    worst = tiny_task.worst_samples(output, k=2)
+    assert worst.loc[0, "window"] == 5
+    logits = np.zeros((len(digits.data.val), 10), dtype=np.float32)
+    wrong = (digits.data.val.y.numpy()[0] + 1) % 10
+    logits[0, wrong] = 9.0  # sure and wrong
+    table = digits.worst_samples(logits, k=1)
+    assert table.loc[0, "id"] == digits.data.val.ids[0]
+
+
+def test_seasonal_naive_baseline_uses_the_configured_season(tiny_task: Task) -> None:
+    table = baselines.forecast_baselines(tiny_task.data, "test", refit_on_val=True)
+    assert table.loc["seasonal_naive", "note"] == "season 52"
+    assert (ROOT / "sweeps" / "data" / "co2_weekly.csv").is_file()

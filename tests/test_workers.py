@@ -1,0 +1,99 @@
+"""Workers: SIGTERM and Ctrl-C become a graceful stop, the study lock waits with a bound and
+says for what, and a worker's loop finishes exactly n_trials."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from lstm_sweep import metrics as m
+from lstm_sweep.config import Config
+from lstm_sweep.study import Objective, open_study
+from lstm_sweep.tasks import TaskCache
+from lstm_sweep.tracking import Tracker
+from lstm_sweep.train import Interrupted
+from lstm_sweep.workers import GracefulStop, LockTimeout, StudyLock, check_workers
+from tests.helpers import fresh_database, mlflow_client, postgres_or_skip
+
+
+def test_sigterm_ends_the_current_epoch_and_closes_trial_and_run_as_failed(
+    stores: Path, tiny_cfg: Config
+) -> None:
+    cfg = tiny_cfg.with_values({"train.max_epochs": 500, "train.patience": 500})
+    tracker = Tracker(None, cfg.experiment)
+    study = optuna.create_study()
+    stream = io.StringIO()
+    with GracefulStop(stream=stream) as stop:
+        objective = Objective(cfg, TaskCache(), tracker, tracker.open_parent("s", {}), stop)
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(Interrupted):
+            study.optimize(objective, n_trials=1)
+    assert "SIGTERM: stopping after this epoch" in stream.getvalue()
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    run = mlflow_client(stores.resolve()).get_run(trial.user_attrs[m.RUN_ID_ATTR])
+    assert run.info.status == "FAILED"
+    assert run.data.tags[m.FAILURE_REASON_TAG] == m.INTERRUPTED_REASON
+    history = mlflow_client(stores.resolve()).get_metric_history(run.info.run_id, m.VAL_LOSS)
+    assert 0 < len(history) < 500  # the epochs up to the signal were kept
+
+
+def test_a_second_signal_stops_at_once() -> None:
+    with GracefulStop(quiet=True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs between bytecodes; give it the chance
+
+
+def test_a_busy_file_lock_is_waited_for_with_a_bound_and_a_message(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    holder = StudyLock(url, "s", timeout=5)
+    assert holder.try_acquire()
+    stream = io.StringIO()
+    waiting = StudyLock(url, "s", timeout=0.6, stream=stream)
+    with pytest.raises(LockTimeout, match="waited 0.6 s for the study lock of 's'"):
+        waiting.acquire()
+    assert StudyLock(url, "s", timeout=1, purpose="report").try_acquire()  # another lock
+    holder.release()
+    assert waiting.try_acquire()
+
+
+def test_a_postgres_lock_names_the_client_that_holds_it(tiny_cfg: Config) -> None:
+    engine = postgres_or_skip()
+    with fresh_database(engine) as name:
+        url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        holder = StudyLock(url, "s", timeout=5)
+        assert holder.try_acquire()
+        waiting = StudyLock(url, "s", timeout=0.5, stream=io.StringIO())
+        with pytest.raises(LockTimeout) as caught:
+            waiting.acquire()
+        assert f"lstm_sweep {os.uname().nodename}:{os.getpid()}" in str(caught.value)
+        holder.release()
+        assert waiting.try_acquire()
+        waiting.release()
+        for lock in (holder, waiting):
+            lock.dispose()
+
+
+def test_worker_exit_codes_decide_between_interrupted_incomplete_and_a_warning(
+    stores: Path, tiny_cfg: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lstm_sweep.workers import SweepIncomplete
+
+    study = open_study(tiny_cfg, "sweep.yaml")
+    with pytest.raises(Interrupted):
+        check_workers(study, [0, 130], n_trials=1)
+    with pytest.raises(SweepIncomplete, match="holds 0 of 1"):
+        check_workers(study, [-9], n_trials=1)
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    check_workers(study, [-9], n_trials=1)
+    assert "1 worker(s) lost" in capsys.readouterr().err
