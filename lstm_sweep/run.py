@@ -100,6 +100,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="worker processes on this machine (overrides study.workers)",
     )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the workers on a Ray cluster: auto, ray://host:10001 or host:6379;"
+        " without ADDRESS a local Ray instance (pip install -e '.[ray]')",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -201,13 +209,21 @@ def select_once(sweep: Sweep, parent_id: str, stop: GracefulStop) -> None:
     )
 
 
-def run_sweep(sweep: Sweep, stop: GracefulStop, progress: bool = True) -> str:
-    """Run the missing trials on study.workers workers, then conclude; returns the summary."""
+def run_sweep(
+    sweep: Sweep, stop: GracefulStop, progress: bool = True, ray_address: str | None = None
+) -> str:
+    """Run the missing trials on study.workers workers (here, or on a Ray cluster), then
+    conclude; returns the summary."""
     parent_id = start(sweep)
     bar = Progress(sweep, progress)
     started = time.monotonic()
     try:
-        run_local_workers(sweep, parent_id, stop, [bar], bar)
+        if ray_address is None:
+            run_local_workers(sweep, parent_id, stop, [bar], bar)
+        else:
+            from lstm_sweep.ray_workers import run_ray_workers  # Ray is an optional extra
+
+            run_ray_workers(sweep, parent_id, stop, bar, ray_address)
         bar()
         bar.close()
         text = conclude(sweep, parent_id, stop)
@@ -237,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     with GracefulStop() as stop:
         try:
-            print(run_sweep(sweep, stop, progress=not args.no_progress))
+            print(run_sweep(sweep, stop, not args.no_progress, args.ray))
         except KeyboardInterrupt:
             print(
                 "\ninterrupted: the current trial was closed as failed and will be retried;"
