@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -197,7 +198,9 @@ class StudyConfig(_Section):
     pruner: PrunerConfig = PrunerConfig()
     storage: str | None = None  # Optuna storage URL; default: sqlite under mlruns/
     direction: Literal["minimize", "maximize"] | None = None  # default: follows train.monitor
-    workers: int = Field(1, ge=1)  # worker processes on this machine
+    # worker processes on this machine, one torch thread each; default: one per core (a tiny
+    # LSTM keeps one core busy, a second thread in the same process mostly waits on the first)
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     heartbeat_seconds: int = Field(5, ge=1)  # a running trial's worker beats this often
     grace_seconds: int = Field(20, ge=1)  # no beat for this long: the worker is lost, retry
     lock_timeout: float = Field(300.0, gt=0)  # seconds to wait for the study lock, then stop
@@ -230,7 +233,7 @@ class VerdictRules(_Section):
 
 class DiagnosticsConfig(_Section):
     level: Literal["full", "basic", "off"] = "full"  # detail traded against speed
-    eval_subsample: int = Field(256, ge=1)  # training samples scored in eval mode each epoch
+    eval_subsample: int = Field(128, ge=1)  # training samples scored in eval mode each epoch
     hidden_subsample: int = Field(128, ge=1)  # validation samples whose hidden states are read
     k_worst: int = Field(10, ge=1)  # worst validation windows saved at the best epoch
     saturation: float = Field(0.95, gt=0, lt=1)  # |h| above this counts as saturated

@@ -71,6 +71,9 @@ def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     return model.eval()
 
 
+WEIGHT_VALUES = "weight_values.npz"  # each group's values at the first, best and last epoch
+
+
 def write_files(folder: Path, task: Task, outcome: Outcome, k_worst: int, draw: bool) -> None:
     """A run's diagnostics files: the worst validation samples and the weight snapshots (raw,
     cheap), and with ``draw`` the pictures of its curves, weights and predictions."""
@@ -88,27 +91,59 @@ def write_files(folder: Path, task: Task, outcome: Outcome, k_worst: int, draw: 
         arrays: dict[str, Any] = {
             f"{moment}__{g}": v for moment, groups in snapshots.items() for g, v in groups.items()
         }
-        np.savez_compressed(diagnostics / "weight_values.npz", **arrays)
-    if not draw:
-        return
-    plots.loss_curves(
-        history.rows,
-        history.best_epoch,
-        outcome.verdict.onset_epoch,
-        diagnostics / "loss_curves.png",
-    )
+        np.savez_compressed(diagnostics / WEIGHT_VALUES, **arrays)
+    if draw:
+        draw_pictures(
+            diagnostics,
+            task,
+            history.rows,
+            history.best_epoch,
+            outcome.verdict.onset_epoch,
+            snapshots,
+            outcome.val_output,
+        )
+
+
+def read_snapshots(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The weight snapshots :func:`write_files` saved: moment -> group -> values."""
+    snapshots: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as arrays:
+        for name in arrays.files:
+            moment, group = name.split("__", 1)
+            snapshots.setdefault(moment, {})[group] = arrays[name]
+    return snapshots
+
+
+def draw_pictures(
+    folder: Path,
+    task: Task,
+    rows: list[dict[str, float]],
+    best_epoch: int,
+    onset: int | None,
+    snapshots: dict[str, dict[str, np.ndarray]],
+    val_output: np.ndarray,
+) -> None:
+    """A run's pictures: loss curves, weight histograms, predictions on validation. Drawn only
+    where someone will look (the top settings and their re-evaluations): they cost more than a
+    small model's whole training."""
+    plots.loss_curves(rows, best_epoch, onset, folder / "loss_curves.png")
     if snapshots:
-        plots.weight_histograms(snapshots, diagnostics / "weight_histograms.png")
-    task.prediction_figure(outcome.val_output, "val", diagnostics / "val_predictions.png")
+        plots.weight_histograms(snapshots, folder / "weight_histograms.png")
+    task.prediction_figure(val_output, "val", folder / "val_predictions.png")
 
 
 def train_in_run(
-    cfg: Config, task: Task, run: RunRecorder, callbacks: Sequence[Callback] = ()
+    cfg: Config,
+    task: Task,
+    run: RunRecorder,
+    callbacks: Sequence[Callback] = (),
+    draw: bool = False,
 ) -> Outcome:
     """Train one setting, judge it and record it in ``run``: per-epoch rows as they come, then
     its summary, verdict, weight quantiles at the first, best and last epoch, diagnostics
-    files (level full; pictures only for a completed run) and, if it completed, its best
-    weights. A stop request ends the run as failed (:class:`Interrupted`)."""
+    files (level full: raw arrays always, pictures with ``draw`` and a completed run) and, if
+    it completed, its best weights. A stop request ends the run as failed
+    (:class:`Interrupted`)."""
     model = build_model(task, cfg)
     history = fit(model, task, cfg, [run, *callbacks])
     if history.stop is Stop.INTERRUPTED:
@@ -130,7 +165,9 @@ def train_in_run(
     with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
         folder = Path(tmp)
         if cfg.diagnostics.level == "full" and history.best_epoch >= 0:
-            write_files(folder, task, outcome, cfg.diagnostics.k_worst, draw=state == m.COMPLETE)
+            write_files(
+                folder, task, outcome, cfg.diagnostics.k_worst, draw and state == m.COMPLETE
+            )
         if state == m.COMPLETE:
             save_weights(model, folder)
         if any(folder.iterdir()):

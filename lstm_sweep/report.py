@@ -215,7 +215,7 @@ def format_summary(
             "Test part (see the report for units and notes):",
             comparison_frame(selection).to_string(float_format=lambda v: f"{v:.4g}"),
         ]
-    lines += ["", f"Open the runs in the MLflow UI: {ui_command}"]
+    lines += ["", f"The answer in the MLflow UI: {ui_command}"]
     return "\n".join(lines)
 
 
@@ -591,9 +591,10 @@ def spread_with_values(selection: Selection) -> pd.DataFrame:
     return values.merge(pd.DataFrame(selection.spread), on="number")
 
 
-def description(report: Report, report_path: str) -> str:
-    """The parent run's description in the MLflow UI: the answer, its evidence in a few lines
-    and the baseline comparison, so nobody needs to download anything to read it."""
+def description(report: Report, run_id: str) -> str:
+    """The parent run's description in the MLflow UI: the answer, its evidence in a few lines,
+    the baseline comparison and the report's pictures (the UI serves them from the run's
+    artifacts), so nobody needs to download anything to read it."""
     cfg, selection = report.cfg, report.selection
     lines = [f"## {cfg.study_name}: recommended settings", ""]
     lines += recommendation_lines(report)
@@ -608,8 +609,12 @@ def description(report: Report, report_path: str) -> str:
     lines += [
         "",
         f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed."
-        f" The full report with its pictures is under the artifacts, `{report_path}`.",
+        f" The full report is `{m.REPORT_DIR}/report.md` under the artifacts.",
+        "",
     ]
+    for caption, path in report.images.items():
+        link = f"get-artifact?path={m.REPORT_DIR}/{path.name}&run_uuid={run_id}"
+        lines += [f"**{caption}**", "", f"![{caption}]({link})", ""]
     return "\n".join(lines)
 
 
@@ -634,10 +639,12 @@ def render(cfg: Config, tracker: Tracker, study: Study, parent_id: str, close: b
         )
     path = write_report(report, folder)
     tracker.log_artifacts(parent_id, folder, m.REPORT_DIR)
-    tracker.describe(parent_id, description(report, f"{m.REPORT_DIR}/{path.name}"))
+    tracker.describe(parent_id, description(report, parent_id))
     if close:
         tracker.finish_parent(parent_id, m.COMPLETE)
-    text = format_summary(summary, report.selection, report.task_name, tracker.ui_command())
+    text = format_summary(
+        summary, report.selection, report.task_name, tracker.ui_command(parent_id)
+    )
     warnings = [f"warning: {w}" for w in edges]
     return "\n".join([text, *warnings, f"Report: {path}"])
 

@@ -159,7 +159,7 @@ def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop) -> str:
     if not claim.try_acquire():
         return (
             f"Another process is writing the report of study {cfg.study_name!r}; it will be on"
-            f" the sweep's parent run: {tracker.ui_command()}"
+            f" the sweep's parent run: {tracker.ui_command(parent_id)}"
         )
     try:
         recorded = selection_recorded(study) or {}
@@ -167,7 +167,7 @@ def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop) -> str:
         if current and recorded.get("reported_by"):
             return (
                 f"Study {cfg.study_name!r} is complete; its report was written by"
-                f" {recorded['reported_by']}: {tracker.ui_command()}"
+                f" {recorded['reported_by']}: {tracker.ui_command(parent_id)}"
             )
         if not current:
             select_once(sweep, parent_id, stop)

@@ -32,7 +32,13 @@ from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, flatten
 from lstm_sweep.data import TrainingData
 from lstm_sweep.model import Ensemble
-from lstm_sweep.record import load_weights, train_in_run
+from lstm_sweep.record import (
+    WEIGHT_VALUES,
+    draw_pictures,
+    load_weights,
+    read_snapshots,
+    train_in_run,
+)
 from lstm_sweep.tasks import Classification, Task, TaskCache, make_task
 from lstm_sweep.tracking import Tracker, run_name
 from lstm_sweep.train import (
@@ -332,6 +338,8 @@ class Selector:
             key = (setting.number, seed)
             if key in reused:
                 self.models[key] = self.load_model(setting.run_id, task, run_cfg)
+                if cfg.diagnostics.level == "full":
+                    self.draw_trial(setting.run_id, task, self.models[key])
                 val, test, test_value = score(task, self.models[key], cfg.train.monitor)
                 verdict = str(verdicts.get(setting.number, ""))
                 results.append(
@@ -356,6 +364,23 @@ class Selector:
                 bar.update(1)
         bar.close()
         return results
+
+    def draw_trial(self, run_id: str, task: Task, model: torch.nn.Module) -> None:
+        """The pictures of a top trial, which the trial itself left undrawn: its curves from
+        its metrics, its weights from its snapshots, its predictions from its best weights."""
+        keys = [m.TRAIN_LOSS, m.TRAIN_EVAL_LOSS, m.VAL_LOSS]
+        rows = self.tracker.metric_history(run_id, keys)
+        metrics = self.tracker.run_metrics(run_id)
+        onset = metrics.get(m.OVERFIT_ONSET)
+        path = f"{m.DIAGNOSTICS_DIR}/{WEIGHT_VALUES}"
+        with self.tracker.downloaded(run_id, path) as local:
+            snapshots = read_snapshots(local) if local is not None else {}
+        val_output = predict(model, task.data.val.x).cpu().numpy()
+        with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
+            best = int(metrics.get(m.BEST_EPOCH, -1))
+            onset_epoch = None if onset is None else int(onset)
+            draw_pictures(Path(tmp), task, rows, best, onset_epoch, snapshots, val_output)
+            self.tracker.log_artifacts(run_id, Path(tmp), m.DIAGNOSTICS_DIR)
 
     def has_weights(self, run_id: str) -> bool:
         with self.tracker.downloaded(run_id, m.WEIGHTS_FILE) as local:
@@ -400,7 +425,8 @@ class Selector:
         params = flatten(run_cfg.model_dump(mode="json"))
         flush = run_cfg.tracking.flush_seconds
         with self.tracker.child_run(self.parent_id, name, tags, params, flush) as run:
-            outcome = train_in_run(run_cfg, task, run, [StopWhen(self.stop_requested)])
+            stop = [StopWhen(self.stop_requested)]
+            outcome = train_in_run(run_cfg, task, run, stop, draw=True)
             self.trainings += 1
             val, test, test_value = score(task, outcome.model, self.cfg.train.monitor)
             run.log_summary({m.error("test", k): v for k, v in test.items()})

@@ -39,7 +39,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from torch import nn
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import ConfigError, mask_secrets
+from lstm_sweep.config import ConfigError, mask_secrets, without_password
 from lstm_sweep.train import Callback, History
 
 # downloads here are small files read by a program, not a person: no progress bars in the log
@@ -186,10 +186,20 @@ class Tracker:
             )
         return self._experiment_id
 
-    def ui_command(self) -> str:
+    def ui_command(self, run_id: str | None = None) -> str:
+        """How to see the runs (with ``run_id``, that run's page) in the MLflow UI.
+
+        The page link asks for the model-training view: MLflow 3.17's UI opens every
+        experiment in its GenAI view, whatever the experiment's kind tag says.
+        """
+        server = "http://127.0.0.1:5000"
+        start = f"mlflow ui --backend-store-uri {mask_secrets(self.uri)}, then open "
         if self.uri.startswith(("http://", "https://")):
-            return f"open {mask_secrets(self.uri)} (the tracking server's UI)"
-        return f"mlflow ui --backend-store-uri {mask_secrets(self.uri)}"
+            server, start = without_password(self.uri).rstrip("/"), "open "
+        page = f"/#/experiments/{self.experiment_id}"
+        if run_id is not None:
+            page += f"/runs/{run_id}"
+        return f"{start}{server}{page}?workflowType=machine_learning"
 
     def find_parent(self, study_name: str) -> str | None:
         """The run id of this study's parent run, if it has one."""

@@ -252,7 +252,7 @@ def fit(
             )
             row |= dg.gradient_summary(torch.stack(norms), train.grad_clip, by_group)
         if level == "full":
-            row |= dg.weight_norms(model)
+            row |= dg.weight_norms(model, group_index)
             row |= dg.hidden_stats(states, diag.saturation, diag.dead_std)
             if epoch == 0:
                 history.snapshots["first"] = (epoch, dg.group_values(model))

@@ -48,7 +48,11 @@ def test_gradient_statistics_equal_direct_torch_computation() -> None:
 def test_weight_statistics_equal_direct_torch_computation() -> None:
     model = small_model()
     stats = dg.weight_stats(dg.group_values(model))
-    assert stats["weight_head_norm"] == pytest.approx(dg.weight_norms(model)["weight_head_norm"])
+    norms = dg.weight_norms(model, dg.group_index(model))
+    assert stats["weight_head_norm"] == pytest.approx(norms["weight_head_norm"], rel=1e-6)
+    assert set(norms) == {
+        f"weight_{g}_norm" for g in ("lstm_input", "lstm_recurrent", "bias", "head")
+    }
     w = torch.cat([model.head.weight.detach().reshape(-1)])
     assert stats["weight_head_norm"] == pytest.approx(float(w.norm()))
     assert stats["weight_head_mean"] == pytest.approx(float(w.mean()))
