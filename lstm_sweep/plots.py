@@ -21,6 +21,8 @@ from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from lstm_sweep import metrics as m  # noqa: E402
 
+MARGINS = {"left": 0.06, "right": 0.98, "bottom": 0.16, "top": 0.88, "wspace": 0.25}
+
 
 def loss_curves(
     rows: Sequence[dict[str, float]], best_epoch: int, onset: int | None, path: Path
@@ -37,7 +39,7 @@ def loss_curves(
         ax.axvline(onset, color="red", ls="--", alpha=0.6, label=f"overfitting onset {onset}")
     ax.set(xlabel="epoch", ylabel="loss (model space)", yscale="log", title="Loss curves")
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.9)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -46,13 +48,14 @@ def loss_curves(
 def weight_histograms(snapshots: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path:
     """One panel per parameter group, the snapshots (first, best, last epoch) overlaid."""
     groups = list(next(iter(snapshots.values())))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2))
-    for ax, group in zip(np.atleast_1d(axes), groups, strict=True):
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False)
+    fig.subplots_adjust(**MARGINS)  # fixed margins: tight_layout costs more than the drawing
+    for ax, group in zip(axes[0], groups, strict=True):
         for moment, values in snapshots.items():
-            ax.hist(values[group], bins=50, histtype="step", label=moment)
+            counts, edges = np.histogram(values[group], bins=40)
+            ax.stairs(counts, edges, label=moment)
         ax.set(title=group, xlabel="weight")
-    np.atleast_1d(axes)[0].legend()
-    fig.tight_layout()
+    axes[0, 0].legend()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -247,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = args.set + ([f"study.workers={args.workers}"] if args.workers else [])
     try:
+        if args.ray:  # before prepare(): a setup Ray workers cannot use leaves no store behind
+            from lstm_sweep.ray_workers import check_cluster  # Ray is an optional extra
+
+            check_cluster(args.sweep, overrides, args.ray)
         sweep = prepare(args.sweep, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -44,6 +44,8 @@ from lstm_sweep.train import Callback, History
 
 # downloads here are small files read by a program, not a person: no progress bars in the log
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# the sweep prints the one link that matters (the parent run's page), not one per run closed
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # MLflow's INFO lines (store migrations, "registered model ...") would interleave with the
 # sweep's own output, and put two lines before a one-line error; warnings still show
 logging.getLogger("mlflow").setLevel(logging.WARNING)

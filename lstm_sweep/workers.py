@@ -310,16 +310,14 @@ def optimize(
             lock.release()
 
 
-def threads_per_worker(workers: int) -> int:
-    """Share the cores between worker processes so they do not fight over threads."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def work(
     sweep: Sweep, parent_id: str, stop: GracefulStop, callbacks: list[Callable[..., None]]
 ) -> None:
     """One worker: run trials until the study holds n_trials; Interrupted if asked to stop."""
-    torch.set_num_threads(threads_per_worker(sweep.cfg.study.workers))
+    # One thread per worker process, however many workers: the models are small, so a second
+    # intra-op thread mostly waits on the first, and next to any other busy process its
+    # spinning slows a fit down tenfold or more (measured); processes use the cores instead.
+    torch.set_num_threads(1)
     objective = Objective(sweep.cfg, sweep.tasks, sweep.tracker, parent_id, stop)
     optimize(sweep, objective, callbacks, stop)
     if stop.requested:  # asked between two trials

@@ -92,6 +92,8 @@ def test_the_real_command_prints_one_line_and_no_traceback(stores: Path) -> None
 @pytest.mark.slow
 def test_every_optuna_trial_has_one_nested_mlflow_run_with_its_metrics(finished) -> None:
     parent = finished.parent.info.run_id
+    reevaluated = runs_of(finished.client, "co2-quick", m.ROLE_REEVALUATION)
+    top = {int(r.data.tags[m.TRIAL_TAG]) for r in reevaluated}
     runs = [
         r
         for r in runs_of(finished.client, "co2-quick", m.ROLE_TRIAL)
@@ -115,9 +117,11 @@ def test_every_optuna_trial_has_one_nested_mlflow_run_with_its_metrics(finished)
         if trial.state.name == "COMPLETE":
             assert run.data.metrics[m.BEST_VAL_LOSS] == pytest.approx(trial.value)
             files = {a.path for a in finished.client.list_artifacts(run.info.run_id, "diagnostics")}
-            assert {"diagnostics/loss_curves.png", "diagnostics/worst_val_samples.csv"} <= files
+            assert {"diagnostics/weight_values.npz", "diagnostics/worst_val_samples.csv"} <= files
             weights = finished.client.list_artifacts(run.info.run_id, "model")
             assert [a.path for a in weights] == [m.WEIGHTS_FILE]
+            drawn = "diagnostics/loss_curves.png" in files  # pictures only where people look
+            assert drawn == (trial.number in top), trial.number
 
 
 @pytest.mark.slow

@@ -91,7 +91,8 @@ def test_two_workers_on_postgres_and_an_mlflow_server_finish_one_study_exactly(
         assert run.info.status == m.RUN_STATUS[trial.state.name]
         history = client.get_metric_history(run.info.run_id, m.VAL_LOSS)
         assert len(history) == trial.user_attrs[m.EPOCHS_TRAINED]
-    assert len(client.search_model_versions("name = 'scaleout'")) == 1
+    versions = client.search_model_versions("name = 'scaleout'")
+    assert len(versions) == 1, result.stdout + result.stderr
     logged = [v for r in [*runs, parent] for v in [*r.data.params.values(), *r.data.tags.values()]]
     assert any("***@127.0.0.1:5432" in v for v in logged)  # the storage URI is logged, masked
     assert not any(PASSWORD in v for v in logged)
