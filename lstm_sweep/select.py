@@ -275,21 +275,16 @@ class Selector:
         started = time.perf_counter()
         settings = top_settings(table, list(cfg.search), cfg.report.top_k, cfg.direction)
         seeds = self.reevaluate(settings, table)
-        task = self.tasks.get(self.setting_config(settings[0], cfg.train.seed))
-        spread, winner, within = spread_table(seeds, cfg.direction, task.headline)
+        headline = self.tasks.get(self.setting_config(settings[0], cfg.train.seed)).headline
+        spread, winner, within = spread_table(seeds, cfg.direction, headline)
         setting = next(s for s in settings if s.number == winner)
         task = self.tasks.get(self.setting_config(setting, cfg.train.seed))
         mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
-        epochs = int(spread.loc[spread["number"] == winner, "epochs"].iloc[0])
-        final = (
-            self.final_model(setting, task, mine, max(1, epochs))
-            if cfg.report.final_model
-            else None
-        )
+        epochs = max(1, int(spread.loc[spread["number"] == winner, "epochs"].iloc[0]))
+        final = self.final_model(setting, task, mine, epochs) if cfg.report.final_model else None
         if cfg.report.ensemble:
-            lstm_val = task.errors(
-                predict(self.ensemble(task, mine), task.data.val.x).cpu().numpy(), "val"
-            )
+            output = predict(self.ensemble(task, mine), task.data.val.x).cpu().numpy()
+            lstm_val = task.errors(output, "val")
         else:
             lstm_val = {k: float(np.mean([s.val[k] for s in mine])) for k in mine[0].val}
         baselines_val = task.baselines("val", refit_on_val=False)
@@ -301,7 +296,7 @@ class Selector:
             spread=spread.to_dict("records"),
             recommended=winner,
             within_noise=within,
-            epochs=max(1, epochs),
+            epochs=epochs,
             baselines_val=baselines_val.to_dict("index"),
             baselines_test=baselines_test.to_dict("index"),
             lstm_val=lstm_val,
@@ -309,7 +304,7 @@ class Selector:
             final=final,
             trainings=self.trainings,
             seconds=time.perf_counter() - started,
-            headline=task.headline,
+            headline=headline,
         )
 
     def reevaluate(self, settings: list[Setting], table: pd.DataFrame) -> list[SeedResult]:

@@ -67,6 +67,8 @@ def test_a_worker_killed_mid_trial_loses_nothing_and_leaves_nothing_running(
             "model.hidden_size=16",
             "study.heartbeat_seconds=1",
             "study.grace_seconds=3",
+            "report.top_k=1",  # the closing stage is not under test
+            "report.seeds=1",
             "report.final_model=false",
         ),
         "--workers",
@@ -116,6 +118,8 @@ def test_a_tracking_server_lost_mid_sweep_stops_cleanly_and_the_rerun_resumes(
     args = sweep_args(
         "study.n_trials=3",
         "study.pruner.type=none",
+        "report.top_k=1",  # the closing stage is not under test
+        "report.seeds=1",
         "report.final_model=false",
         f"tracking.uri={server.uri}",
     )

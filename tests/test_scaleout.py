@@ -49,13 +49,15 @@ def tracking_server(
 def test_two_workers_on_postgres_and_an_mlflow_server_finish_one_study_exactly(
     postgres: sqlalchemy.Engine, tracking_server: str, tmp_path: Path
 ) -> None:
-    n_trials = 6
+    n_trials = 4
     with fresh_database(postgres) as name:
         storage = f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
         args = sweep_args(
             f"study.n_trials={n_trials}",
-            "train.max_epochs=30",  # trials of seconds: the spawned worker joins in time
-            "train.patience=30",
+            # unpruned trials of several seconds: the spawned worker (~6 s of imports) joins
+            "train.max_epochs=100",
+            "train.patience=100",
+            "study.pruner.type=none",
             f"study.storage={storage}",
             f"tracking.uri={tracking_server}",
             "report.model_name=scaleout",
