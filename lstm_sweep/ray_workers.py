@@ -56,7 +56,8 @@ CLIENT_PORT = 10001  # Ray Client's default port (ray://host)
 
 
 class RayMissing(ConfigError):
-    """``--ray`` on an install without the ``ray`` extra."""
+    """``--ray`` on an install without the ``ray`` extra: a ConfigError, so the command line
+    shows it as one line with exit 2, but worded as the install hint, not as a key's value."""
 
     def __init__(self) -> None:
         self.source, self.key, self.value, self.rule = "--ray", "", None, INSTALL_HINT
@@ -73,6 +74,7 @@ class WorkerExit:
 
 
 def import_ray() -> Any:
+    """The ``ray`` module, imported only once ``--ray`` is given; RayMissing without it."""
     try:
         import ray
     except ImportError:
@@ -196,12 +198,8 @@ class SweepWorker:
     actor runs two calls at once, so ``stop`` reaches a run in the middle of a trial."""
 
     def __init__(self, path: str, overrides: list[str], parent_id: str, threads: int) -> None:
-        self.path, self.overrides, self.parent_id, self.threads = (
-            path,
-            overrides,
-            parent_id,
-            threads,
-        )
+        self.path, self.overrides, self.parent_id = path, overrides, parent_id
+        self.threads = threads
         # a flag only: Ray owns this process's signals, and the driver asks through stop()
         self.stop_requested = GracefulStop(quiet=True)
 
@@ -236,6 +234,9 @@ def run_ray_workers(
     n_trials; Interrupted if the driver was asked to stop, SweepIncomplete if the workers were
     all lost short of n_trials."""
     ray = import_ray()
+    # the closing stage trains here once the workers are done: one thread, as a local worker
+    # has (see workers.work: a second thread mostly waits, and slows a busy machine down)
+    torch.set_num_threads(1)
     context = connect(ray, address)
     try:
         describe_cluster(ray, context, sweep.cfg, address)
@@ -288,8 +289,9 @@ def start_workers(ray: Any, sweep: Sweep, parent_id: str) -> list[Any]:
         max_concurrency=2,  # run() and stop() at once
         runtime_env=per.runtime_env,
     )
-    # the path as every node sees it: the same files at the same place (the image, or a
-    # runtime_env working_dir); a changed file is refused by the study's fingerprint
+    # every node reads the sweep file (and its data) at this same absolute path: baked into
+    # the worker image or on a shared file system; a changed file is refused by the study's
+    # fingerprint
     path = os.path.abspath(sweep.path)
     threads = max(1, int(per.num_cpus))
     return [

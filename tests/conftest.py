@@ -7,6 +7,7 @@ copied into each test's own mlruns/.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,18 @@ from mlflow.tracking import MlflowClient
 
 from lstm_sweep.config import Config, load_config
 from lstm_sweep.tasks import Task, TaskCache
-from tests.helpers import QUICK, TINY, load_study, mlflow_client, runs_of, sweep_args
+from tests.helpers import (
+    POSTGRES,
+    QUICK,
+    TINY,
+    MlflowServer,
+    fresh_database,
+    load_study,
+    mlflow_client,
+    postgres_or_skip,
+    runs_of,
+    sweep_args,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,6 +56,18 @@ def stores(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatc
     """A fresh mlruns/ in the test's working directory, where the default URIs point."""
     monkeypatch.chdir(tmp_path)
     return new_stores(tmp_path, mlflow_template)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real ``mlflow server`` for the scale-out tests, on its own fresh PostgreSQL database
+    (each test uses an experiment and a model name of its own)."""
+    artifacts = tmp_path_factory.mktemp("mlflow_server") / "artifacts"
+    with (
+        fresh_database(postgres_or_skip()) as name,
+        MlflowServer(f"{POSTGRES}/{name}", artifacts) as server,
+    ):
+        yield server.uri
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ Skipped with a reason where no PostgreSQL answers at 127.0.0.1:5432; a failure w
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -17,8 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from lstm_sweep import metrics as m
 from tests.helpers import (
-    POSTGRES,
-    MlflowServer,
     command,
     environment,
     fresh_database,
@@ -34,16 +31,6 @@ PASSWORD = "s3cret-in-uri"  # trust auth accepts any password: it must never be 
 @pytest.fixture(scope="module")
 def postgres() -> sqlalchemy.Engine:
     return postgres_or_skip()
-
-
-@pytest.fixture(scope="module")
-def tracking_server(
-    postgres: sqlalchemy.Engine, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """One MLflow server per module, on its own fresh PostgreSQL database."""
-    artifacts = tmp_path_factory.mktemp("mlflow_server") / "artifacts"
-    with fresh_database(postgres) as name, MlflowServer(f"{POSTGRES}/{name}", artifacts) as server:
-        yield server.uri
 
 
 def test_two_workers_on_postgres_and_an_mlflow_server_finish_one_study_exactly(
