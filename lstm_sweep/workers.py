@@ -380,8 +380,8 @@ def check_workers(study: Study, exit_codes: list[int], n_trials: int) -> None:
     counted = counted_trials(study)
     if lost and counted < n_trials:
         raise SweepIncomplete(
-            f"{len(lost)} of {len(exit_codes)} extra workers exited with codes {lost} and the"
-            f" study holds {counted} of {n_trials} trials"
+            f"{len(lost)} of {len(exit_codes)} workers exited with codes {lost} and the study"
+            f" holds {counted} of {n_trials} trials"
         )
     if lost:  # e.g. a killed worker: the others retried its trial, the sweep is whole
         print(

@@ -94,7 +94,7 @@ def test_a_classifier_memorising_random_labels_is_called_overfitting(tmp_path: P
         "task": "classification",
         "data": {"path": "noise.npz", "split": [0.5, 0.25, 0.25]},
         "model": {"hidden_size": 64},
-        "train": {"max_epochs": 80, "patience": 80, "learning_rate": 0.01, "batch_size": 16},
+        "train": {"max_epochs": 40, "patience": 40, "learning_rate": 0.02, "batch_size": 32},
         "diagnostics": {"level": "basic"},
     }
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))

@@ -154,7 +154,7 @@ def test_a_big_unregularised_model_on_a_tiny_noisy_series_is_called_overfitting(
         noise,
         data={"window": 12, "split": [0.5, 0.25, 0.25]},
         model={"hidden_size": 64},
-        train={"max_epochs": 120, "patience": 120, "learning_rate": 0.01, "batch_size": 16},
+        train={"max_epochs": 60, "patience": 60, "learning_rate": 0.02, "batch_size": 32},
         diagnostics={"level": "basic"},
     )
     _, history = train(cfg, task)
