@@ -184,6 +184,16 @@ def honesty_lines(selection: Selection, task_name: str) -> list[str]:
     ]
 
 
+def naive_comparison(monitor: str, value: float, naive_val_loss: float) -> str:
+    """The naive predictor beside the best value, in the monitored measure's own terms."""
+    if monitor == m.VAL_LOSS:
+        ratio = ratio_text(value, naive_val_loss)
+        return f" (naive predictor's val loss: {naive_val_loss:.4g}{ratio})"
+    if monitor == m.VAL_NMSE:  # the naive forecast's MSE is its unit
+        return " (the naive forecast scores 1: below 1 beats it)"
+    return ""
+
+
 def format_summary(
     summary: SweepSummary, selection: Selection | None, task_name: str, ui_command: str
 ) -> str:
@@ -195,11 +205,9 @@ def format_summary(
     if summary.best_number is None or summary.best_value is None:
         lines.append("No trial finished: nothing to recommend yet.")
     else:
-        naive = summary.naive_val_loss
-        ratio = ratio_text(summary.best_value, naive) if summary.monitor == m.VAL_LOSS else ""
         lines += [
             f"Best trial #{summary.best_number}: {summary.monitor} {summary.best_value:.4g}"
-            f" (naive predictor's val loss: {naive:.4g}{ratio})",
+            + naive_comparison(summary.monitor, summary.best_value, summary.naive_val_loss),
             f"Best settings: {settings_text(summary.best_values)}",
             "",
             f"Top {min(5, len(summary.table))}:",

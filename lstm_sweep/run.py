@@ -15,13 +15,14 @@ import socket
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import ConfigError, mask_secrets
+from lstm_sweep.config import Config, ConfigError, mask_secrets
 from lstm_sweep.report import comparison_table, parent_metrics, render
 from lstm_sweep.select import Selector
 from lstm_sweep.study import (
@@ -143,7 +144,7 @@ class Progress:
         self.bar.close()
 
 
-def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop) -> str:
+def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool = True) -> str:
     """Once the study holds n_trials: the closing stage and the report, exactly once per study
     however many processes and hosts worked on it (the first to claim the report lock does
     them; the others say where to look)."""
@@ -163,14 +164,16 @@ def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop) -> str:
         )
     try:
         recorded = selection_recorded(study) or {}
-        current = recorded.get("n_trials") == counted  # a study extended since needs a new one
+        # a study extended since, or asked for another closing stage, needs a new one
+        asked = {"n_trials": counted, "report": report_settings(cfg)}
+        current = all(recorded.get(key) == value for key, value in asked.items())
         if current and recorded.get("reported_by"):
             return (
                 f"Study {cfg.study_name!r} is complete; its report was written by"
                 f" {recorded['reported_by']}: {tracker.ui_command(parent_id)}"
             )
         if not current:
-            select_once(sweep, parent_id, stop)
+            select_once(sweep, parent_id, stop, progress)
         text = render(cfg, tracker, study, parent_id)
         done = selection_recorded(study) or {}
         record_selection(study, {**done, "reported_by": f"{socket.gethostname()}:{os.getpid()}"})
@@ -179,7 +182,12 @@ def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop) -> str:
         claim.release()
 
 
-def select_once(sweep: Sweep, parent_id: str, stop: GracefulStop) -> None:
+def report_settings(cfg: Config) -> dict[str, Any]:
+    """What the closing stage was asked for: changed, it is done again (the trials stay)."""
+    return cfg.report.model_dump(mode="json")
+
+
+def select_once(sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool) -> None:
     """The closing stage; its findings go onto the parent run and into the study."""
     cfg, tracker = sweep.cfg, sweep.tracker
     table = comparison_table(
@@ -187,9 +195,8 @@ def select_once(sweep: Sweep, parent_id: str, stop: GracefulStop) -> None:
     )
     if not (table["state"] == m.COMPLETE).any():
         return
-    selector = Selector(
-        cfg, sweep.tasks, tracker, parent_id, stop, say=lambda line: print(line, file=sys.stderr)
-    )
+    say = partial(print, file=sys.stderr)
+    selector = Selector(cfg, sweep.tasks, tracker, parent_id, stop, say, progress)
     selection = selector.run(table)
     with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
         (Path(tmp) / m.SELECTION_FILE).write_text(selection.to_json())
@@ -203,6 +210,7 @@ def select_once(sweep: Sweep, parent_id: str, stop: GracefulStop) -> None:
         sweep.study,
         {
             "n_trials": counted_trials(sweep.study),
+            "report": report_settings(cfg),
             "recommended": selection.recommended,
             "model_uri": selection.final.model_uri if selection.final else None,
         },
@@ -226,7 +234,7 @@ def run_sweep(
             run_ray_workers(sweep, parent_id, stop, bar, ray_address)
         bar()
         bar.close()
-        text = conclude(sweep, parent_id, stop)
+        text = conclude(sweep, parent_id, stop, progress)
     except KeyboardInterrupt:
         sweep.tracker.finish_parent(parent_id, m.FAIL, m.INTERRUPTED_REASON)
         raise

@@ -264,6 +264,7 @@ class Selector:
     parent_id: str
     stop_requested: Callable[[], bool]
     say: Callable[[str], None] = print
+    progress: bool = True  # a bar over the re-evaluations
     trainings: int = 0
     models: dict[tuple[int, int], torch.nn.Module] = field(default_factory=dict)
 
@@ -326,7 +327,12 @@ class Selector:
                 f" setting(s) ({len(plan) - len(todo)} reused from the trials or an earlier run)"
             )
         results = []
-        bar = tqdm(total=len(todo), desc="re-evaluating", unit="model", disable=not todo)
+        bar = tqdm(
+            total=len(todo),
+            desc="re-evaluating",
+            unit="model",
+            disable=not (todo and self.progress),
+        )
         for setting, seed in plan:
             run_cfg = self.setting_config(setting, seed)
             task = self.tasks.get(run_cfg)

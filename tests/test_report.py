@@ -13,7 +13,7 @@ import yaml
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import SearchParam
-from lstm_sweep.report import hard_windows, neighbourhood, surface
+from lstm_sweep.report import hard_windows, naive_comparison, neighbourhood, surface
 from lstm_sweep.run import main
 from tests.helpers import runs_of
 
@@ -63,6 +63,12 @@ def test_hard_windows_are_those_most_runs_get_wrong() -> None:
     hard = hard_windows([worst(1, 2, 3), worst(1, 2), worst(1, 4), worst(1, 2, 5)])
     assert list(hard["window"]) == [1]  # window 2 is in 3 of 4 lists: below the 80 % mark
     assert hard.loc[0, "share"] == 1.0
+
+
+def test_the_naive_predictor_is_quoted_in_the_monitored_measure() -> None:
+    assert naive_comparison(m.VAL_LOSS, 0.5, 2.0) == " (naive predictor's val loss: 2, 25% of it)"
+    assert "below 1 beats it" in naive_comparison(m.VAL_NMSE, 0.74, 0.71)  # not the loss
+    assert naive_comparison(m.VAL_ACCURACY, 0.9, 0.69) == ""  # a loss beside an accuracy
 
 
 @pytest.mark.slow

@@ -353,6 +353,22 @@ def test_a_password_in_the_storage_url_is_written_nowhere(stores: Path, tmp_path
 
 
 @pytest.mark.slow
+def test_a_changed_closing_stage_is_done_again_on_the_same_trials(
+    stores: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = sweep_args(
+        "study.n_trials=2", "report.final_model=false", "report.top_k=1", "report.seeds=1"
+    )
+    assert main(args) == 0 and main(args) == 0
+    assert "its report was written by" in capsys.readouterr().out  # unchanged: nothing redone
+    assert main([*args, "--set=report.seeds=2"]) == 0
+    assert "its report was written by" not in capsys.readouterr().out
+    (reevaluation,) = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_REEVALUATION)
+    assert reevaluation.data.tags[m.SEED_TAG] == "1"  # seed 0 is the trial itself
+    assert len(load_study(stores).trials) == 2
+
+
+@pytest.mark.slow
 def test_a_quote_in_the_experiment_name_just_works(stores: Path) -> None:
     args = sweep_args("study.n_trials=2", "report.final_model=false", "diagnostics.level=off")
     assert main([*args, "--set=experiment=it's mine"]) == 0
