@@ -229,21 +229,21 @@ def format_summary(
 
 def comparison_frame(selection: Selection) -> pd.DataFrame:
     """The LSTM beside every baseline, on the validation and the test part."""
+
+    def on(part: str, errors: dict[str, Any]) -> dict[str, Any]:
+        return {m.error(part, k): v for k, v in errors.items() if k != "note"}
+
     rows: dict[str, dict[str, Any]] = {}
     final = selection.final
     if final is not None:
-        rows["lstm"] = {f"test_{k}": v for k, v in final.test.items()}
-        rows["lstm"]["note"] = f"final model ({final.kind})"
+        rows["lstm"] = on("test", final.test) | {"note": f"final model ({final.kind})"}
         if final.single_seed_test:
-            rows["lstm (one seed)"] = {f"test_{k}": v for k, v in final.single_seed_test.items()}
-            rows["lstm (one seed)"]["note"] = "the ensemble's first member alone"
+            note = "the ensemble's first member alone"
+            rows["lstm (one seed)"] = on("test", final.single_seed_test) | {"note": note}
     rows.setdefault("lstm", {"note": "no final model"})
-    rows["lstm"] |= {f"val_{k}": v for k, v in selection.lstm_val.items()}
+    rows["lstm"] |= on("val", selection.lstm_val)
     for method, errors in selection.baselines_test.items():
-        rows[method] = {f"test_{k}": v for k, v in errors.items() if k != "note"}
-        rows[method] |= {
-            f"val_{k}": v for k, v in selection.baselines_val[method].items() if k != "note"
-        }
+        rows[method] = on("test", errors) | on("val", selection.baselines_val[method])
         rows[method]["note"] = errors.get("note", "")
     frame = pd.DataFrame.from_dict(rows, orient="index")
     ordered = sorted((c for c in frame if c != "note"), key=lambda c: (not c.startswith("val"), c))
