@@ -1,12 +1,15 @@
 """Where a real sweep spends its time: py-spy samples ``python -m lstm_sweep.run`` and this
 script sorts the main thread's samples into what is training and what is not.
 
-    pip install py-spy
-    python benchmarks/where_time_goes.py                      # 12 trials of the default sweep
-    python benchmarks/where_time_goes.py --trials 30 --set diagnostics.level=off
+    pip install -e '.[bench]'                                 # py-spy
+    python benchmarks/where_time_goes.py                      # sweeps/sunspots.yaml as shipped
+    python benchmarks/where_time_goes.py --sweep sweeps/forecast.yaml --trials 12
+    python benchmarks/where_time_goes.py --set diagnostics.level=off
     python benchmarks/where_time_goes.py --raw profile.txt    # sort an existing py-spy raw file
 
-Samples include idle time (``--idle``): a wait on SQLite or a sleep costs wall time too.
+The sweep runs with ``--workers 1``: py-spy samples one process, and with one worker that
+process runs every trial, the closing stage and the report. Samples include idle time
+(``--idle``): a wait on SQLite or a sleep costs wall time too.
 """
 
 from __future__ import annotations
@@ -21,25 +24,32 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ROOT / "sweeps" / "forecast.yaml"
+SWEEP = ROOT / "sweeps" / "sunspots.yaml"  # the small series: where fixed costs show
 RATE = 50  # samples per second
 
-# (category, a frame that puts a sample in it), first match wins; frames read "function (file)".
+# (category, a frame that puts a sample in it), first match wins; frames read
+# "qualified.function (file)". The closing stage and the report come first: they call fit and
+# predict too, and belong to the stage, not to the trials.
 CATEGORIES = [
     ("imports", "_find_and_load ("),
-    ("per-epoch eval passes (val, train subsample)", "evaluate (lstm_sweep/train.py)"),
+    ("closing stage (re-evaluation, final model)", "(lstm_sweep/select.py)"),
+    ("report (reads the stores, renders)", "(lstm_sweep/report.py)"),
+    ("start-up (config, data, stores, parent run)", "prepare (lstm_sweep/workers.py)"),
+    ("start-up (config, data, stores, parent run)", "start (lstm_sweep/workers.py)"),
+    ("MLflow calls inside fit (run recorder)", "RunRecorder.on_epoch_end"),
+    ("Optuna report/prune inside fit", "Pruning.on_epoch_end"),
     ("per-epoch eval passes (val, train subsample)", "predict (lstm_sweep/train.py)"),
-    ("diagnostics in fit (grad groups, weights, hidden)", "lstm_sweep/diagnostics.py)"),
-    ("diagnostics in fit (grad groups, weights, hidden)", "layer_outputs (lstm_sweep/model.py)"),
-    ("MLflow calls inside fit (epoch logger)", "EpochLogger"),
-    ("Optuna report/prune inside fit", "PruneCallback"),
+    ("per-epoch eval passes (val, train subsample)", "predict_with_states (lstm_sweep/train.py)"),
+    ("diagnostics (grad groups, weights, hidden, verdict)", "(lstm_sweep/diagnostics.py)"),
     ("training steps (forward, backward, clip, step)", "fit (lstm_sweep/train.py)"),
-    ("trial artifacts (plots, CSV, upload)", "log_trial_artifacts"),
-    ("closing report (re-evaluation, final model)", "lstm_sweep/report.py)"),
+    ("trial files (weights, snapshots, upload)", "write_files (lstm_sweep/record.py)"),
+    ("trial files (weights, snapshots, upload)", "save_weights (lstm_sweep/record.py)"),
+    ("trial files (weights, snapshots, upload)", "log_artifacts (lstm_sweep/tracking.py)"),
     ("MLflow store (runs, params, metrics, tags)", "mlflow/"),
     ("Optuna storage, sampler, lock", "optuna/"),
+    ("Optuna storage, sampler, lock", "StudyLock."),
     ("config and data loading", "load_config ("),
-    ("config and data loading", "lstm_sweep/data.py)"),
+    ("config and data loading", "(lstm_sweep/data.py)"),
 ]
 
 
@@ -98,7 +108,7 @@ def summarise(samples: list[tuple[list[str], int]], top: int) -> str:
     )
 
 
-def record(trials: int, overrides: list[str], raw: Path) -> None:
+def record(sweep_file: Path, trials: int | None, overrides: list[str], raw: Path) -> None:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         sys.exit("py-spy not found: pip install py-spy")
@@ -106,9 +116,11 @@ def record(trials: int, overrides: list[str], raw: Path) -> None:
         sys.executable,
         "-m",
         "lstm_sweep.run",
-        str(SWEEP),
+        str(sweep_file.resolve()),
         "--no-progress",
-        f"--set=study.n_trials={trials}",
+        "--workers",
+        "1",
+        *([f"--set=study.n_trials={trials}"] if trials else []),
         *(f"--set={o}" for o in overrides),
     ]
     with tempfile.TemporaryDirectory(prefix="lstm_sweep_profile_") as folder:  # fresh stores
@@ -138,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--trials", type=int, default=12, help="trials of the default sweep")
+    parser.add_argument("--sweep", type=Path, default=SWEEP, help="the sweep file to profile")
+    parser.add_argument("--trials", type=int, help="trials of the sweep (default: its own)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--raw", type=Path, help="sort this py-spy raw file instead of recording")
     parser.add_argument("--keep", type=Path, help="keep the recorded raw file here")
@@ -147,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = args.raw
     if raw is None:
         raw = args.keep or Path(tempfile.mkdtemp(prefix="lstm_sweep_profile_")) / "profile.txt"
-        record(args.trials, args.set, raw)
+        record(args.sweep, args.trials, args.set, raw)
     print(summarise(read_raw(raw), args.top))
     return 0
 
