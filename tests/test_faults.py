@@ -148,7 +148,7 @@ def test_a_tracking_server_lost_mid_sweep_stops_cleanly_and_the_rerun_resumes(
         assert main(args) == 0
         study = load_study(stores)
         assert sum(t.state.name in COUNTED for t in study.trials) == 3
-        client = MlflowClient(server.uri)
+        client = MlflowClient(server.uri, registry_uri=server.uri)
         runs = runs_of(client, "co2-quick", m.ROLE_TRIAL)
         assert len(runs) == len(study.trials)
         assert all(r.info.status != "RUNNING" for r in runs)

@@ -57,7 +57,7 @@ from tests.helpers import (
 
 STUDY = "ray-sweep"
 N_TRIALS = 4
-EPOCHS = 40  # unpruned trials of seconds: time to catch both workers mid-trial
+EPOCHS = 60  # unpruned trials of seconds: time to stop or kill a worker mid-trial
 PASSWORD = "s3cret-in-uri"  # trust auth accepts any password: it must never be printed
 # Ray's single-machine mode (see above), and no token authentication: with RAY_AUTH_MODE unset,
 # `ray start` turns it on wherever ~/.ray/auth_token exists (any local ray.init() writes one)
@@ -211,7 +211,7 @@ def stopped_then_killed(
             f"report.model_name={STUDY}",
         )
         trials = Trials(storage)
-        client = MlflowClient(cluster.tracking)
+        client = MlflowClient(cluster.tracking, registry_uri=cluster.tracking)
 
         def run_until(ready: Callable[[], Any], log: Path) -> tuple[subprocess.Popen[str], Any]:
             """The command, started (its output to ``log``: a full pipe would block it) and
@@ -229,17 +229,18 @@ def stopped_then_killed(
             assert process.poll() is None, log.read_text()[-3000:]
             return process, found
 
-        def both_training() -> list[optuna.trial.FrozenTrial]:
-            """Both workers in the first half of a trial, or nothing."""
-            training = trials.training(EPOCHS // 2)
-            return training if len(training) == 2 else []
+        def both_started_one_early() -> list[optuna.trial.FrozenTrial]:
+            """Once both workers have started a trial: one in the first third of a trial, so
+            that the stop reaches it before the trial ends; or nothing."""
+            started = {t.user_attrs.get(m.WORKER_ATTR) for t in trials.now()} - {None}
+            return trials.training(EPOCHS // 3) if len(started) == 2 else []
 
         def both_done_then_one_early() -> list[optuna.trial.FrozenTrial]:
             """Once both workers have finished a trial: one in the first half of its next, so
             that it cannot end before the kill; or nothing."""
             return trials.training(EPOCHS // 2) if len(trials.workers_done()) == 2 else []
 
-        first, training = run_until(both_training, folder / "first.log")
+        first, training = run_until(both_started_one_early, folder / "first.log")
         try:
             first.send_signal(signal.SIGTERM)
             sent = time.monotonic()

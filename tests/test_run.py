@@ -226,8 +226,8 @@ def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes_it(stores: Path)
     args = command(
         *sweep_args(
             "study.n_trials=2",
-            "train.max_epochs=150",  # trials of seconds: a wide window to stop one
-            "train.patience=150",
+            "train.max_epochs=80",  # trials of seconds: a wide window to stop one
+            "train.patience=80",
             "study.pruner.type=none",
             "report.top_k=1",  # the closing stage is not under test: only the trials' own
             "report.seeds=1",
@@ -252,9 +252,6 @@ def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes_it(stores: Path)
         m.INTERRUPTED_REASON,
     )
 
-    args_short = [a.replace("train.max_epochs=150", "train.max_epochs=4") for a in args]
-    resumed = subprocess.run(args_short, env=environment(), capture_output=True, text=True)
-    assert resumed.returncode == 2 and "train.max_epochs" in resumed.stderr  # a changed file
     assert subprocess.run(args, env=environment(), capture_output=True).returncode == 0
     study = load_study(stores)
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 2
@@ -284,7 +281,7 @@ def running(stores: Path) -> bool:
 def test_two_processes_on_one_study_give_one_report_and_one_model(stores: Path) -> None:
     args = command(
         *sweep_args(
-            "study.n_trials=6", "train.max_epochs=20", "train.patience=20", "report.top_k=1"
+            "study.n_trials=4", "train.max_epochs=20", "train.patience=20", "report.top_k=1"
         )
     )
     processes = [
@@ -297,7 +294,7 @@ def test_two_processes_on_one_study_give_one_report_and_one_model(stores: Path) 
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-3000:]
     study = load_study(stores)
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 6
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
     assert len({tuple(t.params.values()) for t in study.trials}) == len(study.trials)
     client = mlflow_client(stores)
     assert len(runs_of(client, "co2-quick", m.ROLE_FINAL)) == 1
