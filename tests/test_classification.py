@@ -31,6 +31,8 @@ TINY_CLASSIFY = [
     "train.batch_size=128",
     "report.top_k=2",
     "report.seeds=2",
+    "study.workers=1",
+    "search.model.hidden_size={type: categorical, choices: [32, 64]}",  # not the file's 128
 ]
 
 

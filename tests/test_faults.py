@@ -61,8 +61,8 @@ def test_a_worker_killed_mid_trial_loses_nothing_and_leaves_nothing_running(
     args = command(
         *sweep_args(
             f"study.n_trials={n_trials}",
-            "train.max_epochs=150",  # trials of seconds: the spawned worker starts in time
-            "train.patience=150",
+            "train.max_epochs=100",  # trials of seconds: the spawned worker starts in time
+            "train.patience=100",
             "study.pruner.type=none",
             "model.hidden_size=16",
             "study.heartbeat_seconds=1",

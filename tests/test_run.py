@@ -226,8 +226,8 @@ def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes_it(stores: Path)
     args = command(
         *sweep_args(
             "study.n_trials=2",
-            "train.max_epochs=80",  # trials of seconds: a wide window to stop one
-            "train.patience=80",
+            "train.max_epochs=60",  # trials of seconds: a wide window to stop one
+            "train.patience=60",
             "study.pruner.type=none",
             "report.top_k=1",  # the closing stage is not under test: only the trials' own
             "report.seeds=1",
@@ -281,7 +281,7 @@ def running(stores: Path) -> bool:
 def test_two_processes_on_one_study_give_one_report_and_one_model(stores: Path) -> None:
     args = command(
         *sweep_args(
-            "study.n_trials=4", "train.max_epochs=20", "train.patience=20", "report.top_k=1"
+            "study.n_trials=4", "train.max_epochs=10", "train.patience=10", "report.top_k=1"
         )
     )
     processes = [
