@@ -316,7 +316,12 @@ def test_a_password_in_the_storage_url_is_written_nowhere(stores: Path, tmp_path
         storage = f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
         result = subprocess.run(
             command(
-                *sweep_args(f"study.storage={storage}", "diagnostics.level=full", "report.top_k=1")
+                *sweep_args(
+                    f"study.storage={storage}",
+                    "study.n_trials=2",
+                    "diagnostics.level=full",
+                    "report.top_k=1",
+                )
             ),
             env=environment(),
             capture_output=True,
