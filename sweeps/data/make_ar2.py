@@ -12,6 +12,7 @@ Regenerate (overwrites the CSV next to this script, byte for byte):
 
 Written with numpy 2.4; numpy's Generator streams for PCG64 normals have been stable since 1.17.
 """
+
 from pathlib import Path
 
 import numpy as np
