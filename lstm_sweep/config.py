@@ -23,9 +23,10 @@ SEARCHABLE_DATA = ("data.window", "data.transform", "data.scaler")  # each value
 SCALE_CHANGING = ("data.transform", "data.scaler")  # val_loss differs in units between values
 NOT_SEARCHABLE = ("train.seed", "train.device", "train.monitor")
 
-# A credential inside a URI (scheme://user:password@host, user possibly empty) or a query
-# parameter. A regex rather than sqlalchemy's make_url: it must also clean free text (a
-# driver's error message quoting the URL) and http(s) URIs, which make_url does not parse.
+# A credential inside a URI (a password between the user name, possibly empty, and the
+# host) or a query parameter. A regex rather than sqlalchemy's make_url: it must also clean
+# free text (a driver's error message quoting the URL) and http(s) URIs, which make_url does
+# not parse.
 _URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s'\"]*):(?P<secret>[^@\s'\"]*)@")
 _QUERY_SECRET = re.compile(
     r"(?P<head>[?&;]\s*(?:password|passwd|pwd|token|secret|api_key)=)(?P<secret>[^&\s'\"]+)",
@@ -40,7 +41,7 @@ def mask_secrets(text: str) -> str:
 
 
 def without_password(uri: str) -> str:
-    """``postgresql://u:pw@h/db`` -> ``postgresql://u@h/db``: the form written into files
+    """A URI without its password (the user name and host kept): the form written into files
     people rerun; the password then comes from PGPASSWORD or ~/.pgpass (libpq) or
     MLFLOW_TRACKING_PASSWORD, never from a file."""
     uri = _URI_PASSWORD.sub(lambda m: f"{m['head']}@", uri)
