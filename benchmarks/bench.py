@@ -26,15 +26,19 @@ updates included), which gives the phases of the default command and its longest
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import platform
+import pty
 import shlex
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import uuid
@@ -326,26 +330,37 @@ def launch(label: str, argv: list[str], scratch: Path) -> Run:
     run = Run(label, argv, scratch / label)
     run.folder.mkdir(parents=True)
     say(f"{label}: {shell_text(argv)}")
-    # unbuffered, as a terminal shows it: stdout lines arrive when printed, not at exit
+    # as a person at a terminal sees it: stdout unbuffered, stderr on a pseudo-terminal (the
+    # step lines lstm_sweep draws only on a terminal count as output too)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     streams: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
     lock = threading.Lock()
+    terminal, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     run.started = time.time()
     began = time.perf_counter()
     process = subprocess.Popen(
-        argv, cwd=run.folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        argv, cwd=run.folder, stdout=subprocess.PIPE, stderr=follower, env=env
     )
+    os.close(follower)  # the children hold it; reading the terminal ends when they all exit
+    assert process.stdout is not None
 
     def pump(name: str, fd: int) -> None:
-        while chunk := os.read(fd, 65536):  # returns as soon as anything was written
+        while True:
+            try:
+                chunk = os.read(fd, 65536)  # returns as soon as anything was written
+            except OSError:  # EIO: every writer of the pseudo-terminal has exited
+                break
+            if not chunk:
+                break
             arrived = time.perf_counter() - began
             with lock:
                 run.events.append((arrived, chunk.decode(errors="replace")))
                 streams[name].append(chunk)
 
     readers = [
-        threading.Thread(target=pump, args=(name, getattr(process, name).fileno()))
-        for name in streams
+        threading.Thread(target=pump, args=("stdout", process.stdout.fileno())),
+        threading.Thread(target=pump, args=("stderr", terminal)),
     ]
     for reader in readers:
         reader.start()
@@ -355,6 +370,7 @@ def launch(label: str, argv: list[str], scratch: Path) -> Run:
     code = process.returncode = os.waitstatus_to_exitcode(status)
     for reader in readers:
         reader.join()
+    os.close(terminal)
     run.events.sort(key=lambda event: event[0])
     run.stdout = b"".join(streams["stdout"]).decode(errors="replace")
     if code != 0:

@@ -435,9 +435,11 @@ def _check_task(source: str, cfg: Config) -> None:
 
 
 def _check_device(source: str, cfg: Config) -> None:
-    import torch  # only here: the rest of the config needs no torch
+    if cfg.train.device != "cuda":
+        return
+    import torch  # only here and only for cuda: a sweep file is checked in well under a second
 
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise ConfigError(source, "train.device", "cuda", "no CUDA device is available here")
 
 

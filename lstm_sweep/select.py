@@ -32,6 +32,7 @@ from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, flatten
 from lstm_sweep.data import TrainingData
 from lstm_sweep.model import Ensemble
+from lstm_sweep.progress import Ticker, step
 from lstm_sweep.record import (
     WEIGHT_VALUES,
     draw_pictures,
@@ -264,7 +265,7 @@ class Selector:
     parent_id: str
     stop_requested: Callable[[], bool]
     say: Callable[[str], None] = print
-    progress: bool = True  # a bar over the re-evaluations
+    progress: bool = True  # a bar over the re-evaluations, a line for the final model
     trainings: int = 0
     models: dict[tuple[int, int], torch.nn.Module] = field(default_factory=dict)
 
@@ -333,36 +334,37 @@ class Selector:
             unit="model",
             disable=not (todo and self.progress),
         )
-        for setting, seed in plan:
-            run_cfg = self.setting_config(setting, seed)
-            task = self.tasks.get(run_cfg)
-            key = (setting.number, seed)
-            if key in reused:
-                self.models[key] = self.load_model(setting.run_id, task, run_cfg)
-                if cfg.diagnostics.level == "full":
-                    self.draw_trial(setting.run_id, task, self.models[key])
-                val, test, test_value = score(task, self.models[key], cfg.train.monitor)
-                verdict = str(verdicts.get(setting.number, ""))
-                results.append(
-                    SeedResult(
-                        setting.number,
-                        seed,
-                        setting.run_id,
-                        setting.value,
-                        setting.best_epoch,
-                        verdict,
-                        val,
-                        test,
-                        test_value,
-                        True,
+        with Ticker(bar):
+            for setting, seed in plan:
+                run_cfg = self.setting_config(setting, seed)
+                task = self.tasks.get(run_cfg)
+                key = (setting.number, seed)
+                if key in reused:
+                    self.models[key] = self.load_model(setting.run_id, task, run_cfg)
+                    if cfg.diagnostics.level == "full":
+                        self.draw_trial(setting.run_id, task, self.models[key])
+                    val, test, test_value = score(task, self.models[key], cfg.train.monitor)
+                    verdict = str(verdicts.get(setting.number, ""))
+                    results.append(
+                        SeedResult(
+                            setting.number,
+                            seed,
+                            setting.run_id,
+                            setting.value,
+                            setting.best_epoch,
+                            verdict,
+                            val,
+                            test,
+                            test_value,
+                            True,
+                        )
                     )
-                )
-            elif key in done:
-                results.append(self.read_back(done[key], setting, seed, task))
-            else:
-                bar.set_postfix_str(f"trial #{setting.number} seed {seed}")
-                results.append(self.train_seed(setting, seed, run_cfg, task))
-                bar.update(1)
+                elif key in done:
+                    results.append(self.read_back(done[key], setting, seed, task))
+                else:
+                    bar.set_postfix_str(f"trial #{setting.number} seed {seed}")
+                    results.append(self.train_seed(setting, seed, run_cfg, task))
+                    bar.update(1)
         bar.close()
         return results
 
@@ -480,9 +482,12 @@ class Selector:
             )
         name = run_name("final", setting.number, setting.values)
         params = flatten(run_cfg.model_dump(mode="json"))
-        with self.tracker.child_run(
-            self.parent_id, name, tags, params, run_cfg.tracking.flush_seconds
-        ) as run:
+        with (
+            step("final model", self.progress),
+            self.tracker.child_run(
+                self.parent_id, name, tags, params, run_cfg.tracking.flush_seconds
+            ) as run,
+        ):
             single: dict[str, float] = {}
             if kind == "ensemble":
                 model: torch.nn.Module = self.ensemble(task, mine)

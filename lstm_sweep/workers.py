@@ -10,6 +10,7 @@ on it.
 from __future__ import annotations
 
 import fcntl
+import gc
 import multiprocessing
 import os
 import signal
@@ -336,6 +337,8 @@ def worker_process(path: str, overrides: list[str], parent_id: str) -> None:
         except (TrackingUnavailable, LockTimeout) as exc:  # one line; the driver sums up
             print(f"worker {os.getpid()}: {mask_secrets(str(exc))}", file=sys.stderr)
             sys.exit(EXIT_FAILED)
+        finally:
+            gc.freeze()  # as in run.py: the exit's last collection would take seconds
 
 
 def run_local_workers(

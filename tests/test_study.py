@@ -13,8 +13,11 @@ from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, ConfigError
 from lstm_sweep.study import (
     Objective,
+    Pruning,
     StaleTrialHandler,
     fail_stale_trials,
+    first_prunable_epoch,
+    make_pruner,
     make_sampler,
     open_study,
     retry_failed,
@@ -22,6 +25,7 @@ from lstm_sweep.study import (
 )
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
+from lstm_sweep.train import History, Stop
 from tests.helpers import mlflow_client
 
 
@@ -50,7 +54,8 @@ def test_the_objective_trains_one_trial_and_records_it_in_its_run(
 def test_a_pruned_trial_is_pruned_in_optuna_killed_in_mlflow_and_undecided(
     tiny_cfg: Config, tracker: Tracker
 ) -> None:
-    cfg = tiny_cfg.with_values({"train.max_epochs": 10})
+    # a pruner that prunes at once; the config's warm-up is 0, so it is asked from epoch 0
+    cfg = tiny_cfg.with_values({"train.max_epochs": 10, "study.pruner.n_warmup_steps": 0})
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
     study.optimize(objective(cfg, tracker), n_trials=1)
     (trial,) = study.trials
@@ -132,3 +137,65 @@ def test_an_unreachable_storage_is_one_masked_line(tiny_cfg: Config) -> None:
         open_study(cfg, "sweep.yaml")
     message = str(caught.value)
     assert "unreachable" in message and secret not in message and "\n" not in message
+
+
+class AskedAt:
+    """An Optuna trial that notes the step of each should_prune call."""
+
+    def __init__(self, trial: optuna.Trial, asked: list[int]) -> None:
+        self.trial, self.asked, self.step = trial, asked, -1
+
+    def report(self, value: float, step: int) -> None:
+        self.step = step
+        self.trial.report(value, step)
+
+    def should_prune(self) -> bool:
+        self.asked.append(self.step)
+        return self.trial.should_prune()
+
+
+@pytest.mark.parametrize("pruner", ["median", "successive_halving", "hyperband"])
+def test_the_pruner_is_asked_only_from_its_first_prunable_epoch_with_the_same_decisions(
+    tiny_cfg: Config, pruner: str
+) -> None:
+    cfg = tiny_cfg.with_values(
+        {
+            "study.pruner.type": pruner,
+            "study.pruner.n_startup_trials": 2,
+            "study.pruner.n_warmup_steps": 4,
+            "study.pruner.min_resource": 3,
+            "train.max_epochs": 30,
+        }
+    )
+    first = first_prunable_epoch(cfg)
+    assert first == (4 if pruner == "median" else 3)
+
+    def pruned_at(first_epoch: float) -> tuple[list[int | None], list[int]]:
+        """Four good trials, then four worse ones; when each stopped, and when it asked."""
+        # one name: hyperband puts a trial in a bracket by a hash of study name and number
+        study = optuna.create_study(study_name="pruning", pruner=make_pruner(cfg))
+        stops: list[int | None] = []
+        asked: list[int] = []
+        for number in range(8):
+            trial = study.ask()
+            callback = Pruning(AskedAt(trial, asked), m.VAL_LOSS, first_epoch)
+            level = 1.0 if number < 4 else 3.0
+            stop = None
+            for epoch in range(30):
+                row = {m.VAL_LOSS: level + 1.0 / (epoch + 1)}
+                if callback.on_epoch_end(epoch, row, History()) is Stop.PRUNED:
+                    stop = epoch
+                    break
+            stops.append(stop)
+            if stop is None:
+                study.tell(trial, level)
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return stops, asked
+
+    every_epoch, asked_always = pruned_at(0)
+    skipping, asked_from_first = pruned_at(first)
+    assert skipping == every_epoch
+    assert any(stop is not None for stop in skipping)  # the comparison means something
+    assert min(asked_from_first) == first and min(asked_always) == 0
+    assert len(asked_from_first) < len(asked_always)

@@ -1,0 +1,186 @@
+"""The stages of one sweep, in order: the workers run the study's missing trials; once the study
+holds ``n_trials``, the closing stage (seed re-evaluation, final model, registry) and the report,
+once per study, in whichever process claims them first."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lstm_sweep import metrics as m
+from lstm_sweep.config import Config
+from lstm_sweep.progress import Ticker, step
+from lstm_sweep.report import comparison_table, parent_metrics, render
+from lstm_sweep.select import Selector
+from lstm_sweep.study import (
+    best_value,
+    counted_trials,
+    record_selection,
+    selection_recorded,
+    state_counts,
+    storage_url,
+    trials_frame,
+)
+from lstm_sweep.tracking import TrackingUnavailable, failure_reason
+from lstm_sweep.workers import (
+    GracefulStop,
+    LockTimeout,
+    StudyLock,
+    Sweep,
+    SweepIncomplete,
+    run_local_workers,
+    start,
+)
+
+
+class Progress:
+    """One bar over the whole study, fed by this process's trials (an Optuna callback) and by
+    polling the storage for the other workers' trials; redrawn every second while open."""
+
+    def __init__(self, sweep: Sweep, enabled: bool) -> None:
+        self.study = sweep.study
+        self.bar = tqdm(
+            total=sweep.cfg.study.n_trials,
+            initial=counted_trials(sweep.study),
+            desc=sweep.cfg.study_name,
+            unit="trial",
+            disable=not enabled,
+            file=sys.stderr,
+        )
+        self.lock = threading.Lock()  # a trial's callback and the ticker's poll both update it
+        self.ticker = Ticker(self.bar, poll=self)
+
+    def __call__(self, *_: Any) -> None:
+        with self.lock:
+            counts = state_counts(self.study)
+            best = best_value(self.study)
+            self.bar.set_postfix(
+                finished=counts[m.COMPLETE],
+                pruned=counts[m.PRUNED],
+                failed=counts[m.FAIL],
+                best=f"{best:.4g}" if best is not None else "-",
+                refresh=False,
+            )
+            self.bar.update(counts[m.COMPLETE] + counts[m.PRUNED] - self.bar.n)
+
+    def __enter__(self) -> Progress:
+        self.ticker.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.ticker.__exit__(*exc_info)
+        self.bar.close()
+
+
+def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool = True) -> str:
+    """Once the study holds n_trials: the closing stage and the report, exactly once per study
+    however many processes and hosts worked on it (the first to claim the report lock does
+    them; the others say where to look)."""
+    cfg, study, tracker = sweep.cfg, sweep.study, sweep.tracker
+    counted = counted_trials(study)
+    if counted < cfg.study.n_trials:
+        return (
+            f"The study holds {counted} of {cfg.study.n_trials} trials (study.timeout reached):"
+            " run the same command again to continue; the report and the registered model come"
+            " once it is complete."
+        )
+    claim = StudyLock(storage_url(cfg), cfg.study_name, cfg.study.lock_timeout, "report")
+    if not claim.try_acquire():
+        return (
+            f"Another process is writing the report of study {cfg.study_name!r}; it will be on"
+            f" the sweep's parent run: {tracker.ui_command(parent_id)}"
+        )
+    try:
+        recorded = selection_recorded(study) or {}
+        # a study extended since, or asked for another closing stage, needs a new one
+        asked = {"n_trials": counted, "report": report_settings(cfg)}
+        current = all(recorded.get(key) == value for key, value in asked.items())
+        if current and recorded.get("reported_by"):
+            return (
+                f"Study {cfg.study_name!r} is complete; its report was written by"
+                f" {recorded['reported_by']}: {tracker.ui_command(parent_id)}"
+            )
+        if not current:
+            select_once(sweep, parent_id, stop, progress)
+        with step("writing the report", progress):
+            text = render(cfg, tracker, study, parent_id)
+        done = selection_recorded(study) or {}
+        record_selection(study, {**done, "reported_by": f"{socket.gethostname()}:{os.getpid()}"})
+        return text
+    finally:
+        claim.release()
+
+
+def report_settings(cfg: Config) -> dict[str, Any]:
+    """What the closing stage was asked for: changed, it is done again (the trials stay)."""
+    return cfg.report.model_dump(mode="json")
+
+
+def select_once(sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool) -> None:
+    """The closing stage; its findings go onto the parent run and into the study."""
+    cfg, tracker = sweep.cfg, sweep.tracker
+    table = comparison_table(
+        trials_frame(sweep.study), tracker.child_runs(parent_id, m.ROLE_TRIAL), list(cfg.search)
+    )
+    if not (table["state"] == m.COMPLETE).any():
+        return
+    say = partial(print, file=sys.stderr)
+    selector = Selector(cfg, sweep.tasks, tracker, parent_id, stop, say, progress)
+    selection = selector.run(table)
+    with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
+        (Path(tmp) / m.SELECTION_FILE).write_text(selection.to_json())
+        tracker.log_artifacts(parent_id, Path(tmp))
+    tracker.log_summary(parent_id, parent_metrics(selection))
+    tags: dict[str, Any] = {m.RECOMMENDED_TRIAL_TAG: selection.recommended}
+    if selection.final is not None:
+        tags[m.MODEL_URI_TAG] = selection.final.model_uri
+    tracker.set_tags(parent_id, tags)
+    record_selection(
+        sweep.study,
+        {
+            "n_trials": counted_trials(sweep.study),
+            "report": report_settings(cfg),
+            "recommended": selection.recommended,
+            "model_uri": selection.final.model_uri if selection.final else None,
+        },
+    )
+
+
+def run_sweep(
+    sweep: Sweep, stop: GracefulStop, progress: bool = True, ray_address: str | None = None
+) -> str:
+    """Run the missing trials on study.workers workers (here, or on a Ray cluster), then
+    conclude; returns the summary."""
+    parent_id = start(sweep)
+    started = time.monotonic()
+    try:
+        with Progress(sweep, progress) as bar:
+            if ray_address is None:
+                run_local_workers(sweep, parent_id, stop, [bar], bar)
+            else:
+                from lstm_sweep.ray_workers import run_ray_workers  # Ray is an optional extra
+
+                run_ray_workers(sweep, parent_id, stop, bar, ray_address)
+            bar()
+        text = conclude(sweep, parent_id, stop, progress)
+    except KeyboardInterrupt:
+        sweep.tracker.finish_parent(parent_id, m.FAIL, m.INTERRUPTED_REASON)
+        raise
+    except (SweepIncomplete, LockTimeout) as exc:
+        sweep.tracker.finish_parent(parent_id, m.FAIL, str(exc))
+        raise
+    except TrackingUnavailable:
+        raise  # the parent run cannot be closed now; the next start reopens it
+    except Exception as exc:  # a bug: leave no run RUNNING behind the traceback
+        sweep.tracker.finish_parent(parent_id, m.FAIL, failure_reason(exc))
+        raise
+    return f"{text}\nWall time: {time.monotonic() - started:.0f} s"
