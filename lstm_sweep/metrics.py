@@ -7,6 +7,9 @@ nowhere else.
 
 from __future__ import annotations
 
+import os
+import socket
+
 # Per-epoch metrics (MLflow step = epoch)
 TRAIN_LOSS = "train_loss"  # running mean over the epoch's steps: dropout on, weights moving
 TRAIN_EVAL_LOSS = "train_eval_loss"  # eval mode on a fixed training subsample: comparable to val
@@ -43,6 +46,7 @@ STUDY_TAG = "optuna.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"  # the Optuna state name the run's status was mapped from
 SEED_TAG = "lstm_sweep.seed"
+WORKER_TAG = "lstm_sweep.worker"  # host:pid of the process that trained the run
 VERDICT_TAG = "verdict"
 VERDICT_REASON_TAG = "verdict_reason"
 STOP_REASON_TAG = "stop_reason"
@@ -120,3 +124,8 @@ def hidden_stat(kind: str, layer: int) -> str:
 def baseline(method: str, part: str, metric: str) -> str:
     """A predictor's error on a part, as a metric of the sweep's parent run."""
     return f"{method}_{part}_{metric}"
+
+
+def this_process() -> str:
+    """host:pid, naming a worker in trials, runs, locks and the report's record."""
+    return f"{socket.gethostname()}:{os.getpid()}"

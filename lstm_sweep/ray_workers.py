@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, ConfigError, load_config, mask_secrets
 from lstm_sweep.study import Objective
 from lstm_sweep.tracking import TrackingUnavailable
@@ -205,7 +206,7 @@ class SweepWorker:
 
     def run(self) -> WorkerExit:
         """Trials until the study holds n_trials, or until stopped."""
-        here = f"{socket.gethostname()}:{os.getpid()}"
+        here = m.this_process()
         try:
             sweep = prepare(self.path, self.overrides)
             torch.set_num_threads(self.threads)  # the CPUs Ray reserved, not the node's count

@@ -53,6 +53,8 @@ from lstm_sweep.train import (
     scores,
 )
 
+SPAWN_SECONDS = 10.0  # a spawned process's start-up: imports, data, stores (6-10 s on 2 cores)
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -266,6 +268,9 @@ class Selector:
     stop_requested: Callable[[], bool]
     say: Callable[[str], None] = print
     progress: bool = True  # a bar over the re-evaluations, a line for the final model
+    # trains (setting, seed) pairs elsewhere into finished re-evaluation runs, calling its
+    # second argument while it waits (stages: spawned processes, one per study worker)
+    elsewhere: Callable[[list[tuple[Setting, int]], Callable[[], None]], None] | None = None
     trainings: int = 0
     models: dict[tuple[int, int], torch.nn.Module] = field(default_factory=dict)
 
@@ -335,6 +340,15 @@ class Selector:
             disable=not (todo and self.progress),
         )
         with Ticker(bar):
+            if self.worth_spreading(todo, table):
+                assert self.elsewhere is not None
+                keys = {(s.number, seed) for s, seed in todo}
+
+                def count() -> None:
+                    bar.n = len(keys & self.finished_reevaluations().keys())
+
+                self.elsewhere(todo, count)
+                done = self.finished_reevaluations()  # what failed there is trained below
             for setting, seed in plan:
                 run_cfg = self.setting_config(setting, seed)
                 task = self.tasks.get(run_cfg)
@@ -367,6 +381,14 @@ class Selector:
                     bar.update(1)
         bar.close()
         return results
+
+    def worth_spreading(self, todo: list[tuple[Setting, int]], table: pd.DataFrame) -> bool:
+        """Spread the re-evaluations over processes when they would take longer in turn than
+        twice a process's start-up (estimated from their trials' wall times)."""
+        if self.elsewhere is None or len(todo) < 2 or "wall_seconds" not in table:
+            return False
+        seconds = dict(zip(table["number"], table["wall_seconds"].fillna(0.0), strict=True))
+        return sum(seconds.get(s.number, 0.0) for s, _ in todo) > 2 * SPAWN_SECONDS
 
     def draw_trial(self, run_id: str, task: Task, model: torch.nn.Module) -> None:
         """The pictures of a top trial, which the trial itself left undrawn: its curves from
@@ -424,6 +446,7 @@ class Selector:
             m.STUDY_TAG: self.cfg.study_name,
             m.TRIAL_TAG: setting.number,
             m.SEED_TAG: seed,
+            m.WORKER_TAG: m.this_process(),
         }
         params = flatten(run_cfg.model_dump(mode="json"))
         flush = run_cfg.tracking.flush_seconds

@@ -4,23 +4,24 @@ once per study, in whichever process claims them first."""
 
 from __future__ import annotations
 
-import os
-import socket
+import gc
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import Config
+from lstm_sweep.config import Config, load_config
 from lstm_sweep.progress import Ticker, step
 from lstm_sweep.report import comparison_table, parent_metrics, render
-from lstm_sweep.select import Selector
+from lstm_sweep.select import Selector, Setting
 from lstm_sweep.study import (
     best_value,
     counted_trials,
@@ -30,15 +31,20 @@ from lstm_sweep.study import (
     storage_url,
     trials_frame,
 )
-from lstm_sweep.tracking import TrackingUnavailable, failure_reason
+from lstm_sweep.tasks import TaskCache
+from lstm_sweep.tracking import Tracker, TrackingUnavailable, failure_reason
+from lstm_sweep.train import Interrupted
 from lstm_sweep.workers import (
+    EXIT_INTERRUPTED,
     GracefulStop,
     LockTimeout,
     StudyLock,
     Sweep,
     SweepIncomplete,
     run_local_workers,
+    spawned,
     start,
+    wait_for,
 )
 
 
@@ -81,7 +87,9 @@ class Progress:
         self.bar.close()
 
 
-def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool = True) -> str:
+def conclude(
+    sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool = True, spread: bool = True
+) -> str:
     """Once the study holds n_trials: the closing stage and the report, exactly once per study
     however many processes and hosts worked on it (the first to claim the report lock does
     them; the others say where to look)."""
@@ -110,11 +118,11 @@ def conclude(sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool = 
                 f" {recorded['reported_by']}: {tracker.ui_command(parent_id)}"
             )
         if not current:
-            select_once(sweep, parent_id, stop, progress)
+            select_once(sweep, parent_id, stop, progress, spread)
         with step("writing the report", progress):
             text = render(cfg, tracker, study, parent_id)
         done = selection_recorded(study) or {}
-        record_selection(study, {**done, "reported_by": f"{socket.gethostname()}:{os.getpid()}"})
+        record_selection(study, {**done, "reported_by": m.this_process()})
         return text
     finally:
         claim.release()
@@ -125,8 +133,11 @@ def report_settings(cfg: Config) -> dict[str, Any]:
     return cfg.report.model_dump(mode="json")
 
 
-def select_once(sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool) -> None:
-    """The closing stage; its findings go onto the parent run and into the study."""
+def select_once(
+    sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool, spread: bool
+) -> None:
+    """The closing stage; its findings go onto the parent run and into the study. With
+    ``spread``, its seed re-evaluations may run in study.workers processes of this machine."""
     cfg, tracker = sweep.cfg, sweep.tracker
     table = comparison_table(
         trials_frame(sweep.study), tracker.child_runs(parent_id, m.ROLE_TRIAL), list(cfg.search)
@@ -134,7 +145,9 @@ def select_once(sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool
     if not (table["state"] == m.COMPLETE).any():
         return
     say = partial(print, file=sys.stderr)
-    selector = Selector(cfg, sweep.tasks, tracker, parent_id, stop, say, progress)
+    spread = spread and cfg.study.workers > 1
+    elsewhere = partial(spread_reevaluations, sweep, parent_id, stop) if spread else None
+    selector = Selector(cfg, sweep.tasks, tracker, parent_id, stop, say, progress, elsewhere)
     selection = selector.run(table)
     with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
         (Path(tmp) / m.SELECTION_FILE).write_text(selection.to_json())
@@ -171,7 +184,7 @@ def run_sweep(
 
                 run_ray_workers(sweep, parent_id, stop, bar, ray_address)
             bar()
-        text = conclude(sweep, parent_id, stop, progress)
+        text = conclude(sweep, parent_id, stop, progress, spread=ray_address is None)
     except KeyboardInterrupt:
         sweep.tracker.finish_parent(parent_id, m.FAIL, m.INTERRUPTED_REASON)
         raise
@@ -184,3 +197,41 @@ def run_sweep(
         sweep.tracker.finish_parent(parent_id, m.FAIL, failure_reason(exc))
         raise
     return f"{text}\nWall time: {time.monotonic() - started:.0f} s"
+
+
+def spread_reevaluations(
+    sweep: Sweep,
+    parent_id: str,
+    stop: GracefulStop,
+    jobs: list[tuple[Setting, int]],
+    on_progress: Callable[[], None],
+) -> None:
+    """The closing stage's (setting, seed) trainings shared out over study.workers spawned
+    processes, one torch thread each, each into its own re-evaluation run; the Selector reads
+    them back as it reads back an earlier attempt's. Interrupted if asked to stop."""
+    n = min(sweep.cfg.study.workers, len(jobs))
+    shares = [(sweep.path, sweep.overrides, parent_id, jobs[i::n]) for i in range(n)]
+    with spawned(reevaluation_process, shares, stop) as processes:
+        wait_for(processes, on_progress)
+    if stop.requested or EXIT_INTERRUPTED in [p.exitcode for p in processes]:
+        raise Interrupted
+
+
+def reevaluation_process(
+    path: str, overrides: list[str], parent_id: str, jobs: list[tuple[Setting, int]]
+) -> None:
+    """Entry point of a spawned process of the closing stage: its share of the re-evaluations;
+    exits 130 when stopped. A failure leaves that run FAILED: the Selector trains it again."""
+    torch.set_num_threads(1)  # as the trial workers: processes use the cores
+    cfg = load_config(path, overrides)
+    tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
+    with GracefulStop(quiet=True) as stop:
+        selector = Selector(cfg, TaskCache(), tracker, parent_id, stop, progress=False)
+        try:
+            for setting, seed in jobs:
+                run_cfg = selector.setting_config(setting, seed)
+                selector.train_seed(setting, seed, run_cfg, selector.tasks.get(run_cfg))
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        finally:
+            gc.freeze()  # as in run.py: the exit's last collection would take seconds

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -351,11 +349,12 @@ class Objective:
         values = suggest_params(trial, self.cfg.search)
         cfg = self.cfg.with_values(values)
         task = self.tasks.get(cfg)
-        trial.set_user_attr(m.WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr(m.WORKER_ATTR, m.this_process())
         tags = {
             m.ROLE_TAG: m.ROLE_TRIAL,
             m.STUDY_TAG: cfg.study_name,
             m.TRIAL_TAG: trial.number,
+            m.WORKER_TAG: m.this_process(),
         }
         params = flatten(cfg.model_dump(mode="json"))
         with self.tracker.child_run(

@@ -14,12 +14,13 @@ import gc
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, TextIO
 
@@ -183,7 +184,7 @@ class StudyLock:
                 self.url,
                 poolclass=sqlalchemy.pool.NullPool,
                 connect_args={
-                    "application_name": f"lstm_sweep {socket.gethostname()}:{os.getpid()}",
+                    "application_name": f"lstm_sweep {m.this_process()}",
                     "connect_timeout": 10,
                 },
             )
@@ -348,30 +349,46 @@ def run_local_workers(
     callbacks: list[Callable[..., None]],
     on_progress: Callable[[], None],
 ) -> None:
-    """This process works as one worker and spawns ``study.workers - 1`` more (each a clean
-    interpreter: no forked torch state); SIGTERM to this process reaches them too."""
+    """This process works as one worker and spawns up to ``study.workers - 1`` more: no more
+    processes than trials are missing (each costs seconds of start-up)."""
+    missing = sweep.cfg.study.n_trials - counted_trials(sweep.study)
+    extra_workers = max(0, min(sweep.cfg.study.workers, missing) - 1)
+    args = [(sweep.path, sweep.overrides, parent_id)] * extra_workers
+    with spawned(worker_process, args, stop) as extra:
+        try:
+            work(sweep, parent_id, stop, callbacks)
+        finally:
+            wait_for(extra, on_progress)
+    check_workers(sweep.study, [p.exitcode or 0 for p in extra], sweep.cfg.study.n_trials)
+
+
+@contextmanager
+def spawned(
+    target: Callable[..., None], args: list[tuple[Any, ...]], stop: GracefulStop
+) -> Iterator[Sequence[BaseProcess]]:
+    """One process per tuple of ``args``, each a clean interpreter (no forked torch state);
+    while the block runs, SIGTERM to this process reaches them too."""
     context = multiprocessing.get_context("spawn")
-    extra = [
-        context.Process(target=worker_process, args=(sweep.path, sweep.overrides, parent_id))
-        for _ in range(sweep.cfg.study.workers - 1)
-    ]
-    for process in extra:
+    processes = [context.Process(target=target, args=a) for a in args]
+    for process in processes:
         process.start()
 
     def forward(signum: int) -> None:
-        for process in extra:
+        for process in processes:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
 
     stop.listeners.append(forward)
     try:
-        work(sweep, parent_id, stop, callbacks)
+        yield processes
     finally:
-        while any(p.is_alive() for p in extra):
-            on_progress()
-            time.sleep(0.5)
         stop.listeners.remove(forward)
-    check_workers(sweep.study, [p.exitcode or 0 for p in extra], sweep.cfg.study.n_trials)
+
+
+def wait_for(processes: Sequence[BaseProcess], on_progress: Callable[[], None]) -> None:
+    while any(p.is_alive() for p in processes):
+        on_progress()
+        time.sleep(0.5)
 
 
 def check_workers(study: Study, exit_codes: list[int], n_trials: int) -> None:

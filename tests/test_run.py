@@ -12,12 +12,16 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 
 from lstm_sweep import metrics as m
+from lstm_sweep import select
 from lstm_sweep.config import load_config
 from lstm_sweep.run import main
 from lstm_sweep.study import open_study
+from lstm_sweep.tasks import TaskCache
+from lstm_sweep.tracking import Tracker
 from tests.helpers import (
     QUICK,
     command,
@@ -368,6 +372,41 @@ def test_a_changed_closing_stage_is_done_again_on_the_same_trials(
     (reevaluation,) = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_REEVALUATION)
     assert reevaluation.data.tags[m.SEED_TAG] == "1"  # seed 0 is the trial itself
     assert len(load_study(stores).trials) == 2
+
+
+@pytest.mark.slow
+def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
+    stores: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(select, "SPAWN_SECONDS", 0.0)  # tiny trainings: spread them anyway
+    args = sweep_args("study.n_trials=2", "report.final_model=false", "report.seeds=1")
+    assert main(args) == 0  # the trials, in this process
+    assert main([*args, "--set=report.seeds=2", "--workers=2"]) == 0  # a new closing stage
+    spread = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_REEVALUATION)
+    assert len(spread) == 2 and {r.info.status for r in spread} == {"FINISHED"}
+    workers = {r.data.tags[m.WORKER_TAG] for r in spread}
+    assert len(workers) == 2 and m.this_process() not in workers
+
+    cfg = load_config(QUICK, [a.removeprefix("--set=") for a in args if a.startswith("--set=")])
+    run = spread[0]
+    trial = load_study(stores).trials[int(run.data.tags[m.TRIAL_TAG])]
+    setting = select.Setting(trial.number, trial.params, trial.value or 0.0, 0, "")
+    selector = select.Selector(
+        cfg,
+        TaskCache(),
+        Tracker(None, cfg.experiment),
+        run.data.tags["mlflow.parentRunId"],
+        lambda: False,
+    )
+    seed = int(run.data.tags[m.SEED_TAG])
+    run_cfg = selector.setting_config(setting, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every worker trains
+    try:
+        here = selector.train_seed(setting, seed, run_cfg, selector.tasks.get(run_cfg))
+    finally:
+        torch.set_num_threads(threads)
+    assert here.value == run.data.metrics[m.best(cfg.train.monitor)]
 
 
 @pytest.mark.slow
