@@ -31,7 +31,14 @@ from lstm_sweep.config import (
 )
 from lstm_sweep.record import train_in_run
 from lstm_sweep.tasks import TaskCache
-from lstm_sweep.tracking import STORE_ROOT, Tracker, TrackingUnavailable, run_name, with_retries
+from lstm_sweep.tracking import (
+    STORE_ROOT,
+    Tracker,
+    TrackingUnavailable,
+    fast_sqlite_commits,
+    run_name,
+    with_retries,
+)
 from lstm_sweep.train import Callback, History, Stop, StopWhen
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
@@ -137,6 +144,7 @@ def make_storage(
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a writer, do not fail
+        fast_sqlite_commits()
     elif url.startswith("postgresql"):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}}  # a dead host fails fast
     return optuna.storages.RDBStorage(

@@ -70,6 +70,14 @@ def test_hidden_statistics_by_hand() -> None:
     assert stats["hidden_dead_l0"] == pytest.approx(1 / 3)  # the unit stuck at 0
 
 
+def test_column_std_equals_torch_std_even_for_an_almost_constant_unit() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6144, 5, generator=generator).tanh()
+    x[:, 0] = 0.7 + 1e-5 * torch.randn(6144, generator=generator)  # a unit that barely moves
+    assert torch.allclose(dg.column_std(x), x.std(dim=0), rtol=1e-4, atol=1e-9)
+    assert dg.column_std(x[:1]).tolist() == [0.0] * 5
+
+
 def rows(val: list[float], train: list[float]) -> list[dict[str, float]]:
     return [
         {m.VAL_LOSS: v, m.TRAIN_EVAL_LOSS: t, m.TRAIN_LOSS: t}

@@ -3,6 +3,7 @@ with the right status, tags and flushed metrics; secrets never reach the store."
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from lstm_sweep import metrics as m
 from lstm_sweep import tracking
+from lstm_sweep.study import make_storage
 from lstm_sweep.tracking import Tracker, TrackingUnavailable, with_retries
 from tests.helpers import mlflow_client
 
@@ -148,3 +150,13 @@ def test_an_unreachable_server_is_one_masked_line_within_seconds(stores: Path) -
     message = str(caught.value)
     assert message.startswith("sweep.yaml: tracking.uri = 'http://user:***@127.0.0.1:")
     assert PASSWORD not in message and "\n" not in message
+
+
+def test_the_local_stores_write_ahead_and_sync_only_at_checkpoints(stores: Path) -> None:
+    assert Tracker(None, "wal").experiment_id  # the store began as a rollback-journal copy
+    storage = make_storage(f"sqlite:///{stores / 'optuna.db'}", None, 60, 120)
+    for name in ("mlflow.db", "optuna.db"):
+        with sqlite3.connect(stores / name) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal", name
+    with storage.engine.connect() as connection:  # synchronous is set per connection
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
