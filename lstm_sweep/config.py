@@ -234,7 +234,8 @@ class VerdictRules(_Section):
 
 class DiagnosticsConfig(_Section):
     level: Literal["full", "basic", "off"] = "full"  # detail traded against speed
-    eval_subsample: int = Field(128, ge=1)  # training samples scored in eval mode each epoch
+    # training samples scored in eval mode each epoch, at most as many as validation holds
+    eval_subsample: int = Field(128, ge=1)
     hidden_subsample: int = Field(128, ge=1)  # validation samples whose hidden states are read
     k_worst: int = Field(10, ge=1)  # worst validation windows saved at the best epoch
     saturation: float = Field(0.95, gt=0, lt=1)  # |h| above this counts as saturated

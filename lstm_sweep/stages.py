@@ -225,6 +225,7 @@ def reevaluation_process(
     torch.set_num_threads(1)  # as the trial workers: processes use the cores
     cfg = load_config(path, overrides)
     tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
+    gc.freeze()  # as a trial worker does once started: the collector skips start-up's objects
     with GracefulStop(quiet=True) as stop:
         selector = Selector(cfg, TaskCache(), tracker, parent_id, stop, progress=False)
         try:

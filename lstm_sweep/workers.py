@@ -288,6 +288,10 @@ def optimize(
     finds all remaining trials taken waits, in case one of them is lost and comes back.
     """
     cfg, study, lock = sweep.cfg, sweep.study, sweep.lock
+    # Start-up's objects (torch, MLflow, SQLAlchemy, the data) live as long as the process:
+    # frozen, the collector stops walking them, and its full passes during the trials drop
+    # from ~0.3 s each to a few ms (on a small series that was ~2 ms per epoch).
+    gc.freeze()
     timeout = cfg.study.timeout
     deadline = time.monotonic() + timeout if timeout else float("inf")
     while time.monotonic() < deadline and not stop_requested():

@@ -13,7 +13,17 @@ from lstm_sweep import diagnostics as dg
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, load_config
 from lstm_sweep.tasks import Task, TaskCache
-from lstm_sweep.train import Callback, History, Stop, StopWhen, build_model, fit, predict, scores
+from lstm_sweep.train import (
+    Callback,
+    History,
+    Stop,
+    StopWhen,
+    build_model,
+    fit,
+    fixed_subsample,
+    predict,
+    scores,
+)
 from tests.helpers import write_series, write_sweep
 
 
@@ -58,6 +68,24 @@ def test_best_weights_are_restored_and_are_the_trial_value(
     restored = scores(tiny_task, "val", predict(model, data.val.x), data.val.y)[m.VAL_LOSS]
     assert restored == pytest.approx(history.best_value, rel=1e-5)
     assert history.best_value == min(history.column(m.VAL_LOSS))
+
+
+def test_the_honest_training_loss_scores_as_many_windows_as_validation_holds(
+    tiny_cfg: Config, tiny_task: Task
+) -> None:
+    data = tiny_task.data
+    assert len(data.val.x) < len(data.train.x)
+    cfg = tiny_cfg.with_values(
+        {"train.max_epochs": 1, "diagnostics.level": "basic", "diagnostics.eval_subsample": 10**6}
+    )
+    model, history = train(cfg, tiny_task)
+    index = fixed_subsample(len(data.train.x), len(data.val.x), cfg.train.seed + 1)
+    on_subsample = scores(
+        tiny_task, "train", predict(model, data.train.x[index]), data.train.y[index]
+    )
+    everything = scores(tiny_task, "train", predict(model, data.train.x), data.train.y)
+    assert history.rows[0][m.TRAIN_EVAL_LOSS] == pytest.approx(on_subsample[m.TRAIN_EVAL_LOSS])
+    assert history.rows[0][m.TRAIN_EVAL_LOSS] != pytest.approx(everything[m.TRAIN_EVAL_LOSS])
 
 
 def test_patience_stops_after_that_many_epochs_without_improvement(
