@@ -13,6 +13,7 @@ import gc
 import sys
 
 from lstm_sweep.config import ConfigError, load_config, mask_secrets
+from lstm_sweep.processes import start_server
 from lstm_sweep.progress import step
 
 EXIT_BAD_INPUT = 2
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args.set + ([f"study.workers={args.workers}"] if args.workers else [])
     progress = not args.no_progress
     try:
-        load_config(args.sweep, overrides)
+        cfg = load_config(args.sweep, overrides)
+        if cfg.study.workers > 1 and not args.ray:
+            start_server()  # the workers' imports, beside this process's own
         with step("loading torch, MLflow and Optuna", progress):
             # here, not at the top: a bad sweep file is refused without waiting for them
             from lstm_sweep.stages import run_sweep

@@ -18,6 +18,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, flatten
 from lstm_sweep.data import TrainingData
 from lstm_sweep.model import Ensemble
+from lstm_sweep.processes import start_seconds
 from lstm_sweep.progress import Ticker, step
 from lstm_sweep.record import (
     WEIGHT_VALUES,
@@ -52,8 +54,6 @@ from lstm_sweep.train import (
     predict,
     scores,
 )
-
-SPAWN_SECONDS = 10.0  # a spawned process's start-up: imports, data, stores (6-10 s on 2 cores)
 
 
 @dataclass(frozen=True)
@@ -268,9 +268,13 @@ class Selector:
     stop_requested: Callable[[], bool]
     say: Callable[[str], None] = print
     progress: bool = True  # a bar over the re-evaluations, a line for the final model
-    # trains (setting, seed) pairs elsewhere into finished re-evaluation runs, calling its
-    # second argument while it waits (stages: spawned processes, one per study worker)
-    elsewhere: Callable[[list[tuple[Setting, int]], Callable[[], None]], None] | None = None
+    # trains (setting, seed) pairs elsewhere into finished re-evaluation runs while its block
+    # runs and until they are done, calling its second argument as it waits (stages: worker
+    # processes, one per study worker)
+    elsewhere: (
+        Callable[[list[tuple[Setting, int]], Callable[[], None]], AbstractContextManager[None]]
+        | None
+    ) = None
     trainings: int = 0
     models: dict[tuple[int, int], torch.nn.Module] = field(default_factory=dict)
 
@@ -317,13 +321,11 @@ class Selector:
     def reevaluate(self, settings: list[Setting], table: pd.DataFrame) -> list[SeedResult]:
         """Every setting with seeds train.seed, train.seed + 1, ...: the trial itself counts as
         seed train.seed when it kept its weights; a re-evaluation a previous attempt finished
-        is read back; the rest are trained, each in a nested run."""
+        is read back; the rest are trained, each in a nested run, in other processes when that
+        pays (this one meanwhile takes up the trials' own models)."""
         cfg = self.cfg
         seeds = range(cfg.train.seed, cfg.train.seed + cfg.report.seeds)
         done = self.finished_reevaluations()
-        verdicts = (
-            dict(zip(table["number"], table["verdict"], strict=True)) if "verdict" in table else {}
-        )
         plan = [(s, seed) for s in settings for seed in seeds]
         reused = {(s.number, cfg.train.seed): s for s in settings if self.has_weights(s.run_id)}
         todo = [(s, seed) for s, seed in plan if (s.number, seed) not in done | reused.keys()]
@@ -332,7 +334,6 @@ class Selector:
                 f"closing stage: {len(todo)} re-evaluation(s) of the top {len(settings)}"
                 f" setting(s) ({len(plan) - len(todo)} reused from the trials or an earlier run)"
             )
-        results = []
         bar = tqdm(
             total=len(todo),
             desc="re-evaluating",
@@ -340,6 +341,7 @@ class Selector:
             disable=not (todo and self.progress),
         )
         with Ticker(bar):
+            elsewhere: AbstractContextManager[None] = nullcontext()
             if self.worth_spreading(todo, table):
                 assert self.elsewhere is not None
                 keys = {(s.number, seed) for s, seed in todo}
@@ -347,32 +349,17 @@ class Selector:
                 def count() -> None:
                     bar.n = len(keys & self.finished_reevaluations().keys())
 
-                self.elsewhere(todo, count)
-                done = self.finished_reevaluations()  # what failed there is trained below
+                elsewhere = self.elsewhere(todo, count)
+            with elsewhere:
+                trials = {key: self.reuse(setting, table) for key, setting in reused.items()}
+            done = self.finished_reevaluations()  # what failed elsewhere is trained below
+            results = []
             for setting, seed in plan:
                 run_cfg = self.setting_config(setting, seed)
                 task = self.tasks.get(run_cfg)
                 key = (setting.number, seed)
-                if key in reused:
-                    self.models[key] = self.load_model(setting.run_id, task, run_cfg)
-                    if cfg.diagnostics.level == "full":
-                        self.draw_trial(setting.run_id, task, self.models[key])
-                    val, test, test_value = score(task, self.models[key], cfg.train.monitor)
-                    verdict = str(verdicts.get(setting.number, ""))
-                    results.append(
-                        SeedResult(
-                            setting.number,
-                            seed,
-                            setting.run_id,
-                            setting.value,
-                            setting.best_epoch,
-                            verdict,
-                            val,
-                            test,
-                            test_value,
-                            True,
-                        )
-                    )
+                if key in trials:
+                    results.append(trials[key])
                 elif key in done:
                     results.append(self.read_back(done[key], setting, seed, task))
                 else:
@@ -382,13 +369,38 @@ class Selector:
         bar.close()
         return results
 
+    def reuse(self, setting: Setting, table: pd.DataFrame) -> SeedResult:
+        """A top trial as its own first seed: its best weights, scored; its pictures drawn."""
+        seed = self.cfg.train.seed
+        run_cfg = self.setting_config(setting, seed)
+        task = self.tasks.get(run_cfg)
+        model = self.models[(setting.number, seed)] = self.load_model(setting.run_id, task, run_cfg)
+        if self.cfg.diagnostics.level == "full":
+            self.draw_trial(setting.run_id, task, model)
+        val, test, test_value = score(task, model, self.cfg.train.monitor)
+        verdicts = (
+            dict(zip(table["number"], table["verdict"], strict=True)) if "verdict" in table else {}
+        )
+        return SeedResult(
+            setting.number,
+            seed,
+            setting.run_id,
+            setting.value,
+            setting.best_epoch,
+            str(verdicts.get(setting.number, "")),
+            val,
+            test,
+            test_value,
+            True,
+        )
+
     def worth_spreading(self, todo: list[tuple[Setting, int]], table: pd.DataFrame) -> bool:
         """Spread the re-evaluations over processes when they would take longer in turn than
         twice a process's start-up (estimated from their trials' wall times)."""
         if self.elsewhere is None or len(todo) < 2 or "wall_seconds" not in table:
             return False
         seconds = dict(zip(table["number"], table["wall_seconds"].fillna(0.0), strict=True))
-        return sum(seconds.get(s.number, 0.0) for s, _ in todo) > 2 * SPAWN_SECONDS
+        return sum(seconds.get(s.number, 0.0) for s, _ in todo) > 2 * start_seconds()
 
     def draw_trial(self, run_id: str, task: Task, model: torch.nn.Module) -> None:
         """The pictures of a top trial, which the trial itself left undrawn: its curves from

@@ -9,7 +9,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -199,19 +200,22 @@ def run_sweep(
     return f"{text}\nWall time: {time.monotonic() - started:.0f} s"
 
 
+@contextmanager
 def spread_reevaluations(
     sweep: Sweep,
     parent_id: str,
     stop: GracefulStop,
     jobs: list[tuple[Setting, int]],
     on_progress: Callable[[], None],
-) -> None:
-    """The closing stage's (setting, seed) trainings shared out over study.workers spawned
-    processes, one torch thread each, each into its own re-evaluation run; the Selector reads
-    them back as it reads back an earlier attempt's. Interrupted if asked to stop."""
+) -> Iterator[None]:
+    """The closing stage's (setting, seed) trainings shared out over study.workers worker
+    processes, one torch thread each, each into its own re-evaluation run, while the block runs
+    here and until they are done; the Selector reads them back as it reads back an earlier
+    attempt's. Interrupted if asked to stop."""
     n = min(sweep.cfg.study.workers, len(jobs))
     shares = [(sweep.path, sweep.overrides, parent_id, jobs[i::n]) for i in range(n)]
     with spawned(reevaluation_process, shares, stop) as processes:
+        yield
         wait_for(processes, on_progress)
     if stop.requested or EXIT_INTERRUPTED in [p.exitcode for p in processes]:
         raise Interrupted

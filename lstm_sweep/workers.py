@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import gc
-import multiprocessing
 import os
 import signal
 import sys
@@ -29,6 +28,7 @@ import torch
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, load_config, mask_secrets, sanity_warnings
+from lstm_sweep.processes import process_context
 from lstm_sweep.study import (
     Objective,
     StaleTrialHandler,
@@ -370,9 +370,9 @@ def run_local_workers(
 def spawned(
     target: Callable[..., None], args: list[tuple[Any, ...]], stop: GracefulStop
 ) -> Iterator[Sequence[BaseProcess]]:
-    """One process per tuple of ``args``, each a clean interpreter (no forked torch state);
-    while the block runs, SIGTERM to this process reaches them too."""
-    context = multiprocessing.get_context("spawn")
+    """One process per tuple of ``args``, each a clean interpreter (no torch state of this
+    process); while the block runs, SIGTERM to this process reaches them too."""
+    context = process_context()
     processes = [context.Process(target=target, args=a) for a in args]
     for process in processes:
         process.start()

@@ -378,7 +378,7 @@ def test_a_changed_closing_stage_is_done_again_on_the_same_trials(
 def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
     stores: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(select, "SPAWN_SECONDS", 0.0)  # tiny trainings: spread them anyway
+    monkeypatch.setattr(select, "start_seconds", lambda: 0.0)  # tiny trainings: spread them anyway
     args = sweep_args("study.n_trials=2", "report.final_model=false", "report.seeds=1")
     assert main(args) == 0  # the trials, in this process
     assert main([*args, "--set=report.seeds=2", "--workers=2"]) == 0  # a new closing stage

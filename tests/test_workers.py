@@ -1,19 +1,24 @@
 """Workers: SIGTERM and Ctrl-C become a graceful stop, the study lock waits with a bound and
-says for what, and a worker's loop finishes exactly n_trials."""
+says for what, a worker's loop finishes exactly n_trials, and a worker starts warm from the fork
+server."""
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 
 from lstm_sweep import metrics as m
+from lstm_sweep import processes
 from lstm_sweep.config import Config
 from lstm_sweep.study import Objective, open_study
 from lstm_sweep.tasks import TaskCache
@@ -97,3 +102,25 @@ def test_worker_exit_codes_decide_between_interrupted_incomplete_and_a_warning(
     study.add_trial(optuna.trial.create_trial(value=1.0))
     check_workers(study, [-9], n_trials=1)
     assert "1 worker(s) lost" in capsys.readouterr().err
+
+
+def what_a_worker_finds(answers: Any) -> None:
+    """Run in a worker process: what it has without importing anything itself."""
+    loaded = [name for name in processes.PRELOAD if name in sys.modules]
+    answers.put((loaded, os.getcwd(), gc.get_freeze_count() > 0))
+
+
+@pytest.mark.slow
+def test_a_worker_starts_with_the_preloaded_modules_in_the_callers_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # after the server started, if another test started it
+    processes.start_server()
+    context = processes.process_context()
+    assert context.get_start_method() == "forkserver"  # Linux, where CI runs
+    answers = context.SimpleQueue()
+    worker = context.Process(target=what_a_worker_finds, args=(answers,))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == 0
+    assert answers.get() == (processes.PRELOAD, str(tmp_path), True)
