@@ -43,7 +43,7 @@ from lstm_sweep.workers import (
     Sweep,
     SweepIncomplete,
     run_local_workers,
-    spawned,
+    running,
     start,
     wait_for,
 )
@@ -214,7 +214,7 @@ def spread_reevaluations(
     attempt's. Interrupted if asked to stop."""
     n = min(sweep.cfg.study.workers, len(jobs))
     shares = [(sweep.path, sweep.overrides, parent_id, jobs[i::n]) for i in range(n)]
-    with spawned(reevaluation_process, shares, stop) as processes:
+    with running(reevaluation_process, shares, stop) as processes:
         yield
         wait_for(processes, on_progress)
     if stop.requested or EXIT_INTERRUPTED in [p.exitcode for p in processes]:
@@ -224,7 +224,7 @@ def spread_reevaluations(
 def reevaluation_process(
     path: str, overrides: list[str], parent_id: str, jobs: list[tuple[Setting, int]]
 ) -> None:
-    """Entry point of a spawned process of the closing stage: its share of the re-evaluations;
+    """Entry point of a process of the closing stage: its share of the re-evaluations;
     exits 130 when stopped. A failure leaves that run FAILED: the Selector trains it again."""
     torch.set_num_threads(1)  # as the trial workers: processes use the cores
     cfg = load_config(path, overrides)

@@ -1,4 +1,4 @@
-"""Who runs the trials: this process, spawned processes on this machine, or (see ``ray_workers``)
+"""Who runs the trials: this process, processes it starts on this machine, or (see ``ray_workers``)
 a Ray cluster; the study lock they share; stale trials of lost workers; and the one place where
 Ctrl-C and SIGTERM become a graceful stop.
 
@@ -331,7 +331,7 @@ def work(
 
 
 def worker_process(path: str, overrides: list[str], parent_id: str) -> None:
-    """Entry point of a spawned worker process; exits 130 when stopped, 1 when the tracking
+    """Entry point of a worker process of this machine; exits 130 when stopped, 1 when the tracking
     store or the study lock stays out of reach."""
     sweep = prepare(path, overrides)
     with GracefulStop(quiet=True) as stop:
@@ -353,12 +353,12 @@ def run_local_workers(
     callbacks: list[Callable[..., None]],
     on_progress: Callable[[], None],
 ) -> None:
-    """This process works as one worker and spawns up to ``study.workers - 1`` more: no more
-    processes than trials are missing (each costs seconds of start-up)."""
+    """This process works as one worker and starts up to ``study.workers - 1`` more: no more
+    processes than trials are missing (each costs its data, its stores and a core)."""
     missing = sweep.cfg.study.n_trials - counted_trials(sweep.study)
     extra_workers = max(0, min(sweep.cfg.study.workers, missing) - 1)
     args = [(sweep.path, sweep.overrides, parent_id)] * extra_workers
-    with spawned(worker_process, args, stop) as extra:
+    with running(worker_process, args, stop) as extra:
         try:
             work(sweep, parent_id, stop, callbacks)
         finally:
@@ -367,7 +367,7 @@ def run_local_workers(
 
 
 @contextmanager
-def spawned(
+def running(
     target: Callable[..., None], args: list[tuple[Any, ...]], stop: GracefulStop
 ) -> Iterator[Sequence[BaseProcess]]:
     """One process per tuple of ``args``, each a clean interpreter (no torch state of this
