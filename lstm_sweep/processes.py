@@ -8,6 +8,7 @@ two imports then share the cores.
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from multiprocessing import forkserver
 from multiprocessing.context import ForkServerContext, SpawnContext
 
@@ -18,10 +19,11 @@ PRELOAD = ["lstm_sweep.stages", "torch._dynamo", "lstm_sweep.preloaded"]
 
 
 def process_context() -> ForkServerContext | SpawnContext:
-    """Forked from the server where the platform has one (Linux, macOS): the child is a clean
-    interpreter as under spawn (the server ran no torch op, opened no store and no thread pool),
-    with the parent's working directory and sys.path. Spawned elsewhere (Windows)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    """Forked from the server on Linux: the child starts as a copy of a process that has only
+    imported modules (no torch op run, no store opened), with the caller's working directory and
+    sys.path, as under spawn. Spawned elsewhere: macOS's system frameworks do not survive a fork
+    once loaded (why CPython spawns there by default), and Windows cannot fork."""
+    if not sys.platform.startswith("linux"):
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
