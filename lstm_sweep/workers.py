@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -390,9 +391,11 @@ def running(
 
 
 def wait_for(processes: Sequence[BaseProcess], on_progress: Callable[[], None]) -> None:
-    while any(p.is_alive() for p in processes):
+    """Until every process has exited, calling ``on_progress`` twice a second; returns as soon
+    as the last one exits, not at the next tick."""
+    while alive := [p.sentinel for p in processes if p.is_alive()]:
         on_progress()
-        time.sleep(0.5)
+        multiprocessing.connection.wait(alive, timeout=0.5)
 
 
 def check_workers(study: Study, exit_codes: list[int], n_trials: int) -> None:
