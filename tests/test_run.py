@@ -4,6 +4,7 @@ same study wherever it is stored; no password is written anywhere."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -267,6 +268,66 @@ def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes_it(stores: Path)
     ]
     assert all(r.info.status != "RUNNING" for r in runs)
     assert len(runs) == len(study.trials) + 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_forked_workers_and_their_server(stores: Path) -> None:
+    """Two workers (this process and one forked from the server): SIGTERM while both train
+    exits 130, closes both trials in both stores and leaves no process of the sweep behind;
+    the same command then finishes the study."""
+    args = command(
+        *sweep_args(
+            "study.n_trials=2",
+            "train.max_epochs=60",  # trials of seconds: a wide window to stop both
+            "train.patience=60",
+            "study.pruner.type=none",
+            "report.top_k=1",
+            "report.seeds=1",
+            "report.final_model=false",
+        ),
+        "--workers=2",
+    )
+    log = (stores / "stderr.txt").open("w+")
+    sweep = subprocess.Popen(args, env=environment(), stderr=log, text=True)
+    wait_for(lambda: both_training(stores))
+    sweep.send_signal(signal.SIGTERM)
+    sweep.wait(timeout=120)
+    log.seek(0)
+    err = log.read()
+    assert sweep.returncode == 130, err
+    assert "Traceback" not in err
+    stopped = [t for t in load_study(stores).trials if t.state.name == "FAIL"]
+    assert len({t.user_attrs[m.WORKER_ATTR] for t in stopped}) == 2
+    client = mlflow_client(stores)
+    assert all(r.info.status != "RUNNING" for r in runs_of(client, "co2-quick", m.ROLE_TRIAL))
+    assert wait_for(lambda: not processes_in(stores), timeout=10)  # the server is gone too
+
+    assert subprocess.run(args, env=environment(), capture_output=True).returncode == 0
+    counted = [t for t in load_study(stores).trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(counted) == 2
+
+
+def both_training(stores: Path) -> bool:
+    try:
+        trials = load_study(stores).trials
+    except Exception:  # the sweep is still creating the study or its tables
+        return False
+    return sum(t.state.name == "RUNNING" and bool(t.intermediate_values) for t in trials) == 2
+
+
+def processes_in(folder: Path) -> list[int]:
+    """The processes working in ``folder`` (the sweep's, its server's and workers'), this one
+    (pytest) aside."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name in ("self", str(os.getpid())) or not entry.name.isdigit():
+                continue
+            if (entry / "cwd").resolve() == folder.resolve():
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to look at
+            continue
+    return found
 
 
 def running(stores: Path) -> bool:
