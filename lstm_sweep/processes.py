@@ -16,14 +16,16 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 # SQLAlchemy, pandas, matplotlib) and torch._dynamo, which torch.optim imports on a process's
 # first optimizer (1.2 s of a small series' first trial, measured); then the server's own exit.
 PRELOAD = ["lstm_sweep.stages", "torch._dynamo", "lstm_sweep.preloaded"]
+# macOS's system frameworks do not survive a fork once loaded (why CPython spawns there by
+# default), and Windows cannot fork
+FORK_SERVER = sys.platform.startswith("linux")
 
 
 def process_context() -> ForkServerContext | SpawnContext:
     """Forked from the server on Linux: the child starts as a copy of a process that has only
     imported modules (no torch op run, no store opened), with the caller's working directory and
-    sys.path, as under spawn. Spawned elsewhere: macOS's system frameworks do not survive a fork
-    once loaded (why CPython spawns there by default), and Windows cannot fork."""
-    if not sys.platform.startswith("linux"):
+    sys.path, as under spawn. Spawned elsewhere (FORK_SERVER)."""
+    if not FORK_SERVER:
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
@@ -33,11 +35,12 @@ def process_context() -> ForkServerContext | SpawnContext:
 def start_seconds() -> float:
     """What a new worker costs before its first training: forked, its data and stores (1-1.5 s
     on a busy 2-core machine); spawned, its imports too."""
-    return 1.5 if process_context().get_start_method() == "forkserver" else 10.0
+    return 1.5 if FORK_SERVER else 10.0
 
 
 def start_server() -> None:
     """Start the fork server now, so its imports run beside this process's own; otherwise the
     first worker started waits for them. Idempotent."""
-    if process_context().get_start_method() == "forkserver":
+    if FORK_SERVER:
+        process_context()  # its preload list, read when the server starts
         forkserver.ensure_running()

@@ -350,8 +350,16 @@ class Selector:
                     bar.n = len(keys & self.finished_reevaluations().keys())
 
                 elsewhere = self.elsewhere(todo, count)
+            verdicts = (
+                dict(zip(table["number"], table["verdict"], strict=True))
+                if "verdict" in table
+                else {}
+            )
             with elsewhere:
-                trials = {key: self.reuse(setting, table) for key, setting in reused.items()}
+                trials = {
+                    key: self.reuse(setting, str(verdicts.get(setting.number, "")))
+                    for key, setting in reused.items()
+                }
             done = self.finished_reevaluations()  # what failed elsewhere is trained below
             results = []
             for setting, seed in plan:
@@ -369,7 +377,7 @@ class Selector:
         bar.close()
         return results
 
-    def reuse(self, setting: Setting, table: pd.DataFrame) -> SeedResult:
+    def reuse(self, setting: Setting, verdict: str) -> SeedResult:
         """A top trial as its own first seed: its best weights, scored; its pictures drawn."""
         seed = self.cfg.train.seed
         run_cfg = self.setting_config(setting, seed)
@@ -378,16 +386,13 @@ class Selector:
         if self.cfg.diagnostics.level == "full":
             self.draw_trial(setting.run_id, task, model)
         val, test, test_value = score(task, model, self.cfg.train.monitor)
-        verdicts = (
-            dict(zip(table["number"], table["verdict"], strict=True)) if "verdict" in table else {}
-        )
         return SeedResult(
             setting.number,
             seed,
             setting.run_id,
             setting.value,
             setting.best_epoch,
-            str(verdicts.get(setting.number, "")),
+            verdict,
             val,
             test,
             test_value,

@@ -206,3 +206,14 @@ class MlflowServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(signal.SIGTERM)
+
+
+MASK = "***"  # what a masked password reads as
+
+
+def url_with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` given to its user: the tests build their credential URLs (a
+    fake password, or the mask they expect back) rather than spell them out in the repo."""
+    scheme, rest = url.split("://", 1)
+    user, host = rest.split("@", 1)
+    return f"{scheme}://{user}:{password}@{host}"

@@ -17,7 +17,7 @@ from lstm_sweep.config import (
     study_fingerprint,
     without_password,
 )
-from tests.helpers import CLASSIFY, FORECAST, QUICK, ROOT
+from tests.helpers import CLASSIFY, FORECAST, MASK, QUICK, ROOT, url_with_password
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -163,21 +163,31 @@ def test_asking_for_cuda_without_it_is_a_config_error() -> None:
 
 
 PASSWORD = "pw-secret-123"
+DRIVER_URL = "postgresql+psycopg2://a@x/y"  # as a driver's error message quotes it
 
 
 @pytest.mark.parametrize(
     ("text", "shown"),
     [
-        (f"postgresql://u:{PASSWORD}@h:5432/db", "postgresql://u:***@h:5432/db"),
-        (f"postgresql://:{PASSWORD}@h/db", "postgresql://:***@h/db"),
+        (
+            url_with_password("postgresql://u@h:5432/db", PASSWORD),
+            url_with_password("postgresql://u@h:5432/db", MASK),
+        ),
+        (
+            url_with_password("postgresql://@h/db", PASSWORD),
+            url_with_password("postgresql://@h/db", MASK),
+        ),
         (
             f"postgresql://u@h/db?password={PASSWORD}&sslmode=require",
             "postgresql://u@h/db?password=***&sslmode=require",
         ),
-        (f"http://user:{PASSWORD}@mlflow:5000", "http://user:***@mlflow:5000"),
         (
-            f"could not connect to 'postgresql+psycopg2://a:{PASSWORD}@x/y': refused",
-            "could not connect to 'postgresql+psycopg2://a:***@x/y': refused",
+            url_with_password("http://user@mlflow:5000", PASSWORD),
+            url_with_password("http://user@mlflow:5000", MASK),
+        ),
+        (
+            f"could not connect to '{url_with_password(DRIVER_URL, PASSWORD)}': refused",
+            f"could not connect to '{url_with_password(DRIVER_URL, MASK)}': refused",
         ),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
     ],
@@ -187,13 +197,16 @@ def test_mask_secrets_hides_every_kind_of_password(text: str, shown: str) -> Non
 
 
 def test_without_password_leaves_a_uri_that_libpq_completes_from_the_environment() -> None:
-    assert without_password(f"postgresql://u:{PASSWORD}@h/db") == "postgresql://u@h/db"
+    assert (
+        without_password(url_with_password("postgresql://u@h/db", PASSWORD))
+        == "postgresql://u@h/db"
+    )
     assert without_password(f"postgresql://u@h/db?password={PASSWORD}") == "postgresql://u@h/db"
 
 
 def test_a_typo_next_to_a_secret_does_not_echo_it() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_config(QUICK, [f"study.storag=postgresql://u:{PASSWORD}@h/db"])
+        load_config(QUICK, [f"study.storag={url_with_password('postgresql://u@h/db', PASSWORD)}"])
     assert PASSWORD not in str(caught.value) and "did you mean 'study.storage'" in str(caught.value)
 
 

@@ -43,6 +43,7 @@ from lstm_sweep.ray_workers import check_answers, is_loopback, other_hosts, refu
 from lstm_sweep.run import main
 from tests.helpers import (
     IN_CI,
+    MASK,
     QUICK,
     TINY,
     command,
@@ -52,6 +53,7 @@ from tests.helpers import (
     postgres_or_skip,
     runs_of,
     sweep_args,
+    url_with_password,
     wait_for,
 )
 
@@ -195,7 +197,7 @@ def stopped_then_killed(
     left behind is read back for the tests below."""
     folder = tmp_path_factory.mktemp("ray_sweep")
     with fresh_database(postgres_or_skip()) as name:
-        storage = f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
+        storage = url_with_password(f"postgresql://postgres@127.0.0.1:5432/{name}", PASSWORD)
         args = sweep_args(
             f"experiment={STUDY}",
             f"study.storage={storage}",
@@ -377,7 +379,7 @@ def test_nothing_listening_at_the_ray_address_is_one_line_at_once() -> None:
 @pytest.mark.parametrize(
     ("url", "loopback"),
     [
-        (f"postgresql://u:{PASSWORD}@127.0.0.1:5432/db", True),
+        (url_with_password("postgresql://u@127.0.0.1:5432/db", PASSWORD), True),
         ("postgresql://u@localhost/db", True),
         ("postgresql:///db", True),  # a Unix socket
         ("postgresql://u@/db?host=/var/run/postgresql", True),
@@ -392,13 +394,15 @@ def test_a_loopback_store_is_told_apart(url: str, loopback: bool) -> None:
 
 
 def test_a_loopback_store_is_refused_once_ray_nodes_run_on_other_hosts() -> None:
-    storage = f"study.storage=postgresql://u:{PASSWORD}@127.0.0.1:5432/db"
+    storage = f"study.storage={url_with_password('postgresql://u@127.0.0.1:5432/db', PASSWORD)}"
     cfg = load_config(QUICK, [*TINY, storage, "tracking.uri=http://mlflow.internal:5000"])
     refuse_loopback(cfg, str(QUICK), [])  # every node on this machine: its loopback is theirs
     with pytest.raises(ConfigError) as refused:
         refuse_loopback(cfg, str(QUICK), ["node-b", "node-c"])
     message = str(refused.value)
-    assert message.startswith(f"{QUICK}: study.storage = 'postgresql://u:***@127.0.0.1")
+    assert message.startswith(
+        f"{QUICK}: study.storage = '{url_with_password('postgresql://u@127.0.0.1', MASK)}"
+    )
     assert "node-b, node-c cannot reach" in message and PASSWORD not in message
     nodes = [
         {"NodeManagerHostname": socket.gethostname(), "Alive": True},

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -33,6 +34,7 @@ from tests.helpers import (
     postgres_or_skip,
     runs_of,
     sweep_args,
+    url_with_password,
     wait_for,
     write_series,
     write_sweep,
@@ -54,11 +56,17 @@ def assert_one_line_and_nothing_created(err: str, start: str, stores: Path) -> N
     ("overrides", "start"),
     [
         (["model.dropout=1.5"], f"{QUICK}: model.dropout = 1.5: Input should be less than 1"),
-        ([f"study.storag=postgresql://u:{PASSWORD}@h/db"], f"{QUICK}: study.storag = "),
+        (
+            [f"study.storag={url_with_password('postgresql://u@h/db', PASSWORD)}"],
+            f"{QUICK}: study.storag = ",
+        ),
         (["search.model.hidden_size={type: int, low: 4, high: 8, step: 0.5}"], f"{QUICK}: search"),
         (["model.dropout=[0.1"], "--set: model.dropout = '[0.1': malformed YAML value"),
         (["data.path=/nonexistent/co2.csv"], "/nonexistent/co2.csv: data.path = "),
-        ([f"study.storage=postgresql://u:{PASSWORD}@127.0.0.1:1/x"], f"{QUICK}: study.storage"),
+        (
+            [f"study.storage={url_with_password('postgresql://u@127.0.0.1:1/x', PASSWORD)}"],
+            f"{QUICK}: study.storage",
+        ),
     ],
     ids=["range", "typo with a secret", "int step", "bad YAML in --set", "data file", "storage"],
 )
@@ -228,25 +236,9 @@ def test_the_same_seed_gives_the_same_trials_at_every_diagnostics_level_and_on_a
 def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes_it(stores: Path) -> None:
     """The real command: SIGTERM mid-trial exits 130 with the trial closed in both stores;
     the same command resumes to exactly n_trials with nothing left RUNNING."""
-    args = command(
-        *sweep_args(
-            "study.n_trials=2",
-            "train.max_epochs=60",  # trials of seconds: a wide window to stop one
-            "train.patience=60",
-            "study.pruner.type=none",
-            "report.top_k=1",  # the closing stage is not under test: only the trials' own
-            "report.seeds=1",
-            "report.final_model=false",
-        )
-    )
-    log = (stores / "stderr.txt").open("w+")  # a file, not a pipe nobody reads until the end
-    sweep = subprocess.Popen(args, env=environment(), stderr=log, text=True)
-    wait_for(lambda: running(stores))
-    sweep.send_signal(signal.SIGTERM)
-    sweep.wait(timeout=120)
-    log.seek(0)
-    err = log.read()
-    assert sweep.returncode == 130, err
+    args = stoppable_sweep()
+    code, err = sigterm_when(args, lambda: running(stores), stores)
+    assert code == 130, err
     assert "Traceback" not in err and "SIGTERM: stopping after this epoch" in err
     stopped = load_study(stores).trials[-1]
     assert stopped.state.name == "FAIL"
@@ -275,26 +267,9 @@ def test_sigterm_stops_both_forked_workers_and_their_server(stores: Path) -> Non
     """Two workers (this process and one forked from the server): SIGTERM while both train
     exits 130, closes both trials in both stores and leaves no process of the sweep behind;
     the same command then finishes the study."""
-    args = command(
-        *sweep_args(
-            "study.n_trials=2",
-            "train.max_epochs=60",  # trials of seconds: a wide window to stop both
-            "train.patience=60",
-            "study.pruner.type=none",
-            "report.top_k=1",
-            "report.seeds=1",
-            "report.final_model=false",
-        ),
-        "--workers=2",
-    )
-    log = (stores / "stderr.txt").open("w+")
-    sweep = subprocess.Popen(args, env=environment(), stderr=log, text=True)
-    wait_for(lambda: both_training(stores))
-    sweep.send_signal(signal.SIGTERM)
-    sweep.wait(timeout=120)
-    log.seek(0)
-    err = log.read()
-    assert sweep.returncode == 130, err
+    args = stoppable_sweep("--workers=2")
+    code, err = sigterm_when(args, lambda: both_training(stores), stores)
+    assert code == 130, err
     assert "Traceback" not in err
     stopped = [t for t in load_study(stores).trials if t.state.name == "FAIL"]
     assert len({t.user_attrs[m.WORKER_ATTR] for t in stopped}) == 2
@@ -307,11 +282,45 @@ def test_sigterm_stops_both_forked_workers_and_their_server(stores: Path) -> Non
     assert len(counted) == 2
 
 
-def both_training(stores: Path) -> bool:
+def stoppable_sweep(*extra: str) -> list[str]:
+    """The real command on two trials of seconds: a wide window to stop them mid-trial (the
+    closing stage is not under test: only the trials' own)."""
+    return command(
+        *sweep_args(
+            "study.n_trials=2",
+            "train.max_epochs=60",
+            "train.patience=60",
+            "study.pruner.type=none",
+            "report.top_k=1",
+            "report.seeds=1",
+            "report.final_model=false",
+        ),
+        *extra,
+    )
+
+
+def sigterm_when(args: list[str], ready: Callable[[], bool], stores: Path) -> tuple[int, str]:
+    """Run ``args``, send SIGTERM once ``ready()``; its exit status and its stderr."""
+    log = (stores / "stderr.txt").open("w+")  # a file, not a pipe nobody reads until the end
+    sweep = subprocess.Popen(args, env=environment(), stderr=log, text=True)
+    wait_for(ready)
+    sweep.send_signal(signal.SIGTERM)
+    sweep.wait(timeout=120)
+    log.seek(0)
+    return sweep.returncode, log.read()
+
+
+def trials_so_far(stores: Path) -> list[optuna.trial.FrozenTrial]:
+    if not (stores / "optuna.db").exists():  # loading it would create it under the sweep
+        return []
     try:
-        trials = load_study(stores).trials
+        return load_study(stores).trials
     except Exception:  # the sweep is still creating the study or its tables
-        return False
+        return []
+
+
+def both_training(stores: Path) -> bool:
+    trials = trials_so_far(stores)
     return sum(t.state.name == "RUNNING" and bool(t.intermediate_values) for t in trials) == 2
 
 
@@ -332,12 +341,7 @@ def processes_in(folder: Path) -> list[int]:
 
 def running(stores: Path) -> bool:
     """One trial finished and the next one training."""
-    if not (stores / "optuna.db").exists():
-        return False
-    try:
-        trials = load_study(stores).trials
-    except Exception:  # the sweep is still creating the study or its tables
-        return False
+    trials = trials_so_far(stores)
     states = [t.state.name for t in trials]
     return "COMPLETE" in states and states[-1] == "RUNNING" and bool(trials[-1].intermediate_values)
 
@@ -378,7 +382,7 @@ def test_two_processes_on_one_study_give_one_report_and_one_model(stores: Path) 
 def test_a_password_in_the_storage_url_is_written_nowhere(stores: Path, tmp_path: Path) -> None:
     engine = postgres_or_skip()
     with fresh_database(engine) as name:
-        storage = f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
+        storage = url_with_password(f"postgresql://postgres@127.0.0.1:5432/{name}", PASSWORD)
         result = subprocess.run(
             command(
                 *sweep_args(

@@ -26,7 +26,7 @@ from lstm_sweep.study import (
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
 from lstm_sweep.train import History, Stop
-from tests.helpers import mlflow_client
+from tests.helpers import mlflow_client, url_with_password
 
 
 @pytest.fixture
@@ -132,7 +132,9 @@ def test_a_running_trial_that_never_beat_is_failed_and_its_settings_retried(
 
 def test_an_unreachable_storage_is_one_masked_line(tiny_cfg: Config) -> None:
     secret = "pw-secret-123"  # never a real one: nothing listens at port 1
-    cfg = tiny_cfg.with_values({"study.storage": f"postgresql://u:{secret}@127.0.0.1:1/x"})
+    cfg = tiny_cfg.with_values(
+        {"study.storage": url_with_password("postgresql://u@127.0.0.1:1/x", secret)}
+    )
     with pytest.raises(ConfigError) as caught:
         open_study(cfg, "sweep.yaml")
     message = str(caught.value)

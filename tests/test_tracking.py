@@ -13,7 +13,7 @@ from lstm_sweep import metrics as m
 from lstm_sweep import tracking
 from lstm_sweep.study import make_storage
 from lstm_sweep.tracking import Tracker, TrackingUnavailable, with_retries
-from tests.helpers import mlflow_client
+from tests.helpers import MASK, mlflow_client, url_with_password
 
 PASSWORD = "pw-secret-123"
 
@@ -25,7 +25,10 @@ def tracker(stores: Path) -> Tracker:
 
 def open_child(tracker: Tracker, parent: str, name: str = "child"):
     tags = {m.ROLE_TAG: m.ROLE_TRIAL, m.TRIAL_TAG: 7}
-    params = {"study.storage": f"postgresql://u:{PASSWORD}@db/optuna", "model.dropout": 0.1}
+    params = {
+        "study.storage": url_with_password("postgresql://u@db/optuna", PASSWORD),
+        "model.dropout": 0.1,
+    }
     return tracker.child_run(parent, name, tags, params, flush_seconds=3600)
 
 
@@ -66,7 +69,10 @@ def test_a_pruned_run_is_closed_killed(tracker: Tracker) -> None:
 @pytest.mark.parametrize(
     ("error", "reason"),
     [
-        (ValueError(f"bad value near postgresql://u:{PASSWORD}@db"), "ValueError: bad value"),
+        (
+            ValueError(f"bad value near {url_with_password('postgresql://u@db', PASSWORD)}"),
+            "ValueError: bad value",
+        ),
         (KeyboardInterrupt(), m.INTERRUPTED_REASON),
     ],
     ids=["crash", "interrupted"],
@@ -86,13 +92,17 @@ def test_a_failed_or_interrupted_run_is_closed_failed_with_its_reason_and_curves
 
 
 def test_params_and_tags_never_hold_a_password(tracker: Tracker) -> None:
-    parent = tracker.open_parent("s", {"tracking.uri": f"http://me:{PASSWORD}@mlflow:5000"})
+    parent = tracker.open_parent(
+        "s", {"tracking.uri": url_with_password("http://me@mlflow:5000", PASSWORD)}
+    )
     with open_child(tracker, parent) as run:
-        run.set_tags({"note": f"postgresql://u:{PASSWORD}@db/x"})
+        run.set_tags({"note": url_with_password("postgresql://u@db/x", PASSWORD)})
     for run_id in (parent, run.run_id):
         data = read(tracker, run_id).data
         assert not any(PASSWORD in v for v in [*data.params.values(), *data.tags.values()])
-    assert read(tracker, run.run_id).data.params["study.storage"] == "postgresql://u:***@db/optuna"
+    assert read(tracker, run.run_id).data.params["study.storage"] == url_with_password(
+        "postgresql://u@db/optuna", MASK
+    )
 
 
 def test_the_parent_is_found_again_by_its_study_name_and_the_experiment_is_model_training(
@@ -131,7 +141,7 @@ def test_with_retries_backs_off_through_a_blink_and_gives_up_with_a_masked_reaso
     assert waits == [1.0, 2.0]
 
     def down() -> None:
-        raise OSError(f"no route to http://user:{PASSWORD}@mlflow:5000")
+        raise OSError(f"no route to {url_with_password('http://user@mlflow:5000', PASSWORD)}")
 
     with pytest.raises(TrackingUnavailable, match=r"failed 3 times over 3 s") as caught:
         with_retries(down, attempts=3, first_wait=1.0)
@@ -142,13 +152,15 @@ def test_an_unreachable_server_is_one_masked_line_within_seconds(stores: Path) -
     from lstm_sweep.config import ConfigError
     from tests.helpers import free_port
 
-    uri = f"http://user:{PASSWORD}@127.0.0.1:{free_port()}"
+    uri = url_with_password(f"http://user@127.0.0.1:{free_port()}", PASSWORD)
     started = time.monotonic()
     with pytest.raises(ConfigError) as caught:
         Tracker(uri, "x", "sweep.yaml")
     assert time.monotonic() - started < 10  # MLflow's own retries would take minutes
     message = str(caught.value)
-    assert message.startswith("sweep.yaml: tracking.uri = 'http://user:***@127.0.0.1:")
+    assert message.startswith(
+        f"sweep.yaml: tracking.uri = '{url_with_password('http://user@127.0.0.1:', MASK)}"
+    )
     assert PASSWORD not in message and "\n" not in message
 
 
