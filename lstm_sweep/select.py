@@ -160,6 +160,22 @@ def top_settings(table: pd.DataFrame, keys: list[str], k: int, direction: str) -
     return settings
 
 
+def expected_seconds(table: pd.DataFrame) -> dict[int, float]:
+    """Trial number -> its wall time: what training its setting again is expected to take."""
+    if "wall_seconds" not in table:
+        return {}
+    return dict(zip(table["number"], table["wall_seconds"].fillna(0.0), strict=True))
+
+
+def longest_first(
+    jobs: list[tuple[Setting, int]], seconds: dict[int, float]
+) -> list[tuple[Setting, int]]:
+    """(setting, seed) jobs in the order processes that each take the next job as they finish
+    should get them: longest expected first, so they finish close together; ties (a
+    setting's seeds) in the order given."""
+    return sorted(jobs, key=lambda job: -seconds.get(job[0].number, 0.0))
+
+
 def spread_table(
     seeds: list[SeedResult], direction: str, headline: str
 ) -> tuple[pd.DataFrame, int, list[int]]:
@@ -349,7 +365,7 @@ class Selector:
                 def count() -> None:
                     bar.n = len(keys & self.finished_reevaluations().keys())
 
-                elsewhere = self.elsewhere(todo, count)
+                elsewhere = self.elsewhere(longest_first(todo, expected_seconds(table)), count)
             verdicts = (
                 dict(zip(table["number"], table["verdict"], strict=True))
                 if "verdict" in table
@@ -402,9 +418,9 @@ class Selector:
     def worth_spreading(self, todo: list[tuple[Setting, int]], table: pd.DataFrame) -> bool:
         """Spread the re-evaluations over processes when they would take longer in turn than
         twice a process's start-up (estimated from their trials' wall times)."""
-        if self.elsewhere is None or len(todo) < 2 or "wall_seconds" not in table:
+        if self.elsewhere is None or len(todo) < 2:
             return False
-        seconds = dict(zip(table["number"], table["wall_seconds"].fillna(0.0), strict=True))
+        seconds = expected_seconds(table)
         return sum(seconds.get(s.number, 0.0) for s, _ in todo) > 2 * start_seconds()
 
     def draw_trial(self, run_id: str, task: Task, model: torch.nn.Module) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, load_config
+from lstm_sweep.processes import process_context
 from lstm_sweep.progress import Ticker, step
 from lstm_sweep.report import comparison_table, parent_metrics, render
 from lstm_sweep.select import Selector, Setting
@@ -211,10 +213,17 @@ def spread_reevaluations(
     """The closing stage's (setting, seed) trainings shared out over study.workers worker
     processes, one torch thread each, each into its own re-evaluation run, while the block runs
     here and until they are done; the Selector reads them back as it reads back an earlier
-    attempt's. Interrupted if asked to stop."""
+    attempt's. Interrupted if asked to stop.
+
+    The processes take the jobs one at a time from a queue, in the order given (longest
+    first, so they finish close together): a fixed share each left one process idle while the
+    other trained a seed that patience stopped late."""
     n = min(sweep.cfg.study.workers, len(jobs))
-    shares = [(sweep.path, sweep.overrides, parent_id, jobs[i::n]) for i in range(n)]
-    with running(reevaluation_process, shares, stop) as processes:
+    queue = process_context().SimpleQueue()
+    for job in [*jobs, *[None] * n]:  # one end mark per process
+        queue.put(job)
+    args = [(sweep.path, sweep.overrides, parent_id, queue)] * n
+    with running(reevaluation_process, args, stop) as processes:
         yield
         wait_for(processes, on_progress)
     if stop.requested or EXIT_INTERRUPTED in [p.exitcode for p in processes]:
@@ -222,10 +231,11 @@ def spread_reevaluations(
 
 
 def reevaluation_process(
-    path: str, overrides: list[str], parent_id: str, jobs: list[tuple[Setting, int]]
+    path: str, overrides: list[str], parent_id: str, jobs: SimpleQueue[tuple[Setting, int] | None]
 ) -> None:
-    """Entry point of a process of the closing stage: its share of the re-evaluations;
-    exits 130 when stopped. A failure leaves that run FAILED: the Selector trains it again."""
+    """Entry point of a process of the closing stage: re-evaluations from the queue until its
+    end mark; exits 130 when stopped. A failure leaves that run FAILED: the Selector trains it
+    again."""
     torch.set_num_threads(1)  # as the trial workers: processes use the cores
     cfg = load_config(path, overrides)
     tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
@@ -233,7 +243,7 @@ def reevaluation_process(
     with GracefulStop(quiet=True) as stop:
         selector = Selector(cfg, TaskCache(), tracker, parent_id, stop, progress=False)
         try:
-            for setting, seed in jobs:
+            for setting, seed in iter(jobs.get, None):
                 run_cfg = selector.setting_config(setting, seed)
                 selector.train_seed(setting, seed, run_cfg, selector.tasks.get(run_cfg))
         except KeyboardInterrupt:

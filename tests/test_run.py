@@ -449,8 +449,9 @@ def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
     assert main([*args, "--set=report.seeds=2", "--workers=2"]) == 0  # a new closing stage
     spread = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_REEVALUATION)
     assert len(spread) == 2 and {r.info.status for r in spread} == {"FINISHED"}
+    # the two processes take the jobs from one queue: which one takes which is a race
     workers = {r.data.tags[m.WORKER_TAG] for r in spread}
-    assert len(workers) == 2 and m.this_process() not in workers
+    assert 1 <= len(workers) <= 2 and m.this_process() not in workers
 
     cfg = load_config(QUICK, [a.removeprefix("--set=") for a in args if a.startswith("--set=")])
     run = spread[0]

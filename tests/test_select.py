@@ -16,6 +16,7 @@ from lstm_sweep.select import (
     Selection,
     Setting,
     beaten_by,
+    longest_first,
     spread_table,
     top_settings,
     with_validation_in_training,
@@ -98,3 +99,10 @@ def test_selection_round_trips_through_json() -> None:
     again = Selection.from_dict(json.loads(selection.to_json()))
     assert again == selection
     assert again.winner.number == 1 and again.winner_spread["val_mean"] == pytest.approx(0.4)
+
+
+def test_reevaluations_are_handed_out_longest_first() -> None:
+    short, long, unknown = (Setting(n, {}, 0.1, 3, f"run{n}") for n in (4, 7, 9))
+    jobs = [(short, 1), (short, 2), (long, 1), (long, 2), (unknown, 1)]
+    ordered = longest_first(jobs, {4: 2.5, 7: 30.0})
+    assert ordered == [(long, 1), (long, 2), (short, 1), (short, 2), (unknown, 1)]
