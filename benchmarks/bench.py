@@ -26,6 +26,7 @@ updates included), which gives the phases of the default command and its longest
 from __future__ import annotations
 
 import argparse
+import bisect
 import fcntl
 import json
 import math
@@ -74,22 +75,23 @@ class SeriesPlan:
     """How much of each figure one series gets."""
 
     epochs: int  # per-epoch figures: epochs of every trial and floor training (no early stop)
-    trainings: int  # per-epoch figures: timed trials per level, floor trainings before and after
+    trainings: int  # per-epoch figures: timed trainings per process (after the warm-up one)
+    rounds: int  # per-epoch figures: fresh processes per side (floor, off, full)
     default_overrides: tuple[str, ...]  # the default command: () runs it as shipped
 
 
 PLANS = {
     "full": {
-        "sunspots": SeriesPlan(40, 3, ()),  # the default command as shipped: 30 trials
+        "sunspots": SeriesPlan(40, 3, 4, ()),  # the default command as shipped: 30 trials
         # CO2 head to head at 10 of the shipped 30 trials: at 30 the peer alone took 12.7 min
         # (2026-11-26), most of the 15-minute budget; the first 10 took it 4.8 min
-        "co2": SeriesPlan(10, 3, ("study.n_trials=10",)),
+        "co2": SeriesPlan(10, 3, 2, ("study.n_trials=10",)),
     },
     # smoke test: every figure runs, none means much (few trials, few epochs)
     "quick": {
-        "sunspots": SeriesPlan(10, 2, ("study.n_trials=4", "report.top_k=2", "report.seeds=2")),
+        "sunspots": SeriesPlan(10, 2, 1, ("study.n_trials=4", "report.top_k=2", "report.seeds=2")),
         "co2": SeriesPlan(
-            3, 2, ("study.n_trials=4", "report.top_k=2", "report.seeds=2", "train.max_epochs=3")
+            3, 2, 1, ("study.n_trials=4", "report.top_k=2", "report.seeds=2", "train.max_epochs=3")
         ),
     },
 }
@@ -314,7 +316,9 @@ class Run:
     folder: Path
     started: float = 0.0  # epoch seconds at launch
     seconds: float = 0.0  # launch to exit
-    cpu_seconds: float = 0.0  # user + system time of the command and the workers it waited for
+    cpu_seconds: float = 0.0  # user + system time of the command and every process it started
+    # (seconds since launch, CPU seconds so far) a few times a second, where a cgroup counts
+    cpu_samples: list[tuple[float, float]] = field(default_factory=list)
     stdout: str = ""
     # (seconds since launch, text) for every read from either stream: a tqdm update, a line
     events: list[tuple[float, str]] = field(default_factory=list)
@@ -326,7 +330,59 @@ def shell_text(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in ["python", *shown])
 
 
+CPU_SAMPLE = 0.25  # seconds between two readings of a command's CPU time
+
+
+def cgroup_root() -> Path | None:
+    """A cgroup v2 hierarchy this process may create groups in, or None."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, kind, *_ = line.split()
+        if kind == "cgroup2" and os.access(mount, os.W_OK):
+            return Path(mount)
+    return None
+
+
+def cpu_usage(group: Path) -> float:
+    """CPU seconds of every process that ever ran in the group."""
+    stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+    return int(stat["usage_usec"]) / 1e6
+
+
+@contextmanager
+def cpu_group(label: str) -> Iterator[Path | None]:
+    """A cgroup of its own for one command, removed once its last process has gone; None where
+    no cgroup v2 hierarchy is writable (then only rusage counts, which misses the processes the
+    fork server starts: they are not the command's descendants by wait())."""
+    root = cgroup_root()
+    if root is None:
+        yield None
+        return
+    group = root / f"lstm_sweep_bench_{os.getpid()}_{label}"
+    group.mkdir()
+    try:
+        yield group
+    finally:
+        deadline = time.monotonic() + 10
+        while processes_in(group) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the fork server exits just after the command
+        group.rmdir()
+
+
+def processes_in(group: Path) -> bool:
+    return bool((group / "cgroup.procs").read_text().strip())
+
+
 def launch(label: str, argv: list[str], scratch: Path) -> Run:
+    with cpu_group(label) as group:
+        run = launch_in(label, argv, scratch, group)
+    if group is not None:  # its last process gone: every CPU second is counted
+        run.cpu_seconds = run.cpu_samples[-1][1] if run.cpu_samples else run.cpu_seconds
+    say(f"{label}: {run.seconds:.1f} s, CPU {run.cpu_seconds:.1f} s")
+    return run
+
+
+def launch_in(label: str, argv: list[str], scratch: Path, group: Path | None) -> Run:
+    """Run one command (in ``group``, if any) and wait for it; its CPU time sampled meanwhile."""
     run = Run(label, argv, scratch / label)
     run.folder.mkdir(parents=True)
     say(f"{label}: {shell_text(argv)}")
@@ -339,8 +395,18 @@ def launch(label: str, argv: list[str], scratch: Path) -> Run:
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     run.started = time.time()
     began = time.perf_counter()
+
+    def join_group() -> None:  # in the child, before exec: "0" is the writing process
+        if group is not None:
+            (group / "cgroup.procs").write_text("0")
+
     process = subprocess.Popen(
-        argv, cwd=run.folder, stdout=subprocess.PIPE, stderr=follower, env=env
+        argv,
+        cwd=run.folder,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=env,
+        preexec_fn=join_group,
     )
     os.close(follower)  # the children hold it; reading the terminal ends when they all exit
     assert process.stdout is not None
@@ -362,12 +428,23 @@ def launch(label: str, argv: list[str], scratch: Path) -> Run:
         threading.Thread(target=pump, args=("stdout", process.stdout.fileno())),
         threading.Thread(target=pump, args=("stderr", terminal)),
     ]
+    exited = threading.Event()
+
+    def sample() -> None:  # until the command and the last process it started have exited
+        while group is not None:
+            run.cpu_samples.append((time.perf_counter() - began, cpu_usage(group)))
+            if exited.is_set() and not processes_in(group):
+                return
+            time.sleep(0.05 if exited.is_set() else CPU_SAMPLE)
+
+    readers = [*readers, threading.Thread(target=sample)]
     for reader in readers:
         reader.start()
     _, status, usage = os.wait4(process.pid, 0)  # wait() with the child's CPU time
     run.seconds = time.perf_counter() - began
     run.cpu_seconds = usage.ru_utime + usage.ru_stime
     code = process.returncode = os.waitstatus_to_exitcode(status)
+    exited.set()
     for reader in readers:
         reader.join()
     os.close(terminal)
@@ -376,7 +453,6 @@ def launch(label: str, argv: list[str], scratch: Path) -> Run:
     if code != 0:
         error = b"".join(streams["stderr"]).decode(errors="replace")
         raise RuntimeError(f"{label} exited {code}:\n{error[-3000:]}")
-    say(f"{label}: {run.seconds:.1f} s, CPU {run.cpu_seconds:.1f} s")
     return run
 
 
@@ -489,9 +565,12 @@ class Figure:
     bound: float | None = None
     note: str = ""
     unit: str = "s"
+    ratio_value: float | None = None  # when the ratio is not ours / theirs (a median of ratios)
 
     @property
     def ratio(self) -> float | None:
+        if self.ratio_value is not None:
+            return self.ratio_value
         return self.ours / self.theirs if self.theirs else None
 
     @property
@@ -524,7 +603,10 @@ class Bench:
 
     def per_epoch(self, series: str, plan: SeriesPlan, flip: bool) -> list[Figure]:
         """Goal 1: the cost of an epoch inside a trial with diagnostics off and full, against
-        the floor run before and after them; each process's first training left out."""
+        the floor; each process's first training left out. The same code runs up to 15 % faster
+        or slower from one process to the next on a shared VM (measured: `off` at 20.6-25.8 ms
+        per sunspots epoch in four processes in a row), so every side runs once per round in a
+        fresh process, the order rotating, and each ratio is the median of its rounds'."""
         sweep, epochs, n = SERIES[series], plan.epochs, plan.trainings
         fixed = (
             "search={}",
@@ -534,62 +616,62 @@ class Bench:
             "study.pruner.type=none",
             *LEAN_REPORT,
         )
-        levels = {level: (*fixed, f"diagnostics.level={level}") for level in ("off", "full")}
-        floor_argv = self_argv(
-            "floor", sweep, (), "--epochs", str(epochs), "--trainings", str(WARM_UP + n)
-        )
-        # the floor brackets the levels; the second series runs the levels in the other order,
-        # so a drifting load favours neither
-        before = self.run(f"{series}-floor-before", floor_argv)
-        done = {
-            level: self.run(
-                f"{series}-epoch-{level}", sweep_argv(sweep, levels[level], "--workers", "1")
-            )
-            for level in (reversed(levels) if flip else levels)
+        argvs = {
+            "floor": self_argv(
+                "floor", sweep, (), "--epochs", str(epochs), "--trainings", str(WARM_UP + n)
+            ),
+            **{
+                level: sweep_argv(sweep, (*fixed, f"diagnostics.level={level}"), "--workers", "1")
+                for level in ("off", "full")
+            },
         }
-        after = self.run(f"{series}-floor-after", floor_argv)
-        wall, fit = {}, {}  # level -> seconds per epoch: Optuna trial start to end, inside fit()
-        for level, sets in levels.items():
-            result = read_sweep(done[level][0], sweep, sets)
-            steady = counted(result.trials)[WARM_UP:]
-            if any(t.user_attrs["epochs_trained"] != epochs for t in steady):
-                raise RuntimeError(f"{series} {level}: a trial stopped before {epochs} epochs")
-            wall[level] = statistics.median(trial_seconds(t) for t in steady) / epochs
-            fit[level] = statistics.median(result.fit_seconds[t.number] for t in steady) / epochs
-        trainings = [s for run, _ in (before, after) for s in last_json(run)["seconds"][WARM_UP:]]
-        floor_epoch = statistics.median(trainings) / epochs
-        off, full = done["off"][1], done["full"][1]
-        floors = [before[1], after[1]]
-        note = f"median of {n} trials x {epochs} epochs; floor: of {2 * n} trainings"
+        sides = list(argvs)
+        # per round and side, seconds per epoch: the trial wall (Optuna's trial start to end)
+        # and inside fit() (the run's train_seconds); the floor's trainings count as both
+        wall: dict[str, list[float]] = {side: [] for side in sides}
+        fit: dict[str, list[float]] = {side: [] for side in sides}
+        indices: dict[str, list[int]] = {side: [] for side in sides}
+        for r in range(plan.rounds):
+            shift = (r + flip) % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                run, index = self.run(f"{series}-epoch-{side}-{r}", argvs[side])
+                indices[side].append(index)
+                if side == "floor":
+                    trainings = last_json(run)["seconds"][WARM_UP:]
+                    wall[side].append(statistics.median(trainings) / epochs)
+                    fit[side].append(wall[side][-1])
+                    continue
+                result = read_sweep(run, sweep, (*fixed, f"diagnostics.level={side}"))
+                steady = counted(result.trials)[WARM_UP:]
+                if any(t.user_attrs["epochs_trained"] != epochs for t in steady):
+                    raise RuntimeError(f"{series} {side}: a trial stopped before {epochs} epochs")
+                wall[side].append(statistics.median(trial_seconds(t) for t in steady) / epochs)
+                fit[side].append(
+                    statistics.median(result.fit_seconds[t.number] for t in steady) / epochs
+                )
+        note = f"{plan.rounds} rounds of fresh processes, each the median of {n} x {epochs} epochs"
+
+        def figure(
+            name: str, ours: str, theirs: str, times: dict[str, list[float]], bound: float | None
+        ) -> Figure:
+            per_round = [a / b for a, b in zip(times[ours], times[theirs], strict=True)]
+            return Figure(
+                name,
+                series,
+                statistics.median(times[ours]),
+                statistics.median(times[theirs]),
+                indices[ours][:1] + indices[theirs][:1],
+                bound=bound,
+                note=f"{note}; ratio: median of the rounds' "
+                + ", ".join(f"{x:.3f}" for x in per_round),
+                ratio_value=statistics.median(per_round),
+            )
+
         return [
-            Figure(
-                "per epoch, trial wall: off vs floor",
-                series,
-                wall["off"],
-                floor_epoch,
-                [off, *floors],
-                bound=1.05,
-                note=f"{note}; trial wall: Optuna's trial start to end",
-            ),
-            Figure(
-                "per epoch, in fit(): off vs floor",
-                series,
-                fit["off"],
-                floor_epoch,
-                [off, *floors],
-                note="in fit(): the run's train_seconds metric",
-            ),
-            Figure(
-                "per epoch, trial wall: full vs off",
-                series,
-                wall["full"],
-                wall["off"],
-                [full, off],
-                bound=1.10,
-            ),
-            Figure(
-                "per epoch, in fit(): full vs off", series, fit["full"], fit["off"], [full, off]
-            ),
+            figure("per epoch, trial wall: off vs floor", "off", "floor", wall, 1.05),
+            figure("per epoch, in fit(): off vs floor", "off", "floor", fit, None),
+            figure("per epoch, trial wall: full vs off", "full", "off", wall, 1.10),
+            figure("per epoch, in fit(): full vs off", "full", "off", fit, None),
         ]
 
     def default_command(
@@ -615,7 +697,11 @@ class Bench:
         result = read_sweep(ours, sweep, overrides)
         peer_result = last_json(theirs)
         timeline = phases(ours, result)
-        phase_note = ", ".join(f"{k} {v:.1f} s" for k, v in timeline["phases"].items())
+        cores = timeline["cores"]
+        phase_note = ", ".join(
+            f"{k} {v:.1f} s" + (f" ({cores[k]:.2f} cores)" if k in cores else "")
+            for k, v in timeline["phases"].items()
+        )
         longest = max(timeline["silences"].items(), key=lambda item: item[1]["seconds"])
         name, silence = longest
         figures = [
@@ -628,6 +714,25 @@ class Bench:
                 bound=1 / 3,
                 note=f"launch to exit; lstm_sweep: {cfg.study.workers} workers, {phase_note};"
                 f" peer: one process, {peer_result['torch_threads']} torch thread(s)",
+            ),
+            Figure(
+                "CPU time of the default command",
+                series,
+                ours.cpu_seconds,
+                theirs.cpu_seconds,
+                both,
+                note="every process each started (a cgroup)"
+                if ours.cpu_samples
+                else "no cgroup: lstm_sweep's figure misses the fork server's workers",
+            ),
+            Figure(
+                f"that CPU time over {os.cpu_count()} cores vs peer's wall",
+                series,
+                ours.cpu_seconds / (os.cpu_count() or 1),
+                theirs.seconds,
+                both,
+                note="the default command's wall time if every core were busy throughout:"
+                " how far scheduling alone could take the first ratio",
             ),
             Figure(
                 "trials only, first start to last end",
@@ -729,9 +834,26 @@ def phases(run: Run, result: SweepResult) -> dict[str, Any]:
         }
     return {
         "phases": {name: end - starts[name] for name, end in ends.items()},
+        "cores": {  # the cores busy on average in each phase, where a cgroup counted them
+            name: (cpu_at(run, end) - cpu_at(run, starts[name])) / (end - starts[name])
+            for name, end in ends.items()
+            if run.cpu_samples and end > starts[name]
+        },
         "silences": silences,
         "events": [(round(t, 2), text[-120:]) for t, text in run.events],
     }
+
+
+def cpu_at(run: Run, seconds: float) -> float:
+    """The command's CPU seconds so far ``seconds`` after launch, between two samples linear."""
+    times = [t for t, _ in run.cpu_samples]
+    i = bisect.bisect_left(times, seconds)
+    if i == 0:
+        return run.cpu_samples[0][1]
+    if i == len(times):
+        return run.cpu_samples[-1][1]
+    (t0, c0), (t1, c1) = run.cpu_samples[i - 1], run.cpu_samples[i]
+    return c0 + (c1 - c0) * (seconds - t0) / (t1 - t0)
 
 
 def last_line(texts: list[str]) -> str:
