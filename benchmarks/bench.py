@@ -331,6 +331,7 @@ def shell_text(argv: list[str]) -> str:
 
 
 CPU_SAMPLE = 0.25  # seconds between two readings of a command's CPU time
+LINGER = 10.0  # seconds a command's last processes (the fork server) may outlive it
 
 
 def cgroup_root() -> Path | None:
@@ -362,10 +363,10 @@ def cpu_group(label: str) -> Iterator[Path | None]:
     try:
         yield group
     finally:
-        deadline = time.monotonic() + 10
-        while processes_in(group) and time.monotonic() < deadline:
-            time.sleep(0.05)  # the fork server exits just after the command
-        group.rmdir()
+        try:
+            group.rmdir()
+        except OSError:  # a process outlived LINGER: its group stays for a look
+            say(f"{label}: processes left in {group}")
 
 
 def processes_in(group: Path) -> bool:
@@ -375,8 +376,8 @@ def processes_in(group: Path) -> bool:
 def launch(label: str, argv: list[str], scratch: Path) -> Run:
     with cpu_group(label) as group:
         run = launch_in(label, argv, scratch, group)
-    if group is not None:  # its last process gone: every CPU second is counted
-        run.cpu_seconds = run.cpu_samples[-1][1] if run.cpu_samples else run.cpu_seconds
+    if run.cpu_samples:  # the last one taken once the last process had gone
+        run.cpu_seconds = run.cpu_samples[-1][1]
     say(f"{label}: {run.seconds:.1f} s, CPU {run.cpu_seconds:.1f} s")
     return run
 
@@ -433,7 +434,7 @@ def launch_in(label: str, argv: list[str], scratch: Path, group: Path | None) ->
     def sample() -> None:  # until the command and the last process it started have exited
         while group is not None:
             run.cpu_samples.append((time.perf_counter() - began, cpu_usage(group)))
-            if exited.is_set() and not processes_in(group):
+            if exited.is_set() and (not processes_in(group) or time.monotonic() > deadline):
                 return
             time.sleep(0.05 if exited.is_set() else CPU_SAMPLE)
 
@@ -444,6 +445,7 @@ def launch_in(label: str, argv: list[str], scratch: Path, group: Path | None) ->
     run.seconds = time.perf_counter() - began
     run.cpu_seconds = usage.ru_utime + usage.ru_stime
     code = process.returncode = os.waitstatus_to_exitcode(status)
+    deadline = time.monotonic() + LINGER  # the fork server exits just after the command
     exited.set()
     for reader in readers:
         reader.join()

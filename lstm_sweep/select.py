@@ -358,14 +358,15 @@ class Selector:
         )
         with Ticker(bar):
             elsewhere: AbstractContextManager[None] = nullcontext()
-            if self.worth_spreading(todo, table):
+            seconds = expected_seconds(table)
+            if self.worth_spreading(todo, seconds):
                 assert self.elsewhere is not None
                 keys = {(s.number, seed) for s, seed in todo}
 
                 def count() -> None:
                     bar.n = len(keys & self.finished_reevaluations().keys())
 
-                elsewhere = self.elsewhere(longest_first(todo, expected_seconds(table)), count)
+                elsewhere = self.elsewhere(longest_first(todo, seconds), count)
             verdicts = (
                 dict(zip(table["number"], table["verdict"], strict=True))
                 if "verdict" in table
@@ -415,12 +416,11 @@ class Selector:
             True,
         )
 
-    def worth_spreading(self, todo: list[tuple[Setting, int]], table: pd.DataFrame) -> bool:
+    def worth_spreading(self, todo: list[tuple[Setting, int]], seconds: dict[int, float]) -> bool:
         """Spread the re-evaluations over processes when they would take longer in turn than
         twice a process's start-up (estimated from their trials' wall times)."""
         if self.elsewhere is None or len(todo) < 2:
             return False
-        seconds = expected_seconds(table)
         return sum(seconds.get(s.number, 0.0) for s, _ in todo) > 2 * start_seconds()
 
     def draw_trial(self, run_id: str, task: Task, model: torch.nn.Module) -> None:
