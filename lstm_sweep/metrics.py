@@ -69,6 +69,9 @@ COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
 RUN_STATUS = {COMPLETE: "FINISHED", PRUNED: "KILLED", FAIL: "FAILED"}
 INTERRUPTED_REASON = "interrupted by the user"
 WORKER_LOST_REASON = "worker lost (no heartbeat)"
+# a trial run found on resume ending otherwise than Optuna recorded its trial
+UNCLOSED_REASON = "the trial failed before its run was closed (a process stopped or a store failed)"
+UNRECORDED_REASON = "Optuna recorded the trial as failed (a store failed): it is retried"
 
 # Optuna trial and study attributes
 RUN_ID_ATTR = "mlflow_run_id"

@@ -27,13 +27,13 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, ConfigError, load_config, mask_secrets
+from lstm_sweep.faults import EXIT_STORE, store_failure
 from lstm_sweep.study import Objective
 from lstm_sweep.tracking import TrackingUnavailable
 from lstm_sweep.train import Interrupted
@@ -43,9 +43,11 @@ from lstm_sweep.workers import (
     GracefulStop,
     LockTimeout,
     Sweep,
+    WorkerExit,
     check_workers,
     optimize,
     prepare,
+    store_urls,
 )
 
 LOCAL = "local"  # --ray without ADDRESS: Ray's own word for "start a local instance"
@@ -63,15 +65,6 @@ class RayMissing(ConfigError):
     def __init__(self) -> None:
         self.source, self.key, self.value, self.rule = "--ray", "", None, INSTALL_HINT
         ValueError.__init__(self, f"--ray needs Ray: {INSTALL_HINT}")
-
-
-@dataclass(frozen=True)
-class WorkerExit:
-    """How a worker's loop ended: an exit status as a local worker process would give, and a
-    line to show (masked) when it did not finish normally."""
-
-    code: int
-    message: str = ""
 
 
 def import_ray() -> Any:
@@ -209,6 +202,9 @@ class SweepWorker:
         here = m.this_process()
         try:
             sweep = prepare(self.path, self.overrides)
+        except ConfigError as exc:
+            return WorkerExit(EXIT_FAILED, f"worker {here}: {exc}")
+        try:
             torch.set_num_threads(self.threads)  # the CPUs Ray reserved, not the node's count
             objective = Objective(
                 sweep.cfg, sweep.tasks, sweep.tracker, self.parent_id, self.stop_requested
@@ -216,8 +212,13 @@ class SweepWorker:
             optimize(sweep, objective, [], self.stop_requested)
         except Interrupted:  # the trial in flight is closed as failed and retried on resume
             return WorkerExit(EXIT_INTERRUPTED)
-        except (ConfigError, TrackingUnavailable, LockTimeout) as exc:  # the driver sums up
+        except (TrackingUnavailable, LockTimeout) as exc:  # the driver sums up
             return WorkerExit(EXIT_FAILED, f"worker {here}: {mask_secrets(str(exc))}")
+        except Exception as exc:
+            failure = store_failure(exc, store_urls(sweep))
+            if failure is None:
+                raise
+            return WorkerExit(EXIT_STORE, str(failure))
         return WorkerExit(EXIT_INTERRUPTED if self.stop_requested.requested else 0)
 
     def stop(self) -> None:
@@ -241,10 +242,10 @@ def run_ray_workers(
     context = connect(ray, address)
     try:
         describe_cluster(ray, context, sweep.cfg, address)
-        codes = wait_for_workers(ray, start_workers(ray, sweep, parent_id), stop, progress)
+        exits = wait_for_workers(ray, start_workers(ray, sweep, parent_id), stop, progress)
     finally:
         ray.shutdown()  # a local instance ends here; a cluster keeps running
-    check_workers(sweep.study, codes, sweep.cfg.study.n_trials)
+    check_workers(sweep.study, exits, sweep.cfg.study.n_trials)
     if stop.requested:  # asked while the last trials were ending: they count, but we stop
         raise Interrupted
 
@@ -303,10 +304,10 @@ def start_workers(ray: Any, sweep: Sweep, parent_id: str) -> list[Any]:
 
 def wait_for_workers(
     ray: Any, actors: list[Any], stop: GracefulStop, progress: Callable[[], None]
-) -> list[int]:
+) -> list[WorkerExit]:
     """Wait for every worker's loop, refreshing the progress bar; once a stop is requested,
-    pass it on at every poll (a worker Ray restarts meanwhile gets it too). Returns the exit
-    status of each worker."""
+    pass it on at every poll (a worker Ray restarts meanwhile gets it too). Returns how each
+    worker ended."""
     runs = [actor.run.remote() for actor in actors]
     pending = list(runs)
     try:
@@ -320,16 +321,17 @@ def wait_for_workers(
         for actor in actors:
             ray.kill(actor)
         raise
-    return [exit_code(ray, run) for run in runs]
+    return [worker_exit(ray, run) for run in runs]
 
 
-def exit_code(ray: Any, run: Any) -> int:
-    """A worker's exit status; its line, if it has one, is shown here (masked)."""
+def worker_exit(ray: Any, run: Any) -> WorkerExit:
+    """How a worker ended; its line, if it has one, is shown here (masked), but for a store
+    failure's, which the driver says once for all."""
     try:
         ended: WorkerExit = ray.get(run)
     except ray.exceptions.RayError as exc:  # lost more often than max_restarts, or a bug
         print(f"worker failed: {mask_secrets(str(exc)).strip()}", file=sys.stderr)
-        return EXIT_FAILED
-    if ended.message:
+        return WorkerExit(EXIT_FAILED)
+    if ended.message and ended.code != EXIT_STORE:
         print(ended.message, file=sys.stderr)
-    return ended.code
+    return ended

@@ -11,13 +11,26 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import traceback
 
 from lstm_sweep.config import ConfigError, load_config, mask_secrets
+from lstm_sweep.faults import EXIT_STORE, StoreFailed
 from lstm_sweep.processes import start_server
 from lstm_sweep.progress import step
 
 EXIT_BAD_INPUT = 2
 RESUME_HINT = "every finished trial is kept: run the same command again to resume"
+# the last line after Ctrl-C or SIGTERM, by the stage it stopped (stages.TRIALS, ...)
+INTERRUPTED = {
+    "start-up": "interrupted while starting: no trial was run; run the same command again",
+    "trials": "interrupted: the trials in flight were closed as failed and will be retried;"
+    f" {RESUME_HINT}",
+    "closing stage": "interrupted in the closing stage: the study's trials are complete and every"
+    " re-evaluation that finished is kept; run the same command again to finish the closing"
+    " stage (it trains only what is missing)",
+    "report": "interrupted while writing the report: the trials and the registered model are"
+    " kept; run the same command again to write it",
+}
 
 EPILOG = """\
 sweep file sections (see sweeps/forecast.yaml for every key with a comment):
@@ -110,18 +123,37 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"\n{INTERRUPTED['start-up']}", file=sys.stderr)
+        return 130
     with GracefulStop() as stop:
         try:
             print(run_sweep(sweep, stop, progress, args.ray))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            print(f"\n{INTERRUPTED[getattr(exc, 'stage', 'trials')]}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except StoreFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_STORE
+        except TrackingUnavailable as exc:
             print(
-                "\ninterrupted: the current trial was closed as failed and will be retried;"
-                " run the same command again to resume.",
+                f"error: {mask_secrets(str(exc))}; {RESUME_HINT} once the tracking server"
+                " answers again",
                 file=sys.stderr,
             )
-            return EXIT_INTERRUPTED
-        except (SweepIncomplete, TrackingUnavailable, LockTimeout) as exc:
+            return EXIT_FAILED
+        except (SweepIncomplete, LockTimeout) as exc:
             print(f"error: {mask_secrets(str(exc))}; {RESUME_HINT}", file=sys.stderr)
+            return EXIT_FAILED
+        except Exception as exc:  # a bug: its traceback, then what it means for the study
+            print(mask_secrets(traceback.format_exc()), end="", file=sys.stderr)
+            what = f"{type(exc).__name__}: {str(exc).strip()}".splitlines()[0][:200]
+            print(
+                f"error: lstm_sweep failed ({mask_secrets(what)}): the trial"
+                f" in flight was closed as failed and {RESUME_HINT}; the traceback above is"
+                " worth reporting",
+                file=sys.stderr,
+            )
             return EXIT_FAILED
     return 0
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing.queues import SimpleQueue
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, load_config
+from lstm_sweep.faults import EXIT_STORE, StoreFailed, classify, store_failure
 from lstm_sweep.processes import process_context
 from lstm_sweep.progress import Ticker, step
 from lstm_sweep.report import comparison_table, parent_metrics, render
@@ -44,11 +46,31 @@ from lstm_sweep.workers import (
     StudyLock,
     Sweep,
     SweepIncomplete,
+    exits_on_store_failure,
     run_local_workers,
     running,
     start,
+    store_urls,
     wait_for,
 )
+
+TRIALS, CLOSING, REPORT = "trials", "closing stage", "report"  # what a sweep does, in order
+LEFTOVER_REASON = "its process stopped before the run was closed"
+
+
+@dataclass
+class Stage:
+    """Which stage the sweep is in: an interrupt is worded, and recorded, by it."""
+
+    name: str = TRIALS
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM ended the sweep during ``stage``; what is done is kept."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
 
 
 class Progress:
@@ -91,11 +113,17 @@ class Progress:
 
 
 def conclude(
-    sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool = True, spread: bool = True
+    sweep: Sweep,
+    parent_id: str,
+    stop: GracefulStop,
+    progress: bool = True,
+    spread: bool = True,
+    stage: Stage | None = None,
 ) -> str:
     """Once the study holds n_trials: the closing stage and the report, exactly once per study
     however many processes and hosts worked on it (the first to claim the report lock does
-    them; the others say where to look)."""
+    them; the others say where to look). ``stage`` follows along."""
+    stage = stage or Stage()
     cfg, study, tracker = sweep.cfg, sweep.study, sweep.tracker
     counted = counted_trials(study)
     if counted < cfg.study.n_trials:
@@ -111,6 +139,8 @@ def conclude(
             f" the sweep's parent run: {tracker.ui_command(parent_id)}"
         )
     try:
+        # runs of an earlier attempt whose process died; none of this attempt's has started
+        tracker.close_running(parent_id, (m.ROLE_REEVALUATION, m.ROLE_FINAL), LEFTOVER_REASON)
         recorded = selection_recorded(study) or {}
         # a study extended since, or asked for another closing stage, needs a new one
         asked = {"n_trials": counted, "report": report_settings(cfg)}
@@ -121,7 +151,9 @@ def conclude(
                 f" {recorded['reported_by']}: {tracker.ui_command(parent_id)}"
             )
         if not current:
+            stage.name = CLOSING
             select_once(sweep, parent_id, stop, progress, spread)
+        stage.name = REPORT
         with step("writing the report", progress):
             text = render(cfg, tracker, study, parent_id)
         done = selection_recorded(study) or {}
@@ -175,10 +207,13 @@ def run_sweep(
     sweep: Sweep, stop: GracefulStop, progress: bool = True, ray_address: str | None = None
 ) -> str:
     """Run the missing trials on study.workers workers (here, or on a Ray cluster), then
-    conclude; returns the summary."""
-    parent_id = start(sweep)
+    conclude; returns the summary. However it ends, the parent run ends with it: an interrupt
+    as SweepInterrupted (naming the stage), a store fault as StoreFailed (its one line)."""
+    stage = Stage()
+    parent_id = None
     started = time.monotonic()
     try:
+        parent_id = start(sweep)
         with Progress(sweep, progress) as bar:
             if ray_address is None:
                 run_local_workers(sweep, parent_id, stop, [bar], bar)
@@ -187,19 +222,36 @@ def run_sweep(
 
                 run_ray_workers(sweep, parent_id, stop, bar, ray_address)
             bar()
-        text = conclude(sweep, parent_id, stop, progress, spread=ray_address is None)
+        spread = ray_address is None
+        text = conclude(sweep, parent_id, stop, progress, spread, stage)
     except KeyboardInterrupt:
-        sweep.tracker.finish_parent(parent_id, m.FAIL, m.INTERRUPTED_REASON)
-        raise
+        during = "" if stage.name == TRIALS else f" in the {stage.name}"
+        close_parent(sweep, parent_id, f"{m.INTERRUPTED_REASON}{during}")
+        raise SweepInterrupted(stage.name) from None
     except (SweepIncomplete, LockTimeout) as exc:
-        sweep.tracker.finish_parent(parent_id, m.FAIL, str(exc))
+        close_parent(sweep, parent_id, str(exc))
         raise
     except TrackingUnavailable:
         raise  # the parent run cannot be closed now; the next start reopens it
-    except Exception as exc:  # a bug: leave no run RUNNING behind the traceback
-        sweep.tracker.finish_parent(parent_id, m.FAIL, failure_reason(exc))
+    except Exception as exc:  # a store fault, or a bug: leave no run RUNNING behind it
+        failure = store_failure(exc, store_urls(sweep))
+        close_parent(sweep, parent_id, str(failure) if failure else failure_reason(exc))
+        if failure is not None:
+            raise failure from None
         raise
     return f"{text}\nWall time: {time.monotonic() - started:.0f} s"
+
+
+def close_parent(sweep: Sweep, parent_id: str | None, reason: str) -> None:
+    """Close the sweep's parent run as failed, with its reason, where the store still takes it
+    (after a store fault it may not: the next start reopens the run)."""
+    if parent_id is None:
+        return
+    try:
+        sweep.tracker.finish_parent(parent_id, m.FAIL, reason)
+    except Exception as exc:
+        if classify(exc) is None:
+            raise
 
 
 @contextmanager
@@ -225,22 +277,31 @@ def spread_reevaluations(
     args = [(sweep.path, sweep.overrides, parent_id, queue)] * n
     with running(reevaluation_process, args, stop) as processes:
         yield
-        wait_for(processes, on_progress)
-    if stop.requested or EXIT_INTERRUPTED in [p.exitcode for p in processes]:
+        wait_for(processes.processes, on_progress)
+    exits = processes.exits()
+    failed = [e.message for e in exits if e.code == EXIT_STORE]
+    if failed:
+        raise StoreFailed(failed[0])
+    if stop.requested or EXIT_INTERRUPTED in [e.code for e in exits]:
         raise Interrupted
 
 
 def reevaluation_process(
-    path: str, overrides: list[str], parent_id: str, jobs: SimpleQueue[tuple[Setting, int] | None]
+    path: str,
+    overrides: list[str],
+    parent_id: str,
+    jobs: SimpleQueue[tuple[Setting, int] | None],
+    reports: SimpleQueue[str],
 ) -> None:
     """Entry point of a process of the closing stage: re-evaluations from the queue until its
-    end mark; exits 130 when stopped. A failure leaves that run FAILED: the Selector trains it
-    again."""
+    end mark; exits 130 when stopped, EXIT_STORE when a store failed (its line sent through
+    ``reports``). Any other failure leaves that run FAILED: the Selector trains it again."""
     torch.set_num_threads(1)  # as the trial workers: processes use the cores
     cfg = load_config(path, overrides)
     tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
+    urls = {"optuna": storage_url(cfg), "mlflow": tracker.uri}
     gc.freeze()  # as a trial worker does once started: the collector skips start-up's objects
-    with GracefulStop(quiet=True) as stop:
+    with GracefulStop(quiet=True) as stop, exits_on_store_failure(urls, reports):
         selector = Selector(cfg, TaskCache(), tracker, parent_id, stop, progress=False)
         try:
             for setting, seed in iter(jobs.get, None):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +31,7 @@ from lstm_sweep.config import (
     mask_secrets,
     study_fingerprint,
 )
+from lstm_sweep.faults import check_local_store, classify, store_failure
 from lstm_sweep.record import train_in_run
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import (
@@ -53,7 +56,7 @@ Study = optuna.Study
 
 
 def default_storage(root: Path = STORE_ROOT) -> str:
-    root.mkdir(parents=True, exist_ok=True)
+    """A SQLite file under mlruns/, beside MLflow's (the folder is made when it is opened)."""
     return f"sqlite:///{(root / 'optuna.db').resolve()}"
 
 
@@ -168,6 +171,9 @@ def open_study(
     if not url.startswith(RDB_SCHEMES):
         schemes = ", ".join(f"{s}://" for s in RDB_SCHEMES)
         raise ConfigError(source, "study.storage", url, f"must be a database URL ({schemes})")
+    check_local_store(url, source, "study.storage")
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     fingerprint = study_fingerprint(cfg)
 
     def create() -> Study:
@@ -184,10 +190,17 @@ def open_study(
     try:
         # two processes creating a new storage together race on its tables (and its study
         # row); the loser finds both made on its second try
-        study = with_retries(create, attempts=3, first_wait=0.5, retry_on=(Exception,))
+        study = with_retries(
+            create, attempts=3, first_wait=0.5, retry_on=(Exception,), waiting_for=None
+        )
         stored = study.user_attrs.get(m.CONFIG_ATTR)
     except TrackingUnavailable as exc:  # the storage stayed out of reach through the retries
         raise ConfigError(source, "study.storage", url, f"unreachable: {exc.reason}") from None
+    except Exception as exc:  # a fault no retry cures: the disk is full, the file damaged
+        failure = store_failure(exc, {"optuna": url, "mlflow": url})
+        if failure is None:
+            raise
+        raise ConfigError(source, "study.storage", url, str(failure).split(": ", 1)[1]) from None
     if stored is None:
         if study.get_trials(deepcopy=False):
             raise ConfigError(
@@ -256,28 +269,48 @@ class StaleTrialHandler:
         self.retry(study, trial)
 
 
-def fail_stale_trials(study: Study, grace_seconds: int, on_stale: StaleTrialHandler) -> int:
+def fail_stale_trials(study: Study, grace_seconds: int, on_stale: StaleTrialHandler) -> list[int]:
     """Fail the trials of workers that are gone, and queue their settings again.
 
     Optuna's own check covers trials whose heartbeat stopped; a trial whose worker died before
     its first heartbeat (while the sampler ran) has none, so it is judged by its start time.
-    Returns how many were failed.
+    On a local SQLite storage every worker runs on this machine, so a trial whose process no
+    longer exists is failed at once, without waiting out the grace period. Returns the numbers
+    of the trials failed.
     """
-    before = state_counts(study)[TrialState.FAIL.name]
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     optuna.storages.fail_stale_trials(study)
     cutoff = datetime.now() - timedelta(seconds=grace_seconds)
     # Optuna wraps its RDB storage in a cache; the heartbeat table is only on the RDB one
     storage = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001
+    on_this_machine = getattr(storage, "url", "").startswith("sqlite")
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started, trial_id = trial.datetime_start, trial._trial_id  # noqa: SLF001
-        if started is None or started > cutoff or has_heartbeat(storage, trial_id):
+        gone = on_this_machine and process_gone(trial.user_attrs.get(m.WORKER_ATTR))
+        if not gone and (started is None or started > cutoff or has_heartbeat(storage, trial_id)):
             continue
         try:
             storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first
         on_stale(study, study.get_trials(deepcopy=False)[trial.number])
-    return state_counts(study)[TrialState.FAIL.name] - before
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return sorted(t.number for t in failed if t.number not in before)
+
+
+def process_gone(worker: str | None) -> bool:
+    """Whether ``worker`` (host:pid, as metrics.this_process names it) was a process of this
+    machine that no longer exists. A reused pid reads as alive: the heartbeat decides then."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def has_heartbeat(storage: Any, trial_id: int) -> bool:
@@ -291,22 +324,43 @@ def has_heartbeat(storage: Any, trial_id: int) -> bool:
         return bool(connection.execute(query, {"id": trial_id}).scalar())
 
 
-def retry_failed(study: Study, tracker: Tracker, max_retry: int = MAX_RETRY) -> int:
+def retry_failed(study: Study, max_retry: int = MAX_RETRY) -> int:
     """Queue the settings of every failed trial (a crash, Ctrl-C, a lost worker) not yet
     retried, so a resumed sweep finishes exactly what was lost; Optuna's own retry callback
-    records which trial each retry replaces. A failed trial's run that was never closed (the
-    tracking store was down when it failed) is closed as FAILED."""
+    records which trial each retry replaces."""
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     lost = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     for trial in lost:
-        run_id = trial.user_attrs.get(m.RUN_ID_ATTR)
-        if run_id:
-            reason = "failed while its run could not be closed (tracking unreachable)"
-            tracker.close_if_running(run_id, reason)
         retry(study, trial)
     return len(lost)
+
+
+def reconcile_runs(study: Study, tracker: Tracker, parent_id: str) -> list[int]:
+    """Make each trial's MLflow run end as Optuna recorded the trial: a run left RUNNING, or
+    closed otherwise than its trial ended (the disk filled between the two stores' writes), is
+    closed with the trial's state. Optuna is the one truth: its FAIL trials are retried, so
+    their runs must not read as finished. Trials still RUNNING are left to their workers.
+    Returns the numbers of the trials whose runs were changed."""
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    runs = tracker.child_runs(parent_id, m.ROLE_TRIAL)
+    changed = []
+    for _, run in runs.iterrows():
+        number = int(run[f"tags.{m.TRIAL_TAG}"])
+        state = states.get(number)
+        if state is None or not state.is_finished():
+            continue
+        tagged = run.get(f"tags.{m.STATE_TAG}")
+        if run["status"] == m.RUN_STATUS[state.name] and tagged == state.name:
+            continue
+        reason = None
+        if state == TrialState.FAIL:
+            finished = run["status"] == m.RUN_STATUS[m.COMPLETE]
+            reason = m.UNRECORDED_REASON if finished else m.UNCLOSED_REASON
+        tracker.close_as(run["run_id"], state.name, reason)
+        changed.append(number)
+    return sorted(changed)
 
 
 def first_prunable_epoch(cfg: Config) -> float:
@@ -395,8 +449,26 @@ def run_one_trial(
     callbacks: list[Callable[[Study, FrozenTrial], None]],
 ) -> None:
     """One trial through Optuna's own loop (heartbeats, state, callbacks); its exceptions,
-    Ctrl-C included, propagate after Optuna has recorded the trial as failed."""
-    study.optimize(objective, n_trials=1, callbacks=callbacks, catch=())
+    Ctrl-C included, propagate after Optuna has recorded the trial as failed. When a store
+    failed inside the trial and Optuna then failed to record it, the first failure is the one
+    that propagates: Optuna's own ("Should not reach") would hide the cause."""
+    raised: list[BaseException] = []
+
+    def watched(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    try:
+        study.optimize(watched, n_trials=1, callbacks=callbacks, catch=())
+    except Exception as exc:
+        first = raised[0] if raised else exc
+        if first is not exc and classify(first) is not None:
+            # chained as the cause, which faults.classify reads first; ``first`` stays intact
+            raise RuntimeError("a store failed in the trial; Optuna could not record it") from first
+        raise
 
 
 def trials_frame(study: Study) -> pd.DataFrame:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import tempfile
 import time
 import urllib.error
@@ -43,6 +44,14 @@ from torch import nn
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import ConfigError, mask_secrets, without_password
+from lstm_sweep.faults import (
+    LOCKED,
+    WHAT,
+    DropStoreFaults,
+    check_local_store,
+    classify,
+    store_failure,
+)
 from lstm_sweep.train import Callback, History
 
 # downloads here are small files read by a program, not a person: no progress bars in the log
@@ -52,6 +61,8 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # MLflow's INFO lines (store migrations, "registered model ...") would interleave with the
 # sweep's own output, and put two lines before a one-line error; warnings still show
 logging.getLogger("mlflow").setLevel(logging.WARNING)
+for _handler in logging.getLogger("mlflow").handlers:  # its own, which it does not propagate
+    _handler.addFilter(DropStoreFaults())
 
 STORE_ROOT = Path("mlruns")  # local stores, relative to the working directory
 RETRY_ATTEMPTS = 6  # a failed tracking call is tried this often in all ...
@@ -65,8 +76,8 @@ T = TypeVar("T")
 
 
 def default_tracking_uri(root: Path = STORE_ROOT) -> str:
-    """MLflow's recommended local default: a SQLite store under mlruns/, artifacts beside it."""
-    root.mkdir(parents=True, exist_ok=True)
+    """MLflow's recommended local default: a SQLite store under mlruns/, artifacts beside it
+    (the folder is made when the store is first opened)."""
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
@@ -85,6 +96,9 @@ def _short(value: Any) -> str:
 def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return m.INTERRUPTED_REASON
+    fault = classify(exc)
+    if fault is not None:
+        return f"a store failed: {WHAT[fault.kind]} ({fault.cause})"[:REASON_LENGTH]
     return mask_secrets(f"{type(exc).__name__}: {exc}")[:REASON_LENGTH]
 
 
@@ -102,25 +116,38 @@ def with_retries(
     attempts: int | None = None,
     first_wait: float | None = None,
     retry_on: tuple[type[BaseException], ...] = (MlflowException, OSError),
+    waiting_for: str | None = "the tracking store",
 ) -> T:
     """Retry a call with exponential backoff: a server that blinks loses nothing; one that
-    stays down raises :class:`TrackingUnavailable`."""
+    stays down raises :class:`TrackingUnavailable`. While it waits, one line says for what
+    (unless ``waiting_for`` is None). A fault no wait cures (a full disk, a damaged or
+    read-only file: faults.classify) is raised at once, as it came."""
     attempts = attempts or RETRY_ATTEMPTS
     first_wait = RETRY_FIRST_WAIT if first_wait is None else first_wait
+    waited = first_wait * (2 ** (attempts - 1) - 1)
     for attempt in range(attempts):
         try:
             return call()
         except retry_on as exc:
+            fault = classify(exc)
+            if fault is not None and fault.kind != LOCKED:
+                raise
+            reason = mask_secrets(first_line(exc))
             if attempt == attempts - 1:
-                reason = mask_secrets(
-                    (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
-                )
-                waited = first_wait * (2 ** (attempts - 1) - 1)
                 raise TrackingUnavailable(
                     f"tracking failed {attempts} times over {waited:g} s: {reason}", reason
                 ) from None
+            if attempt == 0 and waiting_for is not None:
+                print(
+                    f"waiting for {waiting_for} ({reason}): retrying for up to {waited:g} s",
+                    file=sys.stderr,
+                )
             time.sleep(first_wait * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
@@ -167,7 +194,9 @@ def creating(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    with open(uri.removeprefix("sqlite:///") + ".create.lock", "a") as handle:
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.create.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # closing the file releases it
         yield
 
@@ -178,6 +207,7 @@ class Tracker:
     def __init__(self, uri: str | None, experiment: str, source: str = "tracking.uri") -> None:
         self.uri = uri or default_tracking_uri()
         self.experiment = experiment
+        check_local_store(self.uri, source, "tracking.uri")
         try:
             if self.uri.startswith(("http://", "https://")):
                 for name, value in HTTP_DEFAULTS.items():
@@ -187,9 +217,10 @@ class Tracker:
             with creating(self.uri):
                 self.client = MlflowClient(self.uri, registry_uri=self.uri)
                 found = self.client.get_experiment_by_name(experiment)
-        except Exception as exc:  # any driver or HTTP error means the same to the user
-            reason = str(exc).strip().splitlines()[0][:200]
-            raise ConfigError(source, "tracking.uri", self.uri, f"unreachable: {reason}") from None
+        except Exception as exc:  # a local fault is named; any other means "unreachable"
+            failure = store_failure(exc, {"optuna": self.uri, "mlflow": self.uri})
+            rule = str(failure).split(": ", 1)[1] if failure else f"unreachable: {first_line(exc)}"
+            raise ConfigError(source, "tracking.uri", self.uri, rule) from None
         self._experiment_id = found.experiment_id if found else None
 
     @property
@@ -241,7 +272,8 @@ class Tracker:
                 self.experiment_id, m.EXPERIMENT_KIND_TAG, m.EXPERIMENT_KIND
             )
         run_id = self.find_parent(study_name)
-        if run_id is not None:
+        if run_id is not None:  # resumed: how the last attempt ended no longer holds
+            self._delete_tags(run_id, [m.FAILURE_REASON_TAG, m.STATE_TAG])
             with_retries(lambda: self.client.update_run(run_id, status="RUNNING"))
             return run_id
         run = with_retries(
@@ -292,6 +324,29 @@ class Tracker:
             self._close(recorder.run_id, m.FAIL, {m.FAILURE_REASON_TAG: failure_reason(exc)})
             raise
         self._close(recorder.run_id, recorder.state, recorder.end_tags)
+
+    def close_as(self, run_id: str, state: str, reason: str | None) -> None:
+        """End a run as ``state`` whatever it was: with ``reason`` as its failure reason, or
+        without any failure reason."""
+        if reason is None:
+            self._delete_tags(run_id, [m.FAILURE_REASON_TAG])
+        self._close(run_id, state, {m.FAILURE_REASON_TAG: reason} if reason else {})
+
+    def close_running(self, parent_id: str, roles: tuple[str, ...], reason: str) -> int:
+        """Close as FAILED the parent's nested runs of ``roles`` still RUNNING; how many."""
+        closed = 0
+        for role in roles:
+            runs = self.child_runs(parent_id, role)
+            for run_id in runs["run_id"][runs["status"] == "RUNNING"] if len(runs) else []:
+                self._close(run_id, m.FAIL, {m.FAILURE_REASON_TAG: reason})
+                closed += 1
+        return closed
+
+    def _delete_tags(self, run_id: str, keys: list[str]) -> None:
+        tags = with_retries(lambda: self.client.get_run(run_id)).data.tags
+        for key in keys:
+            if key in tags:
+                with_retries(partial(self.client.delete_tag, run_id, key))
 
     def close_if_running(self, run_id: str, reason: str) -> bool:
         """Close as FAILED a run left RUNNING (its worker was killed, or the store went away

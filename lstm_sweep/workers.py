@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
+from multiprocessing.queues import SimpleQueue
 from types import FrameType
 from typing import Any, TextIO
 
@@ -28,7 +29,8 @@ import sqlalchemy
 import torch
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import Config, load_config, mask_secrets, sanity_warnings
+from lstm_sweep.config import Config, ConfigError, load_config, mask_secrets, sanity_warnings
+from lstm_sweep.faults import EXIT_STORE, StoreFailed, quiet_store_faults_in_threads, store_failure
 from lstm_sweep.processes import process_context
 from lstm_sweep.study import (
     Objective,
@@ -37,6 +39,7 @@ from lstm_sweep.study import (
     counted_trials,
     fail_stale_trials,
     open_study,
+    reconcile_runs,
     retry_failed,
     run_one_trial,
     state_counts,
@@ -58,6 +61,15 @@ class LockTimeout(RuntimeError):
 
 class SweepIncomplete(RuntimeError):
     """Workers stopped before the study held n_trials (all of them crashed or were killed)."""
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker ended: an exit status as a local worker process gives it, and a line to
+    show (masked) when it did not finish normally."""
+
+    code: int
+    message: str = ""
 
 
 class GracefulStop:
@@ -239,6 +251,7 @@ def prepare(path: str, overrides: list[str]) -> Sweep:
     """Validate the config and the data and connect to both stores; ConfigError on any fault,
     found before a run or trial exists."""
     cfg = load_config(path, overrides)
+    quiet_store_faults_in_threads()
     tasks = TaskCache()
     for variant in data_variants(cfg):
         tasks.get(variant)
@@ -253,19 +266,43 @@ def start(sweep: Sweep) -> str:
     """Open (or resume) the sweep's parent run and queue the trials a previous run lost.
 
     Under the study lock, so workers starting together on several hosts share one parent run
-    and retry each lost trial once.
+    and retry each lost trial once. What an earlier run left behind when it stopped abruptly
+    (a full disk, a killed process) is repaired first, and said: trials left RUNNING by a
+    process that is gone, and trial runs whose status disagrees with Optuna's record.
     """
     cfg = sweep.cfg
     with sweep.lock:
         params = {k: v for k, v in _flat_config(cfg).items()}
         parent_id = sweep.tracker.open_parent(cfg.study_name, params)
-        retry_failed(sweep.study, sweep.tracker)
+        lost = fail_stale_trials(sweep.study, cfg.study.grace_seconds, sweep.on_stale)
+        closed = reconcile_runs(sweep.study, sweep.tracker, parent_id)
+        retry_failed(sweep.study)
+    if lost or closed:
+        print(f"repaired: {repairs(lost, closed)}", file=sys.stderr)
     warnings = sanity_warnings(cfg)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if warnings:
         sweep.tracker.set_tags(parent_id, {m.SANITY_TAG: " | ".join(warnings)})
     return parent_id
+
+
+def repairs(lost: list[int], closed: list[int]) -> str:
+    """What start-up repaired, in words: ``lost`` trials failed and queued again, the runs of
+    ``closed`` trials closed as their trials ended."""
+    said = []
+    if lost:
+        said.append(
+            f"trial(s) {_numbers(lost)} left RUNNING by a process that is gone were failed and"
+            " queued again"
+        )
+    if closed:
+        said.append(f"the MLflow runs of trial(s) {_numbers(closed)} now end as Optuna recorded")
+    return "; ".join(said)
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(str(n) for n in sorted(numbers))
 
 
 def _flat_config(cfg: Config) -> dict[str, Any]:
@@ -331,20 +368,43 @@ def work(
         raise Interrupted
 
 
-def worker_process(path: str, overrides: list[str], parent_id: str) -> None:
+def worker_process(
+    path: str, overrides: list[str], parent_id: str, reports: SimpleQueue[str]
+) -> None:
     """Entry point of a worker process of this machine; exits 130 when stopped, 1 when the tracking
-    store or the study lock stays out of reach."""
-    sweep = prepare(path, overrides)
+    store or the study lock stays out of reach, EXIT_STORE when a store failed (its line goes to
+    the driver through ``reports``, so that the user reads it once)."""
     with GracefulStop(quiet=True) as stop:
         try:
-            work(sweep, parent_id, stop, [])
+            sweep = prepare(path, overrides)
+            with exits_on_store_failure(store_urls(sweep), reports):
+                work(sweep, parent_id, stop, [])
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
-        except (TrackingUnavailable, LockTimeout) as exc:  # one line; the driver sums up
+        except (ConfigError, TrackingUnavailable, LockTimeout) as exc:  # the driver sums up
             print(f"worker {os.getpid()}: {mask_secrets(str(exc))}", file=sys.stderr)
             sys.exit(EXIT_FAILED)
         finally:
             gc.freeze()  # as in run.py: the exit's last collection would take seconds
+
+
+def store_urls(sweep: Sweep) -> dict[str, str]:
+    """Each store's URL, by the library that writes it (what faults.store_failure names)."""
+    return {"optuna": storage_url(sweep.cfg), "mlflow": sweep.tracker.uri}
+
+
+@contextmanager
+def exits_on_store_failure(urls: dict[str, str], reports: SimpleQueue[str]) -> Iterator[None]:
+    """In a process the driver started: a store fault ends it with EXIT_STORE, its line sent
+    to the driver through ``reports`` rather than printed."""
+    try:
+        yield
+    except Exception as exc:
+        failure = store_failure(exc, urls)
+        if failure is None:
+            raise
+        reports.put(str(failure))
+        sys.exit(EXIT_STORE)
 
 
 def run_local_workers(
@@ -363,18 +423,37 @@ def run_local_workers(
         try:
             work(sweep, parent_id, stop, callbacks)
         finally:
-            wait_for(extra, on_progress)
-    check_workers(sweep.study, [p.exitcode or 0 for p in extra], sweep.cfg.study.n_trials)
+            wait_for(extra.processes, on_progress)
+    check_workers(sweep.study, extra.exits(), sweep.cfg.study.n_trials)
+
+
+@dataclass
+class Processes:
+    """Processes started by :func:`running`, and the lines they sent back before exiting."""
+
+    processes: Sequence[BaseProcess]
+    reports: SimpleQueue[str]
+
+    def exits(self) -> list[WorkerExit]:
+        """How each ended (call once they have): its exit status; a line it sent, if any."""
+        lines = []
+        while not self.reports.empty():
+            lines.append(self.reports.get())
+        said = iter(lines)  # one line from each process that exited with EXIT_STORE
+        codes = [p.exitcode or 0 for p in self.processes]
+        return [WorkerExit(c, next(said, "") if c == EXIT_STORE else "") for c in codes]
 
 
 @contextmanager
 def running(
     target: Callable[..., None], args: list[tuple[Any, ...]], stop: GracefulStop
-) -> Iterator[Sequence[BaseProcess]]:
+) -> Iterator[Processes]:
     """One process per tuple of ``args``, each a clean interpreter (no torch state of this
-    process); while the block runs, SIGTERM to this process reaches them too."""
+    process) given a queue for its last words as its last argument; while the block runs,
+    SIGTERM to this process reaches them too."""
     context = process_context()
-    processes = [context.Process(target=target, args=a) for a in args]
+    reports: SimpleQueue[str] = context.SimpleQueue()
+    processes = [context.Process(target=target, args=(*a, reports)) for a in args]
     for process in processes:
         process.start()
 
@@ -385,7 +464,7 @@ def running(
 
     stop.listeners.append(forward)
     try:
-        yield processes
+        yield Processes(processes, reports)
     finally:
         stop.listeners.remove(forward)
 
@@ -398,9 +477,14 @@ def wait_for(processes: Sequence[BaseProcess], on_progress: Callable[[], None]) 
         multiprocessing.connection.wait(alive, timeout=0.5)
 
 
-def check_workers(study: Study, exit_codes: list[int], n_trials: int) -> None:
-    """After the workers ended: Interrupted if they were stopped, SweepIncomplete if they all
-    died short of n_trials, a warning line if some died but the others finished the study."""
+def check_workers(study: Study, exits: list[WorkerExit], n_trials: int) -> None:
+    """After the workers ended: StoreFailed if a store failed under one, Interrupted if they
+    were stopped, SweepIncomplete if they all died short of n_trials, a warning line if some
+    died but the others finished the study."""
+    exit_codes = [e.code for e in exits]
+    failed = [e.message for e in exits if e.code == EXIT_STORE]
+    if failed:
+        raise StoreFailed(failed[0] or "a worker stopped: a store failed under it")
     if EXIT_INTERRUPTED in exit_codes:
         raise Interrupted
     lost = [code for code in exit_codes if code]

@@ -63,6 +63,60 @@ def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+class HeldSweep:
+    """The real command in a subprocess, its runs of ``roles`` held mid-training by the test's
+    hold (tests/pause/sitecustomize.py) until :meth:`release`: the test acts on a sweep in a
+    known state, whatever the machine's speed. Its stderr goes to a file (nobody reads a pipe
+    until the end); the process is killed if the block ends with it still running."""
+
+    def __init__(self, args: list[str], roles: str, folder: Path, cwd: Path | None = None) -> None:
+        self.args, self.cwd, self.roles = args, cwd, roles.split(",")
+        self.folder = folder / "hold"
+        self.folder.mkdir(parents=True)
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "pause")]),
+            "LSTM_SWEEP_PAUSE": roles,
+            "LSTM_SWEEP_PAUSE_DIR": str(self.folder),
+        }
+        self.log_path = folder / "stderr.txt"
+
+    def __enter__(self) -> HeldSweep:
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            self.args, env=self.env, cwd=self.cwd, stderr=self.log, stdout=subprocess.DEVNULL
+        )
+        return self
+
+    def held(self, count: int, role: str | None = None) -> list[int]:
+        """Once ``count`` runs (of ``role``, or of any role held) are held: their process ids."""
+        pattern = f"{role or '*'}-[0-9]*"
+
+        def marks() -> list[int] | None:
+            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+            found = [int(p.name.rsplit("-", 1)[1]) for p in self.folder.glob(pattern)]
+            return found if len(found) >= count else None
+
+        return wait_for(marks)
+
+    def release(self, role: str | None = None) -> None:
+        """Let the runs of ``role`` (or of every role held) go on, and those yet to come."""
+        for name in [role] if role else self.roles:
+            (self.folder / f"go-{name}").touch()
+
+    def finish(self, timeout: float = 180) -> tuple[int, str]:
+        """Let the runs go and wait for the command: its exit status and its stderr."""
+        self.release()
+        self.process.wait(timeout=timeout)
+        return self.process.returncode, self.log_path.read_text()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
 def write_series(path: Path, values: np.ndarray, **extra: np.ndarray) -> Path:
     """A weekly series as a CSV with a `date` column and a `y` target."""
     frame = pd.DataFrame(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -20,12 +19,13 @@ import yaml
 from lstm_sweep import metrics as m
 from lstm_sweep import select
 from lstm_sweep.config import load_config
-from lstm_sweep.run import main
+from lstm_sweep.run import INTERRUPTED, main
 from lstm_sweep.study import open_study
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
 from tests.helpers import (
     QUICK,
+    HeldSweep,
     command,
     environment,
     fresh_database,
@@ -233,27 +233,39 @@ def test_the_same_seed_gives_the_same_trials_at_every_diagnostics_level_and_on_a
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes_it(stores: Path) -> None:
-    """The real command: SIGTERM mid-trial exits 130 with the trial closed in both stores;
-    the same command resumes to exactly n_trials with nothing left RUNNING."""
+def test_sigterm_stops_both_workers_cleanly_and_the_rerun_finishes_the_study(
+    stores: Path,
+) -> None:
+    """The real command with two workers (this process and one forked from the server), both
+    held mid-trial: SIGTERM exits 130 with one line saying what to do, both trials closed as
+    failed in both stores and no process of the sweep left behind; the same command (with one
+    worker now: budgets may change) retries exactly those settings and finishes the study."""
     args = stoppable_sweep()
-    code, err = sigterm_when(args, lambda: running(stores), stores)
+    with HeldSweep([*args, "--workers=2"], m.ROLE_TRIAL, stores.parent) as sweep:
+        sweep.held(2)
+        sweep.process.send_signal(signal.SIGTERM)
+        code, err = sweep.finish()
     assert code == 130, err
     assert "Traceback" not in err and "SIGTERM: stopping after this epoch" in err
-    stopped = load_study(stores).trials[-1]
-    assert stopped.state.name == "FAIL"
+    assert err.strip().splitlines()[-1] == INTERRUPTED["trials"]
+    stopped = load_study(stores).trials
+    assert [t.state.name for t in stopped] == ["FAIL", "FAIL"]
+    assert len({t.user_attrs[m.WORKER_ATTR] for t in stopped}) == 2
     client = mlflow_client(stores)
-    run = client.get_run(stopped.user_attrs[m.RUN_ID_ATTR])
-    assert (run.info.status, run.data.tags[m.FAILURE_REASON_TAG]) == (
-        "FAILED",
-        m.INTERRUPTED_REASON,
-    )
+    for trial in stopped:
+        run = client.get_run(trial.user_attrs[m.RUN_ID_ATTR])
+        assert (run.info.status, run.data.tags[m.FAILURE_REASON_TAG]) == (
+            "FAILED",
+            m.INTERRUPTED_REASON,
+        )
+    assert wait_for(lambda: not processes_in(stores.parent), timeout=10)  # the server too
 
     assert subprocess.run(args, env=environment(), capture_output=True).returncode == 0
     study = load_study(stores)
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 2
-    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == stopped.number]
-    assert len(retry) == 1 and retry[0].params == stopped.params
+    for trial in stopped:
+        retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+        assert len(retry) == 1 and retry[0].params == trial.params
     runs = [
         *runs_of(client, "co2-quick", m.ROLE_TRIAL),
         *runs_of(client, "co2-quick", m.ROLE_SWEEP),
@@ -262,66 +274,20 @@ def test_sigterm_stops_the_sweep_cleanly_and_the_rerun_finishes_it(stores: Path)
     assert len(runs) == len(study.trials) + 1
 
 
-@pytest.mark.slow
-def test_sigterm_stops_both_forked_workers_and_their_server(stores: Path) -> None:
-    """Two workers (this process and one forked from the server): SIGTERM while both train
-    exits 130, closes both trials in both stores and leaves no process of the sweep behind;
-    the same command then finishes the study."""
-    args = stoppable_sweep("--workers=2")
-    code, err = sigterm_when(args, lambda: both_training(stores), stores)
-    assert code == 130, err
-    assert "Traceback" not in err
-    stopped = [t for t in load_study(stores).trials if t.state.name == "FAIL"]
-    assert len({t.user_attrs[m.WORKER_ATTR] for t in stopped}) == 2
-    client = mlflow_client(stores)
-    assert all(r.info.status != "RUNNING" for r in runs_of(client, "co2-quick", m.ROLE_TRIAL))
-    assert wait_for(lambda: not processes_in(stores), timeout=10)  # the server is gone too
-
-    assert subprocess.run(args, env=environment(), capture_output=True).returncode == 0
-    counted = [t for t in load_study(stores).trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(counted) == 2
-
-
-def stoppable_sweep(*extra: str) -> list[str]:
-    """The real command on two trials of seconds: a wide window to stop them mid-trial (the
-    closing stage is not under test: only the trials' own)."""
+def stoppable_sweep() -> list[str]:
+    """The real command on two short trials that nothing ends early (the closing stage is not
+    under test: only the trials' own)."""
     return command(
         *sweep_args(
             "study.n_trials=2",
-            "train.max_epochs=60",
-            "train.patience=60",
+            "train.max_epochs=6",
+            "train.patience=6",
             "study.pruner.type=none",
             "report.top_k=1",
             "report.seeds=1",
             "report.final_model=false",
-        ),
-        *extra,
+        )
     )
-
-
-def sigterm_when(args: list[str], ready: Callable[[], bool], stores: Path) -> tuple[int, str]:
-    """Run ``args``, send SIGTERM once ``ready()``; its exit status and its stderr."""
-    log = (stores / "stderr.txt").open("w+")  # a file, not a pipe nobody reads until the end
-    sweep = subprocess.Popen(args, env=environment(), stderr=log, text=True)
-    wait_for(ready)
-    sweep.send_signal(signal.SIGTERM)
-    sweep.wait(timeout=120)
-    log.seek(0)
-    return sweep.returncode, log.read()
-
-
-def trials_so_far(stores: Path) -> list[optuna.trial.FrozenTrial]:
-    if not (stores / "optuna.db").exists():  # loading it would create it under the sweep
-        return []
-    try:
-        return load_study(stores).trials
-    except Exception:  # the sweep is still creating the study or its tables
-        return []
-
-
-def both_training(stores: Path) -> bool:
-    trials = trials_so_far(stores)
-    return sum(t.state.name == "RUNNING" and bool(t.intermediate_values) for t in trials) == 2
 
 
 def processes_in(folder: Path) -> list[int]:
@@ -337,13 +303,6 @@ def processes_in(folder: Path) -> list[int]:
         except OSError:  # gone, or not ours to look at
             continue
     return found
-
-
-def running(stores: Path) -> bool:
-    """One trial finished and the next one training."""
-    trials = trials_so_far(stores)
-    states = [t.state.name for t in trials]
-    return "COMPLETE" in states and states[-1] == "RUNNING" and bool(trials[-1].intermediate_values)
 
 
 @pytest.mark.slow

@@ -3,11 +3,16 @@ seeded per trial, the study's record of its settings, and lost trials."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import TrialState
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, ConfigError
@@ -20,6 +25,7 @@ from lstm_sweep.study import (
     make_pruner,
     make_sampler,
     open_study,
+    reconcile_runs,
     retry_failed,
     suggest_params,
 )
@@ -121,13 +127,70 @@ def test_a_running_trial_that_never_beat_is_failed_and_its_settings_retried(
     study = open_study(cfg, "sweep.yaml", handler)
     lost = study.ask()  # RUNNING; its worker "died" before the first heartbeat
     suggest_params(lost, cfg.search)
-    assert fail_stale_trials(study, cfg.study.grace_seconds, handler) == 0  # still young
+    assert fail_stale_trials(study, cfg.study.grace_seconds, handler) == []  # still young
     time.sleep(2.5)
-    assert fail_stale_trials(study, cfg.study.grace_seconds, handler) == 1
+    assert fail_stale_trials(study, cfg.study.grace_seconds, handler) == [0]
     states = [t.state.name for t in study.trials]
     assert states == ["FAIL", "WAITING"]
     assert study.trials[1].params == study.trials[0].params
-    assert retry_failed(study, tracker) == 0  # already queued once
+    assert retry_failed(study) == 0  # already queued once
+
+
+def test_a_running_trial_whose_local_process_is_gone_is_failed_at_once(
+    tiny_cfg: Config, tracker: Tracker
+) -> None:
+    handler = StaleTrialHandler(tracker)
+    study = open_study(tiny_cfg, "sweep.yaml", handler)  # SQLite: every worker is local
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    gone = int(ended.stdout)
+    workers = [f"{socket.gethostname()}:{gone}", m.this_process(), f"another-host:{gone}"]
+    for worker in workers:
+        study.ask().set_user_attr(m.WORKER_ATTR, worker)
+    assert fail_stale_trials(study, tiny_cfg.study.grace_seconds, handler) == [0]
+    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "RUNNING", "WAITING"]
+
+
+def test_each_trial_run_is_made_to_end_as_optuna_recorded_its_trial(
+    tiny_cfg: Config, tracker: Tracker
+) -> None:
+    """What a fault between the two stores' writes leaves, repaired: Optuna is the truth."""
+    study = open_study(tiny_cfg, "sweep.yaml")
+    parent = tracker.open_parent(tiny_cfg.study_name, {})
+    left = [  # (Optuna's state, how the run was left: closed as a state, or None for RUNNING)
+        (TrialState.FAIL, m.COMPLETE),  # the run closed, then Optuna failed to record the value
+        (TrialState.COMPLETE, None),  # Optuna recorded it, the run was never closed
+        (TrialState.FAIL, None),  # the process died mid-trial
+        (TrialState.PRUNED, m.PRUNED),  # in agreement
+        (TrialState.RUNNING, None),  # still training somewhere
+    ]
+    runs = []
+    for state, run_state in left:
+        trial = study.ask()
+        tags = {MLFLOW_PARENT_RUN_ID: parent, m.ROLE_TAG: m.ROLE_TRIAL, m.TRIAL_TAG: trial.number}
+        run_id = tracker.client.create_run(tracker.experiment_id, tags=tags).info.run_id
+        if run_state is not None:
+            tracker.close_as(run_id, run_state, None)
+        if state != TrialState.RUNNING:
+            study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
+        runs.append(run_id)
+
+    assert reconcile_runs(study, tracker, parent) == [0, 1, 2]
+    ended = [tracker.client.get_run(run_id) for run_id in runs]
+    assert [(r.info.status, r.data.tags.get(m.STATE_TAG)) for r in ended] == [
+        ("FAILED", "FAIL"),
+        ("FINISHED", "COMPLETE"),
+        ("FAILED", "FAIL"),
+        ("KILLED", "PRUNED"),
+        ("RUNNING", None),
+    ]
+    reasons = [r.data.tags.get(m.FAILURE_REASON_TAG) for r in ended[:3]]
+    assert reasons == [m.UNRECORDED_REASON, None, m.UNCLOSED_REASON]
+    assert reconcile_runs(study, tracker, parent) == []  # once repaired, left alone
 
 
 def test_an_unreachable_storage_is_one_masked_line(tiny_cfg: Config) -> None:

@@ -125,7 +125,7 @@ def test_a_run_left_running_is_closed_failed_once(tracker: Tracker) -> None:
 
 
 def test_with_retries_backs_off_through_a_blink_and_gives_up_with_a_masked_reason(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     waits: list[float] = []
     monkeypatch.setattr(tracking.time, "sleep", waits.append)
@@ -139,6 +139,8 @@ def test_with_retries_backs_off_through_a_blink_and_gives_up_with_a_masked_reaso
 
     assert with_retries(flaky, attempts=4, first_wait=1.0) == "ok"
     assert waits == [1.0, 2.0]
+    said = capsys.readouterr().err.splitlines()  # one line while it waits, not one per try
+    assert said == ["waiting for the tracking store (blink): retrying for up to 7 s"]
 
     def down() -> None:
         raise OSError(f"no route to {url_with_password('http://user@mlflow:5000', PASSWORD)}")

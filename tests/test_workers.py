@@ -20,11 +20,19 @@ import pytest
 from lstm_sweep import metrics as m
 from lstm_sweep import processes
 from lstm_sweep.config import Config
+from lstm_sweep.faults import EXIT_STORE, StoreFailed
 from lstm_sweep.study import Objective, open_study
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
 from lstm_sweep.train import Interrupted
-from lstm_sweep.workers import GracefulStop, LockTimeout, StudyLock, check_workers
+from lstm_sweep.workers import (
+    GracefulStop,
+    LockTimeout,
+    StudyLock,
+    WorkerExit,
+    check_workers,
+    running,
+)
 from tests.helpers import fresh_database, mlflow_client, postgres_or_skip
 
 
@@ -89,19 +97,38 @@ def test_a_postgres_lock_names_the_client_that_holds_it(tiny_cfg: Config) -> Non
             lock.dispose()
 
 
-def test_worker_exit_codes_decide_between_interrupted_incomplete_and_a_warning(
+def test_worker_exits_decide_between_a_store_failure_interrupted_incomplete_and_a_warning(
     stores: Path, tiny_cfg: Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lstm_sweep.workers import SweepIncomplete
 
     study = open_study(tiny_cfg, "sweep.yaml")
+    said = "the MLflow store sqlite:///x: out of space (disk full); free some space there"
+    with pytest.raises(StoreFailed, match="out of space"):  # it outranks the others
+        check_workers(study, [WorkerExit(130), WorkerExit(EXIT_STORE, said)], n_trials=1)
     with pytest.raises(Interrupted):
-        check_workers(study, [0, 130], n_trials=1)
+        check_workers(study, [WorkerExit(0), WorkerExit(130)], n_trials=1)
     with pytest.raises(SweepIncomplete, match="holds 0 of 1"):
-        check_workers(study, [-9], n_trials=1)
+        check_workers(study, [WorkerExit(-9)], n_trials=1)
     study.add_trial(optuna.trial.create_trial(value=1.0))
-    check_workers(study, [-9], n_trials=1)
+    check_workers(study, [WorkerExit(-9)], n_trials=1)
     assert "1 worker(s) lost" in capsys.readouterr().err
+
+
+def send_last_words(line: str, reports: Any) -> None:
+    """Run in a process started by ``running``: a store failure's line, then its exit status."""
+    if line:
+        reports.put(line)
+        sys.exit(EXIT_STORE)
+
+
+@pytest.mark.slow
+def test_the_processes_a_sweep_starts_send_their_store_failure_to_the_driver() -> None:
+    args = [("",), ("full",)]
+    with GracefulStop(quiet=True) as stop, running(send_last_words, args, stop) as started:
+        for process in started.processes:
+            process.join()
+    assert started.exits() == [WorkerExit(0), WorkerExit(EXIT_STORE, "full")]
 
 
 def what_a_worker_finds(answers: Any) -> None:
