@@ -88,6 +88,10 @@ class Fault:
 class StoreFailed(RuntimeError):
     """A store failed for a reason no retry cures; the message is the line the user reads."""
 
+    def __init__(self, line: str, fault: Fault | None = None) -> None:
+        super().__init__(line)
+        self.fault = fault
+
 
 def classify(exc: BaseException) -> Fault | None:
     """The store fault behind ``exc``, found anywhere in its chain of causes, or None. The
@@ -97,8 +101,7 @@ def classify(exc: BaseException) -> Fault | None:
         kind = _kind(error)
         if kind is not None:
             filename = getattr(error, "filename", None)
-            cause = str(error).strip().splitlines()[0] if str(error).strip() else kind
-            found = Fault(kind, mask_secrets(cause)[:200], library, filename)
+            found = Fault(kind, mask_secrets(first_line(error)), library, filename)
     return found
 
 
@@ -160,12 +163,32 @@ def store_failure(exc: BaseException, urls: Mapping[str, str]) -> StoreFailed | 
     fault = classify(exc)
     if fault is None:
         return None
-    if fault.library is not None:
+    if fault.library is not None and fault.library in urls:
         name, key = STORES[fault.library]
         where = f"{name} {mask_secrets(urls[fault.library])}"
     else:
         where, key = fault.filename or "a file of the sweep", "tracking.uri / study.storage"
-    return StoreFailed(f"{where}: {WHAT[fault.kind]} ({fault.cause}); {fault.way_out(key)}")
+    line = f"{where}: {WHAT[fault.kind]} ({fault.cause}); {fault.way_out(key)}"
+    return StoreFailed(line, fault)
+
+
+def refused_at_start(exc: BaseException, source: str, key: str, url: str) -> Exception:
+    """What a store's failure to open becomes: a full disk or an I/O error, a StoreFailed (the
+    machine's fault: free space and run again); a damaged, read-only or locked store, a
+    ConfigError naming the key (point it elsewhere, or mend it); anything else, unreachable."""
+    library = "optuna" if key == "study.storage" else "mlflow"
+    failure = store_failure(exc, {library: url})
+    if failure is not None and failure.fault is not None and failure.fault.kind in (FULL, IO):
+        return failure
+    if failure is not None:
+        return ConfigError(source, key, url, str(failure).split(": ", 1)[1])
+    return ConfigError(source, key, url, f"unreachable: {first_line(exc)}")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def check_local_store(url: str, source: str, key: str) -> None:

@@ -100,6 +100,7 @@ class SweepSummary:
     finished: int
     pruned: int
     failed: int
+    unstable: int  # of the pruned: the loss blew up
     best_number: int | None
     best_value: float | None
     best_values: dict[str, Any]
@@ -122,12 +123,34 @@ def summarise(
         finished=int(states.get(m.COMPLETE, 0)),
         pruned=int(states.get(m.PRUNED, 0)),
         failed=int(states.get(m.FAIL, 0)),
+        unstable=int((table["verdict"] == "unstable").sum()) if "verdict" in table else 0,
         best_number=int(best["number"]) if best is not None else None,
         best_value=float(best["value"]) if best is not None else None,
         best_values={k: plain(best[k]) for k in keys} if best is not None else {},
         naive_val_loss=naive_val_loss,
         table=done[columns].reset_index(drop=True),
         monitor=monitor,
+    )
+
+
+def nothing_finished(summary: SweepSummary) -> str:
+    """Why no trial finished, and what to change."""
+    why = []
+    if summary.unstable:
+        why.append(
+            f"{summary.unstable} unstable (the loss blew up: search lower learning rates, or"
+            " set train.grad_clip)"
+        )
+    if summary.pruned > summary.unstable:
+        why.append(
+            f"{summary.pruned - summary.unstable} pruned early (let trials train longer before"
+            " the pruner judges: study.pruner.n_warmup_steps)"
+        )
+    if summary.failed:
+        why.append(f"{summary.failed} failed (each trial run's failure_reason says why)")
+    return (
+        f"No trial finished, so there is nothing to recommend: {'; '.join(why) or 'none ran'}."
+        " Change the sweep file and run it as a new study (--set study.name=...)."
     )
 
 
@@ -203,7 +226,7 @@ def format_summary(
         f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed."
     )
     if summary.best_number is None or summary.best_value is None:
-        lines.append("No trial finished: nothing to recommend yet.")
+        lines.append(nothing_finished(summary))
     else:
         lines += [
             f"Best trial #{summary.best_number}: {summary.monitor} {summary.best_value:.4g}"

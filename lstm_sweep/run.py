@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StoreFailed as exc:  # a full disk, say, when the stores were opened
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STORE
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED['start-up']}", file=sys.stderr)
         return 130

@@ -37,7 +37,12 @@ from lstm_sweep.study import (
     trials_frame,
 )
 from lstm_sweep.tasks import TaskCache
-from lstm_sweep.tracking import Tracker, TrackingUnavailable, failure_reason
+from lstm_sweep.tracking import (
+    Tracker,
+    TrackingUnavailable,
+    default_tracking_uri,
+    failure_reason,
+)
 from lstm_sweep.train import Interrupted
 from lstm_sweep.workers import (
     EXIT_INTERRUPTED,
@@ -127,10 +132,11 @@ def conclude(
     cfg, study, tracker = sweep.cfg, sweep.study, sweep.tracker
     counted = counted_trials(study)
     if counted < cfg.study.n_trials:
+        held = f"the study holds {counted} of {cfg.study.n_trials} trials"
+        tracker.stop_parent(parent_id, f"study.timeout reached: {held}")
         return (
-            f"The study holds {counted} of {cfg.study.n_trials} trials (study.timeout reached):"
-            " run the same command again to continue; the report and the registered model come"
-            " once it is complete."
+            f"{held.capitalize()} (study.timeout reached): run the same command again to"
+            " continue; the report and the registered model come once it is complete."
         )
     claim = StudyLock(storage_url(cfg), cfg.study_name, cfg.study.lock_timeout, "report")
     if not claim.try_acquire():
@@ -146,6 +152,7 @@ def conclude(
         asked = {"n_trials": counted, "report": report_settings(cfg)}
         current = all(recorded.get(key) == value for key, value in asked.items())
         if current and recorded.get("reported_by"):
+            tracker.finish_parent(parent_id, m.COMPLETE)  # this start reopened it
             return (
                 f"Study {cfg.study_name!r} is complete; its report was written by"
                 f" {recorded['reported_by']}: {tracker.ui_command(parent_id)}"
@@ -298,10 +305,10 @@ def reevaluation_process(
     ``reports``). Any other failure leaves that run FAILED: the Selector trains it again."""
     torch.set_num_threads(1)  # as the trial workers: processes use the cores
     cfg = load_config(path, overrides)
-    tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
-    urls = {"optuna": storage_url(cfg), "mlflow": tracker.uri}
-    gc.freeze()  # as a trial worker does once started: the collector skips start-up's objects
-    with GracefulStop(quiet=True) as stop, exits_on_store_failure(urls, reports):
+    urls = {"optuna": storage_url(cfg), "mlflow": cfg.tracking.uri or default_tracking_uri()}
+    with GracefulStop(quiet=True) as stop, exits_on_store_failure(reports, urls):
+        tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
+        gc.freeze()  # as a trial worker does once started: the collector skips what is here
         selector = Selector(cfg, TaskCache(), tracker, parent_id, stop, progress=False)
         try:
             for setting, seed in iter(jobs.get, None):

@@ -31,7 +31,7 @@ from lstm_sweep.config import (
     mask_secrets,
     study_fingerprint,
 )
-from lstm_sweep.faults import check_local_store, classify, store_failure
+from lstm_sweep.faults import check_local_store, classify, refused_at_start
 from lstm_sweep.record import train_in_run
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import (
@@ -197,10 +197,7 @@ def open_study(
     except TrackingUnavailable as exc:  # the storage stayed out of reach through the retries
         raise ConfigError(source, "study.storage", url, f"unreachable: {exc.reason}") from None
     except Exception as exc:  # a fault no retry cures: the disk is full, the file damaged
-        failure = store_failure(exc, {"optuna": url, "mlflow": url})
-        if failure is None:
-            raise
-        raise ConfigError(source, "study.storage", url, str(failure).split(": ", 1)[1]) from None
+        raise refused_at_start(exc, source, "study.storage", url) from None
     if stored is None:
         if study.get_trials(deepcopy=False):
             raise ConfigError(

@@ -43,14 +43,15 @@ from sqlalchemy.engine import Engine
 from torch import nn
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import ConfigError, mask_secrets, without_password
+from lstm_sweep.config import mask_secrets, without_password
 from lstm_sweep.faults import (
     LOCKED,
     WHAT,
     DropStoreFaults,
     check_local_store,
     classify,
-    store_failure,
+    first_line,
+    refused_at_start,
 )
 from lstm_sweep.train import Callback, History
 
@@ -146,10 +147,6 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-
-
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
     """Fail fast (OSError) when nothing answers at an http(s) tracking URI: MLflow's client
     would retry for minutes first. Any HTTP answer, even an error, means a server is there.
@@ -217,10 +214,8 @@ class Tracker:
             with creating(self.uri):
                 self.client = MlflowClient(self.uri, registry_uri=self.uri)
                 found = self.client.get_experiment_by_name(experiment)
-        except Exception as exc:  # a local fault is named; any other means "unreachable"
-            failure = store_failure(exc, {"optuna": self.uri, "mlflow": self.uri})
-            rule = str(failure).split(": ", 1)[1] if failure else f"unreachable: {first_line(exc)}"
-            raise ConfigError(source, "tracking.uri", self.uri, rule) from None
+        except Exception as exc:  # a store fault is named; any other means "unreachable"
+            raise refused_at_start(exc, source, "tracking.uri", self.uri) from None
         self._experiment_id = found.experiment_id if found else None
 
     @property
@@ -289,6 +284,12 @@ class Tracker:
     def finish_parent(self, run_id: str, state: str, reason: str | None = None) -> None:
         tags = {m.FAILURE_REASON_TAG: reason} if reason else {}
         self._close(run_id, state, tags)
+
+    def stop_parent(self, run_id: str, reason: str) -> None:
+        """End the sweep's run as KILLED: it stopped on its budget, short of n_trials (neither
+        a failure nor a finished study); ``reason`` says so."""
+        self.set_tags(run_id, {m.FAILURE_REASON_TAG: reason})
+        with_retries(lambda: self.client.set_terminated(run_id, "KILLED"))
 
     @contextmanager
     def child_run(

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -357,13 +357,20 @@ def optimize(
 def work(
     sweep: Sweep, parent_id: str, stop: GracefulStop, callbacks: list[Callable[..., None]]
 ) -> None:
-    """One worker: run trials until the study holds n_trials; Interrupted if asked to stop."""
+    """One worker: run trials until the study holds n_trials; Interrupted if asked to stop,
+    StoreFailed if a store failed under it."""
     # One thread per worker process, however many workers: the models are small, so a second
     # intra-op thread mostly waits on the first, and next to any other busy process its
     # spinning slows a fit down tenfold or more (measured); processes use the cores instead.
     torch.set_num_threads(1)
     objective = Objective(sweep.cfg, sweep.tasks, sweep.tracker, parent_id, stop)
-    optimize(sweep, objective, callbacks, stop)
+    try:
+        optimize(sweep, objective, callbacks, stop)
+    except Exception as exc:  # a store fault becomes its one line; anything else goes on
+        failure = store_failure(exc, store_urls(sweep))
+        if failure is None:
+            raise
+        raise failure from None
     if stop.requested:  # asked between two trials
         raise Interrupted
 
@@ -374,11 +381,10 @@ def worker_process(
     """Entry point of a worker process of this machine; exits 130 when stopped, 1 when the tracking
     store or the study lock stays out of reach, EXIT_STORE when a store failed (its line goes to
     the driver through ``reports``, so that the user reads it once)."""
-    with GracefulStop(quiet=True) as stop:
+    with GracefulStop(quiet=True) as stop, exits_on_store_failure(reports):
         try:
             sweep = prepare(path, overrides)
-            with exits_on_store_failure(store_urls(sweep), reports):
-                work(sweep, parent_id, stop, [])
+            work(sweep, parent_id, stop, [])
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
         except (ConfigError, TrackingUnavailable, LockTimeout) as exc:  # the driver sums up
@@ -394,13 +400,16 @@ def store_urls(sweep: Sweep) -> dict[str, str]:
 
 
 @contextmanager
-def exits_on_store_failure(urls: dict[str, str], reports: SimpleQueue[str]) -> Iterator[None]:
-    """In a process the driver started: a store fault ends it with EXIT_STORE, its line sent
-    to the driver through ``reports`` rather than printed."""
+def exits_on_store_failure(
+    reports: SimpleQueue[str], urls: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """In a process the driver started: a store fault (a StoreFailed, or a fault of the stores
+    at ``urls``) ends it with EXIT_STORE, its line sent to the driver through ``reports`` rather
+    than printed."""
     try:
         yield
     except Exception as exc:
-        failure = store_failure(exc, urls)
+        failure = store_failure(exc, urls or {})
         if failure is None:
             raise
         reports.put(str(failure))

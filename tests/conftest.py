@@ -89,14 +89,15 @@ def finished(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) ->
 
     folder = tmp_path_factory.mktemp("finished")
     root = new_stores(folder, mlflow_template)
-    extra = ["report.model_name=co2-tiny", "study.n_trials=5", "diagnostics.level=full"]
+    args = sweep_args("report.model_name=co2-tiny", "study.n_trials=5", "diagnostics.level=full")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        assert main(sweep_args(*extra)) == 0
+        assert main(args) == 0
     client = mlflow_client(root)
     experiment = client.get_experiment_by_name("co2-quick").experiment_id
     (parent,) = runs_of(client, "co2-quick", "sweep")
     return SimpleNamespace(
+        args=args,
         root=root,
         folder=folder,
         study=load_study(root),

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 
 from lstm_sweep import metrics as m
 from lstm_sweep import tracking
+from lstm_sweep.config import Config
 from lstm_sweep.faults import (
     DAMAGED,
     EXIT_STORE,
@@ -37,6 +38,7 @@ from lstm_sweep.faults import (
     store_failure,
 )
 from lstm_sweep.run import INTERRUPTED, main
+from lstm_sweep.study import open_study
 from lstm_sweep.tracking import Tracker
 from tests.conftest import new_stores
 from tests.helpers import (
@@ -322,34 +324,33 @@ def damage(path: Path) -> None:
     ("store", "key"), [("mlflow.db", "tracking.uri"), ("optuna.db", "study.storage")]
 )
 def test_a_damaged_store_is_named_at_once_in_one_line(
-    finished,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    stores: Path,
+    tiny_cfg: Config,
     capsys: pytest.CaptureFixture[str],
     store: str,
     key: str,
 ) -> None:
-    shutil.copytree(finished.root, tmp_path / "mlruns")
-    monkeypatch.chdir(tmp_path)
-    damage(tmp_path / "mlruns" / store)
+    open_study(tiny_cfg, "sweep.yaml")  # both stores exist, with their tables
+    damage(stores / store)
     assert main(sweep_args()) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()  # no retry warnings before it
-    assert line.startswith(
-        f"error: {sweep_args()[0]}: {key} = 'sqlite:///{tmp_path / 'mlruns' / store}':"
-    )
-    assert "the database file is damaged (database disk image is malformed)" in line
+    assert line.startswith(f"error: {sweep_args()[0]}: {key} = 'sqlite:///{stores / store}':")
+    assert "the database file is damaged (" in line
     assert line.endswith(f"restore the file from a backup, or point {key} at a new store")
 
 
 def test_a_read_only_store_is_named_as_such_not_as_unreachable(
-    finished, small_disk: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    small_disk: Path,
+    mlflow_template: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    shutil.copytree(finished.root, small_disk / "mlruns")
-    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    root = new_stores(small_disk, mlflow_template)
     monkeypatch.chdir(small_disk)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     assert main(sweep_args()) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert f"not writable ({small_disk / 'mlruns'} is not writable)" in line
+    assert f"not writable ({root} is not writable)" in line
     assert "unreachable" not in line and line.endswith("point tracking.uri at a writable place")
 
 

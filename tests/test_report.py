@@ -13,7 +13,14 @@ import yaml
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import SearchParam
-from lstm_sweep.report import hard_windows, naive_comparison, neighbourhood, surface
+from lstm_sweep.report import (
+    format_summary,
+    hard_windows,
+    naive_comparison,
+    neighbourhood,
+    summarise,
+    surface,
+)
 from lstm_sweep.run import main
 from tests.helpers import runs_of
 
@@ -21,6 +28,27 @@ SEARCH = {
     "model.dropout": SearchParam(type="float", low=0.0, high=0.5),
     "train.weight_decay": SearchParam(type="float", low=1e-6, high=1e-1, log=True),
 }
+
+
+def test_a_study_where_no_trial_finished_says_why_and_what_to_change() -> None:
+    table = pd.DataFrame(
+        {
+            "number": [0, 1, 2, 3],
+            "state": ["PRUNED", "PRUNED", "PRUNED", "FAIL"],
+            "value": [math.nan] * 4,
+            "verdict": ["unstable", "unstable", "undecided", None],
+        }
+    )
+    summary = summarise(table, [], "minimize", "val_loss", naive_val_loss=1.0)
+    said = format_summary(summary, None, "forecast", "open it").splitlines()
+    assert said[0] == "Trials: 0 finished, 3 pruned, 1 failed."
+    assert said[1] == (
+        "No trial finished, so there is nothing to recommend: 2 unstable (the loss blew up:"
+        " search lower learning rates, or set train.grad_clip); 1 pruned early (let trials"
+        " train longer before the pruner judges: study.pruner.n_warmup_steps); 1 failed (each"
+        " trial run's failure_reason says why). Change the sweep file and run it as a new study"
+        " (--set study.name=...)."
+    )
 
 
 def test_the_surface_is_the_median_per_cell_with_every_cell_shown() -> None:

@@ -5,6 +5,7 @@ same study wherever it is stored; no password is written anywhere."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from lstm_sweep import metrics as m
 from lstm_sweep import select
+from lstm_sweep import study as study_module
 from lstm_sweep.config import load_config
 from lstm_sweep.run import INTERRUPTED, main
 from lstm_sweep.study import open_study
@@ -303,6 +305,53 @@ def processes_in(folder: Path) -> list[int]:
         except OSError:  # gone, or not ours to look at
             continue
     return found
+
+
+def test_a_bug_shows_its_traceback_then_one_line_on_what_it_means_for_the_study(
+    stores: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug in training")
+
+    monkeypatch.setattr(study_module, "train_in_run", boom)
+    assert main(sweep_args()) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback (most recent call last):" in err
+    assert err[-1] == (
+        "error: lstm_sweep failed (ZeroDivisionError: a bug in training): the trial in flight"
+        " was closed as failed and every finished trial is kept: run the same command again to"
+        " resume; the traceback above is worth reporting"
+    )
+    client = mlflow_client(stores)
+    (parent,) = runs_of(client, "co2-quick", m.ROLE_SWEEP)
+    (trial,) = runs_of(client, "co2-quick", m.ROLE_TRIAL)
+    for run in (parent, trial):
+        assert run.info.status == "FAILED"
+        assert run.data.tags[m.FAILURE_REASON_TAG] == "ZeroDivisionError: a bug in training"
+
+
+def test_a_sweep_stopped_by_its_timeout_ends_its_run_as_killed_and_says_how_to_go_on(
+    stores: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(sweep_args("study.timeout=0.001")) == 0  # over before a trial finishes
+    assert "(study.timeout reached): run the same command again to continue" in (
+        capsys.readouterr().out
+    )
+    (parent,) = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_SWEEP)
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags[m.FAILURE_REASON_TAG].startswith("study.timeout reached: the study")
+
+
+@pytest.mark.slow
+def test_the_same_command_on_a_finished_study_leaves_its_run_finished(
+    finished, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(finished.root, tmp_path / "mlruns")
+    monkeypatch.chdir(tmp_path)
+    assert main(finished.args) == 0
+    assert "Study 'co2-quick' is complete; its report was written by" in capsys.readouterr().out
+    parent = mlflow_client(tmp_path / "mlruns").get_run(finished.parent.info.run_id)
+    assert (parent.info.status, parent.data.tags[m.STATE_TAG]) == ("FINISHED", "COMPLETE")
 
 
 @pytest.mark.slow
