@@ -33,7 +33,7 @@ import torch
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, ConfigError, load_config, mask_secrets
-from lstm_sweep.faults import EXIT_STORE, store_failure
+from lstm_sweep.faults import EXIT_STORE, StoreFailed, store_failure
 from lstm_sweep.study import Objective
 from lstm_sweep.tracking import TrackingUnavailable
 from lstm_sweep.train import Interrupted
@@ -204,6 +204,8 @@ class SweepWorker:
             sweep = prepare(self.path, self.overrides)
         except ConfigError as exc:
             return WorkerExit(EXIT_FAILED, f"worker {here}: {exc}")
+        except StoreFailed as exc:  # a full disk, say, when it opened the stores
+            return WorkerExit(EXIT_STORE, str(exc))
         try:
             torch.set_num_threads(self.threads)  # the CPUs Ray reserved, not the node's count
             objective = Objective(

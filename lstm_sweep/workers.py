@@ -46,7 +46,7 @@ from lstm_sweep.study import (
     storage_url,
 )
 from lstm_sweep.tasks import TaskCache
-from lstm_sweep.tracking import Tracker, TrackingUnavailable
+from lstm_sweep.tracking import STORE_ROOT, Tracker, TrackingUnavailable
 from lstm_sweep.train import Interrupted
 
 EXIT_FAILED = 1
@@ -395,8 +395,10 @@ def worker_process(
 
 
 def store_urls(sweep: Sweep) -> dict[str, str]:
-    """Each store's URL, by the library that writes it (what faults.store_failure names)."""
-    return {"optuna": storage_url(sweep.cfg), "mlflow": sweep.tracker.uri}
+    """Each store's URL, by the library that writes it, and where the sweep writes its own
+    files (the report): what faults.store_failure names."""
+    files = str(STORE_ROOT.resolve())
+    return {"optuna": storage_url(sweep.cfg), "mlflow": sweep.tracker.uri, "files": files}
 
 
 @contextmanager

@@ -116,9 +116,18 @@ def test_a_store_fault_is_told_apart_wherever_it_hides_in_the_chain(
     assert (fault.kind if fault else None) == kind
 
 
-def test_the_last_failure_of_a_chain_names_its_cause_without_the_wrappers() -> None:
-    fault = classify(wrapped(sqlite3.OperationalError("database or disk is full")))
+def test_a_chain_names_its_first_fault_in_the_drivers_words_not_a_wrappers() -> None:
+    first = wrapped(sqlite3.OperationalError("database or disk is full"))
+    fault = classify(first)
     assert fault is not None and fault.cause == "database or disk is full"
+    try:
+        try:
+            raise sqlite3.OperationalError("disk I/O error")  # what failed after it
+        except sqlite3.OperationalError:
+            raise RuntimeError("a store failed in the trial") from first
+    except RuntimeError as outer:
+        fault = classify(outer)
+    assert fault is not None and (fault.kind, fault.cause) == (FULL, "database or disk is full")
     on_file = classify(OSError(errno.ENOSPC, "No space left on device", "/x/weights.pt"))
     assert on_file is not None and on_file.filename == "/x/weights.pt"
 
