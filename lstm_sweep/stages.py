@@ -306,7 +306,7 @@ def reevaluation_process(
     torch.set_num_threads(1)  # as the trial workers: processes use the cores
     cfg = load_config(path, overrides)
     urls = {"optuna": storage_url(cfg), "mlflow": cfg.tracking.uri or default_tracking_uri()}
-    with GracefulStop(quiet=True) as stop, exits_on_store_failure(reports, urls):
+    with GracefulStop(quiet=True, driven=True) as stop, exits_on_store_failure(reports, urls):
         tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
         gc.freeze()  # as a trial worker does once started: the collector skips what is here
         selector = Selector(cfg, TaskCache(), tracker, parent_id, stop, progress=False)

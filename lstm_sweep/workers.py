@@ -80,12 +80,20 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, quiet: bool = False, stream: TextIO = sys.stderr) -> None:
-        self.requested, self.quiet, self.stream = False, quiet, stream
+    def __init__(
+        self, quiet: bool = False, stream: TextIO = sys.stderr, driven: bool = False
+    ) -> None:
+        """``driven``: in a process the driver started, which passes each stop on as one
+        SIGTERM; a terminal's Ctrl-C, sent to the whole process group, is ignored here, or it
+        would count as a second signal and stop the process at once."""
+        self.requested, self.quiet, self.stream, self.driven = False, quiet, stream, driven
         self.listeners: list[Callable[[int], None]] = []
 
     def __enter__(self) -> GracefulStop:
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        handlers: dict[int, Any] = {sig: self._handle for sig in self.SIGNALS}
+        if self.driven:
+            handlers[signal.SIGINT] = signal.SIG_IGN
+        self.previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -381,7 +389,7 @@ def worker_process(
     """Entry point of a worker process of this machine; exits 130 when stopped, 1 when the tracking
     store or the study lock stays out of reach, EXIT_STORE when a store failed (its line goes to
     the driver through ``reports``, so that the user reads it once)."""
-    with GracefulStop(quiet=True) as stop, exits_on_store_failure(reports):
+    with GracefulStop(quiet=True, driven=True) as stop, exits_on_store_failure(reports):
         try:
             sweep = prepare(path, overrides)
             work(sweep, parent_id, stop, [])

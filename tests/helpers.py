@@ -84,9 +84,18 @@ class HeldSweep:
     def __enter__(self) -> HeldSweep:
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            self.args, env=self.env, cwd=self.cwd, stderr=self.log, stdout=subprocess.DEVNULL
+            self.args,
+            env=self.env,
+            cwd=self.cwd,
+            stderr=self.log,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, as a terminal gives a command
         )
         return self
+
+    def ctrl_c(self) -> None:
+        """SIGINT to the command's whole process group, as a terminal's Ctrl-C sends it."""
+        os.killpg(self.process.pid, signal.SIGINT)
 
     def held(self, count: int, role: str | None = None) -> list[int]:
         """Once ``count`` runs (of ``role``, or of any role held) are held: their process ids."""

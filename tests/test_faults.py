@@ -281,7 +281,8 @@ def test_a_killed_worker_and_an_interrupted_closing_stage_lose_nothing_and_say_s
 ) -> None:
     """Two workers held mid-trial, the forked one killed: the driver fails its trial as soon
     as it next looks (its process is gone: no grace period to wait out), closes its run as
-    worker lost and retries its settings. Then SIGTERM while a re-evaluation trains: exit 130,
+    worker lost and retries its settings. Then Ctrl-C (SIGINT to the command's process group)
+    while a re-evaluation trains: exit 130,
     the last line says the closing stage stopped and will resume, the sweep's run ends FAILED
     with that reason. The rerun trains the missing re-evaluation and ends the sweep's run
     FINISHED, no failure reason left, nothing RUNNING, Optuna and MLflow in agreement."""
@@ -292,10 +293,11 @@ def test_a_killed_worker_and_an_interrupted_closing_stage_lose_nothing_and_say_s
         os.kill(victim, signal.SIGKILL)
         sweep.release(m.ROLE_TRIAL)
         sweep.held(1, m.ROLE_REEVALUATION)
-        sweep.process.send_signal(signal.SIGTERM)
+        sweep.ctrl_c()
         code, err = sweep.finish()
     assert code == 130, err
     assert "1 worker(s) lost" in err and "Traceback" not in err
+    assert "SIGINT: stopping after this epoch" in err
     assert err.strip().splitlines()[-1] == INTERRUPTED["closing stage"]
     study = load_study(stores)
     (lost,) = [t for t in study.trials if t.state.name == "FAIL"]

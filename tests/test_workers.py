@@ -67,6 +67,17 @@ def test_a_second_signal_stops_at_once() -> None:
             time.sleep(1)  # the handler runs between bytecodes; give it the chance
 
 
+def test_a_process_the_driver_started_stops_once_on_its_sigterm_not_on_a_terminals_ctrl_c() -> None:
+    """A terminal's Ctrl-C reaches every process of the group, and the driver passes the stop
+    on as SIGTERM: counted twice, it would stop the process at once, mid-epoch."""
+    with GracefulStop(quiet=True, driven=True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 def test_a_busy_file_lock_is_waited_for_with_a_bound_and_a_message(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     holder = StudyLock(url, "s", timeout=5)
