@@ -26,6 +26,7 @@ from lstm_sweep import diagnostics as dg
 from lstm_sweep import metrics as m
 from lstm_sweep import plots
 from lstm_sweep.config import Config, ConfigError, SearchParam, load_config, without_password
+from lstm_sweep.faults import EXIT_STORE, StoreFailed
 from lstm_sweep.select import Selection, optimism, plain
 from lstm_sweep.study import Study, open_study, param_importances, study_figures, trials_frame
 from lstm_sweep.tracking import STORE_ROOT, Tracker
@@ -692,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StoreFailed as exc:  # a full disk, say, when the stores were opened
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STORE
     parent_id = tracker.find_parent(cfg.study_name)
     if parent_id is None:
         print(f"error: {args.sweep}: study {cfg.study_name!r} has no runs yet", file=sys.stderr)
