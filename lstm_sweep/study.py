@@ -146,8 +146,7 @@ def make_storage(
     """An RDB storage with heartbeats, so a killed worker's trial is failed and retried."""
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a writer, do not fail
-        fast_sqlite_commits()
+        fast_sqlite_commits()  # write-ahead, and a writer waits for another (SQLITE_BUSY_MS)
     elif url.startswith("postgresql"):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}}  # a dead host fails fast
     return optuna.storages.RDBStorage(

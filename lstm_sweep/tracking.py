@@ -45,7 +45,6 @@ from torch import nn
 from lstm_sweep import metrics as m
 from lstm_sweep.config import mask_secrets, without_password
 from lstm_sweep.faults import (
-    LOCKED,
     WHAT,
     DropStoreFaults,
     check_local_store,
@@ -73,6 +72,7 @@ HEALTH_TIMEOUT = 5.0  # seconds for a tracking server to answer GET /health at s
 # does the backoff here instead, so an outage is noticed, retried and reported in one place.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 REASON_LENGTH = 500  # characters of a failure reason kept in its tag
+SQLITE_BUSY_MS = 60_000  # how long a local store's writer waits for another before failing
 T = TypeVar("T")
 
 
@@ -122,7 +122,8 @@ def with_retries(
     """Retry a call with exponential backoff: a server that blinks loses nothing; one that
     stays down raises :class:`TrackingUnavailable`. While it waits, one line says for what
     (unless ``waiting_for`` is None). A fault no wait cures (a full disk, a damaged or
-    read-only file: faults.classify) is raised at once, as it came."""
+    read-only file, a database another program held locked through SQLite's own wait:
+    faults.classify) is raised at once, as it came."""
     attempts = attempts or RETRY_ATTEMPTS
     first_wait = RETRY_FIRST_WAIT if first_wait is None else first_wait
     waited = first_wait * (2 ** (attempts - 1) - 1)
@@ -130,8 +131,7 @@ def with_retries(
         try:
             return call()
         except retry_on as exc:
-            fault = classify(exc)
-            if fault is not None and fault.kind != LOCKED:
+            if classify(exc) is not None:
                 raise
             reason = mask_secrets(first_line(exc))
             if attempt == attempts - 1:
@@ -170,6 +170,9 @@ def _fast_sqlite_commits(connection: Any, _record: Any) -> None:
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file: once for every process
         cursor.execute("PRAGMA synchronous=NORMAL")  # per connection
+        # a writer waits this long for another (Optuna's own setting, now MLflow's too);
+        # beyond it the file is held by another program, which no retry of ours cures
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
         cursor.close()
 
 
@@ -178,7 +181,8 @@ def fast_sqlite_commits() -> None:
     checkpoints, not at each commit: a small series' epoch reports to Optuna and its trial
     opens a run in a few commits each, and the default rollback journal syncs the disk two or
     three times per commit (benchmarks/README.md). A crashed process loses nothing committed;
-    only a crash of the machine itself can lose the last commits, never the file."""
+    only a crash of the machine itself can lose the last commits, never the file. A writer
+    waits up to SQLITE_BUSY_MS for another to commit."""
     if not event.contains(Engine, "connect", _fast_sqlite_commits):
         event.listen(Engine, "connect", _fast_sqlite_commits)
 

@@ -12,7 +12,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,24 +162,46 @@ def test_a_full_optuna_storage_is_named_with_its_cause_and_the_way_out(stores: P
     )
 
 
-def test_a_full_mlflow_store_is_named_at_once_not_retried(
-    stores: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_full_mlflow_store_is_named_at_once_not_retried(stores: Path) -> None:
     tracker = Tracker(None, "full")
     parent = tracker.open_parent("full", {})
-
-    def no_wait(seconds: float) -> None:
-        raise AssertionError(f"retried a fault no wait cures (would wait {seconds} s)")
-
-    monkeypatch.setattr(tracking.time, "sleep", no_wait)
     with cannot_grow(), pytest.raises(Exception) as caught:  # noqa: B017 (MLflow's wrapper)
         for n in range(500):
-            tracker.log_params(parent, {f"p{n}": "x" * 400})
-    failure = store_failure(
-        caught.value, {"optuna": "sqlite:///elsewhere.db", "mlflow": tracker.uri}
-    )
+            with_no_retries(lambda n=n: tracker.log_params(parent, {f"p{n}": "x" * 400}))
+    failure = store_failure(caught.value, {"mlflow": tracker.uri})
     assert str(failure).startswith(f"the MLflow store {tracker.uri}: out of space (")
     assert tracking.failure_reason(caught.value).startswith("a store failed: out of space (")
+
+
+def test_a_local_store_another_program_holds_locked_is_named_once_its_wait_is_over(
+    stores: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tracking, "SQLITE_BUSY_MS", 200)  # SQLite's own wait, before ours
+    tracker = Tracker(None, "locked")  # a new store: its connections wait 200 ms
+    parent = tracker.open_parent("locked", {})
+    holder = sqlite3.connect(stores / "mlflow.db")
+    holder.execute("BEGIN IMMEDIATE")  # another program, in the middle of its own write
+    try:
+        with pytest.raises(Exception) as caught:  # noqa: B017 (MLflow's wrapper)
+            with_no_retries(lambda: tracker.set_tags(parent, {"x": "y"}))
+    finally:
+        holder.close()
+    assert str(store_failure(caught.value, {"mlflow": tracker.uri})) == (
+        f"the MLflow store {tracker.uri}: locked by another program (database is locked);"
+        " close the program that holds it, then run the same command again: every finished"
+        " trial is kept"
+    )
+
+
+def with_no_retries(call: Callable[[], object]) -> object:
+    """``call`` with the tracking module's retry loop failing the test if it would wait."""
+    waits: list[float] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tracking.time, "sleep", waits.append)
+        try:
+            return call()
+        finally:
+            assert waits == [], "retried a fault no wait cures"
 
 
 @pytest.fixture
