@@ -170,7 +170,7 @@ def _fast_sqlite_commits(connection: Any, _record: Any) -> None:
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file: once for every process
         cursor.execute("PRAGMA synchronous=NORMAL")  # per connection
-        # a writer waits this long for another (Optuna's own setting, now MLflow's too);
+        # a writer waits this long for another (MLflow sets 20 s on each of its sessions);
         # beyond it the file is held by another program, which no retry of ours cures
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
         cursor.close()

@@ -38,7 +38,7 @@ from lstm_sweep.faults import (
     store_failure,
 )
 from lstm_sweep.run import INTERRUPTED, main
-from lstm_sweep.study import open_study
+from lstm_sweep.study import make_storage, open_study
 from lstm_sweep.tracking import Tracker
 from tests.conftest import new_stores
 from tests.helpers import (
@@ -176,21 +176,27 @@ def test_a_full_mlflow_store_is_named_at_once_not_retried(stores: Path) -> None:
 def test_a_local_store_another_program_holds_locked_is_named_once_its_wait_is_over(
     stores: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tracking, "SQLITE_BUSY_MS", 200)  # SQLite's own wait, before ours
-    tracker = Tracker(None, "locked")  # a new store: its connections wait 200 ms
-    parent = tracker.open_parent("locked", {})
-    holder = sqlite3.connect(stores / "mlflow.db")
+    monkeypatch.setattr(tracking, "SQLITE_BUSY_MS", 200)  # SQLite's own wait, not 60 s
+    url = f"sqlite:///{stores / 'optuna.db'}"
+    study = optuna.create_study(storage=make_storage(url, None, 60, 120), study_name="s")
+    holder = sqlite3.connect(stores / "optuna.db")
     holder.execute("BEGIN IMMEDIATE")  # another program, in the middle of its own write
     try:
-        with pytest.raises(Exception) as caught:  # noqa: B017 (MLflow's wrapper)
-            with_no_retries(lambda: tracker.set_tags(parent, {"x": "y"}))
+        with pytest.raises(Exception) as caught:  # noqa: B017 (Optuna's wrapper)
+            study.set_user_attr("written", True)  # a write Optuna does not retry itself
     finally:
         holder.close()
-    assert str(store_failure(caught.value, {"mlflow": tracker.uri})) == (
-        f"the MLflow store {tracker.uri}: locked by another program (database is locked);"
-        " close the program that holds it, then run the same command again: every finished"
-        " trial is kept"
+    assert str(store_failure(caught.value, {"optuna": url})) == (
+        f"the Optuna storage {url}: locked by another program (database is locked); close"
+        " the program that holds it, then run the same command again: every finished trial"
+        " is kept"
     )
+    with pytest.raises(sqlite3.OperationalError):  # the tracking store's calls: not retried
+        with_no_retries(lambda: tracking.with_retries(locked))
+
+
+def locked() -> None:
+    raise sqlite3.OperationalError("database is locked")
 
 
 def with_no_retries(call: Callable[[], object]) -> object:
