@@ -57,6 +57,7 @@ WHAT = {
     READ_ONLY: "not writable",
     LOCKED: "locked by another program",
 }
+OWN = "lstm_sweep"  # a failure in a write of this package's own (see _library)
 STORES = {  # library -> the store it writes, and the key that points at it
     "optuna": ("the Optuna storage", "study.storage"),
     "mlflow": ("the MLflow store", "tracking.uri"),
@@ -73,6 +74,10 @@ class Fault:
     cause: str
     library: str | None = None
     filename: str | None = None
+
+    def describe(self, key: str) -> str:
+        """What happened and what to do, ``key`` naming the setting that points at the store."""
+        return f"{WHAT[self.kind]} ({self.cause}); {self.way_out(key)}"
 
     def way_out(self, key: str) -> str:
         again = "then run the same command again: every finished trial is kept"
@@ -103,7 +108,8 @@ def classify(exc: BaseException) -> Fault | None:
             inner = error.__cause__ or getattr(error, "orig", None)
             if not isinstance(inner, BaseException) or _kind(inner) is None:
                 filename = getattr(error, "filename", None)
-                return Fault(kind, mask_secrets(first_line(error)), library, filename)
+                owner = None if library == OWN else library
+                return Fault(kind, mask_secrets(first_line(error)), owner, filename)
             error, kind = inner, _kind(inner)
             library = _library(error.__traceback__) or library
     return None
@@ -128,19 +134,24 @@ def _chain(exc: BaseException) -> Iterator[tuple[BaseException, str | None]]:
 
 
 def _library(tb: TracebackType | None) -> str | None:
-    """The innermost of optuna and mlflow among a traceback's frames."""
-    found = None
+    """Whose call failed, read from the raise outwards: optuna's or mlflow's, or OWN when this
+    package's code comes first (a figure or a report file it writes itself); None when the
+    traceback holds none of them (the DB-API error a wrapper caught)."""
+    frames = []
     while tb is not None:
-        filename = tb.tb_frame.f_code.co_filename
-        found = next((n for n, root in _roots().items() if filename.startswith(root)), found)
+        frames.append(tb.tb_frame.f_code.co_filename)
         tb = tb.tb_next
-    return found
+    for filename in reversed(frames):
+        for name, root in _roots().items():
+            if filename.startswith(root):
+                return name
+    return None
 
 
 @cache
 def _roots() -> dict[str, str]:
-    """Where optuna and mlflow are installed (found without importing them)."""
-    roots = {}
+    """Where this package, optuna and mlflow are installed (found without importing them)."""
+    roots = {OWN: os.path.join(os.path.dirname(os.path.abspath(__file__)), "")}
     for name in STORES:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
@@ -149,6 +160,8 @@ def _roots() -> dict[str, str]:
 
 
 def _kind(error: BaseException) -> str | None:
+    if isinstance(error, ConfigError | StoreFailed):
+        return None  # our own words, which may quote a store's
     text = str(error).lower()
     number = getattr(error, "errno", None)
     state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
@@ -170,15 +183,15 @@ def store_failure(exc: BaseException, urls: Mapping[str, str]) -> StoreFailed | 
     if fault is None:
         return None
     key = "tracking.uri / study.storage"
-    if fault.library is not None and fault.library in urls:
-        name, key = STORES[fault.library]
-        where = f"{name} {mask_secrets(urls[fault.library])}"
-    elif fault.filename is not None:
+    if fault.library is not None:
+        key = STORES[fault.library][1]
+    if fault.filename is not None:  # the OS named the file: nothing names it better
         where = fault.filename
+    elif fault.library is not None and fault.library in urls:
+        where = f"{STORES[fault.library][0]} {mask_secrets(urls[fault.library])}"
     else:
         where = f"the sweep's files under {urls.get('files', os.getcwd())}"
-    line = f"{where}: {WHAT[fault.kind]} ({fault.cause}); {fault.way_out(key)}"
-    return StoreFailed(line, fault)
+    return StoreFailed(f"{where}: {fault.describe(key)}", fault)
 
 
 def refused_at_start(exc: BaseException, source: str, key: str, url: str) -> Exception:
@@ -187,11 +200,11 @@ def refused_at_start(exc: BaseException, source: str, key: str, url: str) -> Exc
     ConfigError naming the key (point it elsewhere, or mend it); anything else, unreachable."""
     library = "optuna" if key == "study.storage" else "mlflow"
     failure = store_failure(exc, {library: url})
-    if failure is not None and failure.fault is not None and failure.fault.kind in (FULL, IO):
+    if failure is None or failure.fault is None:
+        return ConfigError(source, key, url, f"unreachable: {first_line(exc)}")
+    if failure.fault.kind in (FULL, IO):
         return failure
-    if failure is not None:
-        return ConfigError(source, key, url, str(failure).split(": ", 1)[1])
-    return ConfigError(source, key, url, f"unreachable: {first_line(exc)}")
+    return ConfigError(source, key, url, failure.fault.describe(key))
 
 
 def first_line(exc: BaseException) -> str:
@@ -209,8 +222,7 @@ def check_local_store(url: str, source: str, key: str) -> None:
     path = Path(url.removeprefix("sqlite:///"))
     fault = local_store_fault(path)
     if fault is not None:
-        rule = f"{WHAT[fault.kind]} ({fault.cause}): {fault.way_out(key)}"
-        raise ConfigError(source, key, url, rule)
+        raise ConfigError(source, key, url, fault.describe(key))
 
 
 def local_store_fault(path: Path) -> Fault | None:

@@ -69,6 +69,16 @@ COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
 RUN_STATUS = {COMPLETE: "FINISHED", PRUNED: "KILLED", FAIL: "FAILED"}
 INTERRUPTED_REASON = "interrupted by the user"
 WORKER_LOST_REASON = "worker lost (no heartbeat)"
+EXIT_FAILED = 1  # the command's status when workers or the tracking server were lost
+EXIT_INTERRUPTED = 130  # ... when Ctrl-C or SIGTERM stopped it, as a shell reports SIGINT
+LEFTOVER_REASON = "its process stopped before the run was closed"  # found so on a restart
+# what a sweep does, in order: an interrupt is worded and recorded by it
+STAGE_START, STAGE_TRIALS, STAGE_CLOSING, STAGE_REPORT = (
+    "start-up",
+    "trials",
+    "closing stage",
+    "report",
+)
 # a trial run found on resume ending otherwise than Optuna recorded its trial
 UNCLOSED_REASON = "the trial failed before its run was closed (a process stopped or a store failed)"
 UNRECORDED_REASON = "Optuna recorded the trial as failed (a store failed): it is retried"
@@ -76,6 +86,7 @@ UNRECORDED_REASON = "Optuna recorded the trial as failed (a store failed): it is
 # Optuna trial and study attributes
 RUN_ID_ATTR = "mlflow_run_id"
 WORKER_ATTR = "worker"  # host:pid that ran the trial, to trace a lost worker
+PID_NAMESPACE_ATTR = "pid_namespace"  # the process namespace that pid belongs to
 VERDICT_ATTR = "verdict"
 VERDICT_REASON_ATTR = "verdict_reason"
 CONFIG_ATTR = "lstm_sweep.config"  # the study-defining settings, to refuse a changed sweep file
@@ -132,3 +143,12 @@ def baseline(method: str, part: str, metric: str) -> str:
 def this_process() -> str:
     """host:pid, naming a worker in trials, runs, locks and the report's record."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_namespace() -> str:
+    """The process namespace this pid belongs to (Linux; empty elsewhere): two containers
+    may share a host name, never a namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""

@@ -217,7 +217,7 @@ class SweepWorker:
         except (TrackingUnavailable, LockTimeout) as exc:  # the driver sums up
             return WorkerExit(EXIT_FAILED, f"worker {here}: {mask_secrets(str(exc))}")
         except Exception as exc:
-            failure = store_failure(exc, store_urls(sweep))
+            failure = store_failure(exc, store_urls(sweep.cfg, sweep.tracker.uri))
             if failure is None:
                 raise
             return WorkerExit(EXIT_STORE, str(failure))

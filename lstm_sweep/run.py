@@ -13,6 +13,7 @@ import gc
 import sys
 import traceback
 
+from lstm_sweep import metrics as m
 from lstm_sweep.config import ConfigError, load_config, mask_secrets
 from lstm_sweep.faults import EXIT_STORE, StoreFailed
 from lstm_sweep.processes import start_server
@@ -20,18 +21,17 @@ from lstm_sweep.progress import step
 
 EXIT_BAD_INPUT = 2
 RESUME_HINT = "every finished trial is kept: run the same command again to resume"
-# the last line after Ctrl-C or SIGTERM, by the stage it stopped (stages.TRIALS, ...)
+# the last line after Ctrl-C or SIGTERM, by the stage it stopped
 INTERRUPTED = {
-    "start-up": "interrupted while starting: no trial was run; run the same command again",
-    "trials": "interrupted: the trials in flight were closed as failed and will be retried;"
-    f" {RESUME_HINT}",
-    "closing stage": "interrupted in the closing stage: the study's trials are complete and every"
-    " re-evaluation that finished is kept; run the same command again to finish the closing"
-    " stage (it trains only what is missing)",
-    "report": "interrupted while writing the report: the trials and the registered model are"
-    " kept; run the same command again to write it",
+    m.STAGE_START: "interrupted while starting: no trial was run; run the same command again",
+    m.STAGE_TRIALS: "interrupted: the trials in flight were closed as failed and will be"
+    f" retried; {RESUME_HINT}",
+    m.STAGE_CLOSING: "interrupted in the closing stage: the study's trials are complete and"
+    " every re-evaluation that finished is kept; run the same command again to finish the"
+    " closing stage (it trains only what is missing)",
+    m.STAGE_REPORT: "interrupted while writing the report: the trials and the registered model"
+    " are kept; run the same command again to write it",
 }
-
 EPILOG = """\
 sweep file sections (see sweeps/forecast.yaml for every key with a comment):
   experiment   MLflow experiment name (and default study name)
@@ -107,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
             from lstm_sweep.stages import run_sweep
             from lstm_sweep.tracking import TrackingUnavailable
             from lstm_sweep.workers import (
-                EXIT_FAILED,
-                EXIT_INTERRUPTED,
                 GracefulStop,
                 LockTimeout,
                 SweepIncomplete,
@@ -127,14 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_STORE
     except KeyboardInterrupt:
-        print(f"\n{INTERRUPTED['start-up']}", file=sys.stderr)
-        return 130
+        print(f"\n{INTERRUPTED[m.STAGE_START]}", file=sys.stderr)
+        return m.EXIT_INTERRUPTED
     with GracefulStop() as stop:
         try:
             print(run_sweep(sweep, stop, progress, args.ray))
         except KeyboardInterrupt as exc:
-            print(f"\n{INTERRUPTED[getattr(exc, 'stage', 'trials')]}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            print(f"\n{INTERRUPTED[getattr(exc, 'stage', m.STAGE_TRIALS)]}", file=sys.stderr)
+            return m.EXIT_INTERRUPTED
         except StoreFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_STORE
@@ -144,20 +142,19 @@ def main(argv: list[str] | None = None) -> int:
                 " answers again",
                 file=sys.stderr,
             )
-            return EXIT_FAILED
+            return m.EXIT_FAILED
         except (SweepIncomplete, LockTimeout) as exc:
             print(f"error: {mask_secrets(str(exc))}; {RESUME_HINT}", file=sys.stderr)
-            return EXIT_FAILED
+            return m.EXIT_FAILED
         except Exception as exc:  # a bug: its traceback, then what it means for the study
             print(mask_secrets(traceback.format_exc()), end="", file=sys.stderr)
             what = f"{type(exc).__name__}: {str(exc).strip()}".splitlines()[0][:200]
             print(
-                f"error: lstm_sweep failed ({mask_secrets(what)}): the trial"
-                f" in flight was closed as failed and {RESUME_HINT}; the traceback above is"
-                " worth reporting",
+                f"error: lstm_sweep failed ({mask_secrets(what)}): what it was training was"
+                f" closed as failed and {RESUME_HINT}; the traceback above is worth reporting",
                 file=sys.stderr,
             )
-            return EXIT_FAILED
+            return m.EXIT_FAILED
     return 0
 
 

@@ -59,15 +59,12 @@ from lstm_sweep.workers import (
     wait_for,
 )
 
-TRIALS, CLOSING, REPORT = "trials", "closing stage", "report"  # what a sweep does, in order
-LEFTOVER_REASON = "its process stopped before the run was closed"
-
 
 @dataclass
 class Stage:
     """Which stage the sweep is in: an interrupt is worded, and recorded, by it."""
 
-    name: str = TRIALS
+    name: str = m.STAGE_TRIALS
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -133,7 +130,8 @@ def conclude(
     counted = counted_trials(study)
     if counted < cfg.study.n_trials:
         held = f"the study holds {counted} of {cfg.study.n_trials} trials"
-        tracker.stop_parent(parent_id, f"study.timeout reached: {held}")
+        if not state_counts(study)["RUNNING"]:  # else other hosts go on under the same run
+            tracker.stop_parent(parent_id, f"study.timeout reached: {held}")
         return (
             f"{held.capitalize()} (study.timeout reached): run the same command again to"
             " continue; the report and the registered model come once it is complete."
@@ -146,7 +144,7 @@ def conclude(
         )
     try:
         # runs of an earlier attempt whose process died; none of this attempt's has started
-        tracker.close_running(parent_id, (m.ROLE_REEVALUATION, m.ROLE_FINAL), LEFTOVER_REASON)
+        tracker.close_running(parent_id, (m.ROLE_REEVALUATION, m.ROLE_FINAL), m.LEFTOVER_REASON)
         recorded = selection_recorded(study) or {}
         # a study extended since, or asked for another closing stage, needs a new one
         asked = {"n_trials": counted, "report": report_settings(cfg)}
@@ -158,9 +156,9 @@ def conclude(
                 f" {recorded['reported_by']}: {tracker.ui_command(parent_id)}"
             )
         if not current:
-            stage.name = CLOSING
+            stage.name = m.STAGE_CLOSING
             select_once(sweep, parent_id, stop, progress, spread)
-        stage.name = REPORT
+        stage.name = m.STAGE_REPORT
         with step("writing the report", progress):
             text = render(cfg, tracker, study, parent_id)
         done = selection_recorded(study) or {}
@@ -232,7 +230,7 @@ def run_sweep(
         spread = ray_address is None
         text = conclude(sweep, parent_id, stop, progress, spread, stage)
     except KeyboardInterrupt:
-        during = "" if stage.name == TRIALS else f" in the {stage.name}"
+        during = "" if stage.name == m.STAGE_TRIALS else f" in the {stage.name}"
         close_parent(sweep, parent_id, f"{m.INTERRUPTED_REASON}{during}")
         raise SweepInterrupted(stage.name) from None
     except (SweepIncomplete, LockTimeout) as exc:
@@ -241,7 +239,7 @@ def run_sweep(
     except TrackingUnavailable:
         raise  # the parent run cannot be closed now; the next start reopens it
     except Exception as exc:  # a store fault, or a bug: leave no run RUNNING behind it
-        failure = store_failure(exc, store_urls(sweep))
+        failure = store_failure(exc, store_urls(sweep.cfg, sweep.tracker.uri))
         close_parent(sweep, parent_id, str(failure) if failure else failure_reason(exc))
         if failure is not None:
             raise failure from None
@@ -305,7 +303,7 @@ def reevaluation_process(
     ``reports``). Any other failure leaves that run FAILED: the Selector trains it again."""
     torch.set_num_threads(1)  # as the trial workers: processes use the cores
     cfg = load_config(path, overrides)
-    urls = {"optuna": storage_url(cfg), "mlflow": cfg.tracking.uri or default_tracking_uri()}
+    urls = store_urls(cfg, cfg.tracking.uri or default_tracking_uri())
     with GracefulStop(quiet=True, driven=True) as stop, exits_on_store_failure(reports, urls):
         tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
         gc.freeze()  # as a trial worker does once started: the collector skips what is here

@@ -257,12 +257,14 @@ class StaleTrialHandler:
     def __init__(self, tracker: Tracker, max_retry: int = MAX_RETRY) -> None:
         self.tracker = tracker
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.handled: list[int] = []  # the numbers of the trials it failed, in order
 
     def __call__(self, study: Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get(m.RUN_ID_ATTR)
         if run_id:
             self.tracker.close_if_running(run_id, m.WORKER_LOST_REASON)
         self.retry(study, trial)
+        self.handled.append(trial.number)
 
 
 def fail_stale_trials(study: Study, grace_seconds: int, on_stale: StaleTrialHandler) -> list[int]:
@@ -270,19 +272,21 @@ def fail_stale_trials(study: Study, grace_seconds: int, on_stale: StaleTrialHand
 
     Optuna's own check covers trials whose heartbeat stopped; a trial whose worker died before
     its first heartbeat (while the sampler ran) has none, so it is judged by its start time.
-    On a local SQLite storage every worker runs on this machine, so a trial whose process no
-    longer exists is failed at once, without waiting out the grace period. Returns the numbers
-    of the trials failed.
+    On a local SQLite storage a trial whose process is known gone (this host, this process
+    namespace, no such pid) is failed at once, without waiting out the grace period. Returns
+    the numbers of the trials failed here.
     """
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    optuna.storages.fail_stale_trials(study)
+    before = len(on_stale.handled)
+    optuna.storages.fail_stale_trials(study)  # calls on_stale for each trial it fails
     cutoff = datetime.now() - timedelta(seconds=grace_seconds)
     # Optuna wraps its RDB storage in a cache; the heartbeat table is only on the RDB one
     storage = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001
     on_this_machine = getattr(storage, "url", "").startswith("sqlite")
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started, trial_id = trial.datetime_start, trial._trial_id  # noqa: SLF001
-        gone = on_this_machine and process_gone(trial.user_attrs.get(m.WORKER_ATTR))
+        gone = on_this_machine and process_gone(
+            trial.user_attrs.get(m.WORKER_ATTR), trial.user_attrs.get(m.PID_NAMESPACE_ATTR)
+        )
         if not gone and (started is None or started > cutoff or has_heartbeat(storage, trial_id)):
             continue
         try:
@@ -290,15 +294,17 @@ def fail_stale_trials(study: Study, grace_seconds: int, on_stale: StaleTrialHand
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first
         on_stale(study, study.get_trials(deepcopy=False)[trial.number])
-    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    return sorted(t.number for t in failed if t.number not in before)
+    return sorted(on_stale.handled[before:])
 
 
-def process_gone(worker: str | None) -> bool:
+def process_gone(worker: str | None, namespace: str | None) -> bool:
     """Whether ``worker`` (host:pid, as metrics.this_process names it) was a process of this
-    machine that no longer exists. A reused pid reads as alive: the heartbeat decides then."""
+    host and of this process namespace (two containers may share a host name and a SQLite
+    volume, not their pids) that no longer exists. A reused pid reads as alive: the heartbeat
+    decides then."""
     host, _, pid = (worker or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    same_namespace = namespace is not None and namespace == m.process_namespace()
+    if host != socket.gethostname() or not same_namespace or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -337,15 +343,26 @@ def reconcile_runs(study: Study, tracker: Tracker, parent_id: str) -> list[int]:
     """Make each trial's MLflow run end as Optuna recorded the trial: a run left RUNNING, or
     closed otherwise than its trial ended (the disk filled between the two stores' writes), is
     closed with the trial's state. Optuna is the one truth: its FAIL trials are retried, so
-    their runs must not read as finished. Trials still RUNNING are left to their workers.
+    their runs must not read as finished. Runs are paired with trials by the run id each trial
+    recorded; a RUNNING run no trial recorded (the store failed before it could be) is closed
+    as failed once its trial has ended. Trials still RUNNING are left to their workers.
     Returns the numbers of the trials whose runs were changed."""
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    trials = study.get_trials(deepcopy=False)
+    by_run = {t.user_attrs[m.RUN_ID_ATTR]: t for t in trials if m.RUN_ID_ATTR in t.user_attrs}
+    by_number = {t.number: t for t in trials}
     runs = tracker.child_runs(parent_id, m.ROLE_TRIAL)
     changed = []
     for _, run in runs.iterrows():
-        number = int(run[f"tags.{m.TRIAL_TAG}"])
-        state = states.get(number)
-        if state is None or not state.is_finished():
+        trial = by_run.get(run["run_id"])
+        if trial is None:  # a run no trial recorded
+            number = int(run[f"tags.{m.TRIAL_TAG}"])
+            same = by_number.get(number)
+            if run["status"] == "RUNNING" and (same is None or same.state.is_finished()):
+                tracker.close_as(run["run_id"], m.FAIL, m.UNCLOSED_REASON)
+                changed.append(number)
+            continue
+        state = trial.state
+        if not state.is_finished():
             continue
         tagged = run.get(f"tags.{m.STATE_TAG}")
         if run["status"] == m.RUN_STATUS[state.name] and tagged == state.name:
@@ -355,7 +372,7 @@ def reconcile_runs(study: Study, tracker: Tracker, parent_id: str) -> list[int]:
             finished = run["status"] == m.RUN_STATUS[m.COMPLETE]
             reason = m.UNRECORDED_REASON if finished else m.UNCLOSED_REASON
         tracker.close_as(run["run_id"], state.name, reason)
-        changed.append(number)
+        changed.append(trial.number)
     return sorted(changed)
 
 
@@ -408,6 +425,7 @@ class Objective:
         cfg = self.cfg.with_values(values)
         task = self.tasks.get(cfg)
         trial.set_user_attr(m.WORKER_ATTR, m.this_process())
+        trial.set_user_attr(m.PID_NAMESPACE_ATTR, m.process_namespace())
         tags = {
             m.ROLE_TAG: m.ROLE_TRIAL,
             m.STUDY_TAG: cfg.study_name,

@@ -147,6 +147,11 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
+def call_once(call: Callable[[], T]) -> T:
+    """A local store's call: made once (its failures are not the kind a wait mends)."""
+    return call()
+
+
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
     """Fail fast (OSError) when nothing answers at an http(s) tracking URI: MLflow's client
     would retry for minutes first. Any HTTP answer, even an error, means a server is there.
@@ -208,6 +213,10 @@ class Tracker:
     def __init__(self, uri: str | None, experiment: str, source: str = "tracking.uri") -> None:
         self.uri = uri or default_tracking_uri()
         self.experiment = experiment
+        # a server that blinks is waited for; a local file that fails will not mend by waiting
+        self._call: Callable[[Callable[[], T]], T] = (
+            with_retries if self.uri.startswith(("http://", "https://")) else call_once
+        )
         check_local_store(self.uri, source, "tracking.uri")
         try:
             if self.uri.startswith(("http://", "https://")):
@@ -231,7 +240,7 @@ class Tracker:
             if self.uri.startswith("sqlite:///"):  # keep artifacts beside the local store
                 folder = Path(self.uri.removeprefix("sqlite:///")).parent / "artifacts"
                 location = folder.as_uri()
-            self._experiment_id = with_retries(
+            self._experiment_id = self._call(
                 lambda: self.client.create_experiment(
                     self.experiment,
                     artifact_location=location,
@@ -258,7 +267,7 @@ class Tracker:
     def find_parent(self, study_name: str) -> str | None:
         """The run id of this study's parent run, if it has one."""
         query = f"tags.`{m.ROLE_TAG}` = '{m.ROLE_SWEEP}'"
-        runs = with_retries(lambda: self.client.search_runs([self.experiment_id], query))
+        runs = self._call(lambda: self.client.search_runs([self.experiment_id], query))
         # the study name is compared here, not in the filter: a name may hold any quote
         ids = [r.info.run_id for r in runs if r.data.tags.get(m.STUDY_TAG) == study_name]
         return ids[0] if ids else None
@@ -273,9 +282,9 @@ class Tracker:
         run_id = self.find_parent(study_name)
         if run_id is not None:  # resumed: how the last attempt ended no longer holds
             self._delete_tags(run_id, [m.FAILURE_REASON_TAG, m.STATE_TAG])
-            with_retries(lambda: self.client.update_run(run_id, status="RUNNING"))
+            self._call(lambda: self.client.update_run(run_id, status="RUNNING"))
             return run_id
-        run = with_retries(
+        run = self._call(
             lambda: self.client.create_run(
                 self.experiment_id,
                 run_name=study_name,
@@ -293,7 +302,7 @@ class Tracker:
         """End the sweep's run as KILLED: it stopped on its budget, short of n_trials (neither
         a failure nor a finished study); ``reason`` says so."""
         self.set_tags(run_id, {m.FAILURE_REASON_TAG: reason})
-        with_retries(lambda: self.client.set_terminated(run_id, "KILLED"))
+        self._call(lambda: self.client.set_terminated(run_id, "KILLED"))
 
     @contextmanager
     def child_run(
@@ -311,7 +320,7 @@ class Tracker:
         SIGTERM. A tracking store that stays down leaves the run open; the next start of the
         sweep closes it."""
         all_tags = {MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, **tags}
-        run = with_retries(
+        run = self._call(
             lambda: self.client.create_run(
                 self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
             )
@@ -348,15 +357,15 @@ class Tracker:
         return closed
 
     def _delete_tags(self, run_id: str, keys: list[str]) -> None:
-        tags = with_retries(lambda: self.client.get_run(run_id)).data.tags
+        tags = self._call(lambda: self.client.get_run(run_id)).data.tags
         for key in keys:
             if key in tags:
-                with_retries(partial(self.client.delete_tag, run_id, key))
+                self._call(partial(self.client.delete_tag, run_id, key))
 
     def close_if_running(self, run_id: str, reason: str) -> bool:
         """Close as FAILED a run left RUNNING (its worker was killed, or the store went away
         before the run could be closed); True if it was."""
-        if with_retries(lambda: self.client.get_run(run_id)).info.status != "RUNNING":
+        if self._call(lambda: self.client.get_run(run_id)).info.status != "RUNNING":
             return False
         self._close(run_id, m.FAIL, {m.FAILURE_REASON_TAG: reason})
         return True
@@ -364,14 +373,14 @@ class Tracker:
     def _close(self, run_id: str, state: str, tags: Mapping[str, Any]) -> None:
         """Tag a run with its Optuna state and end it with the matching MLflow status."""
         self.set_tags(run_id, {m.STATE_TAG: state, **tags})
-        with_retries(lambda: self.client.set_terminated(run_id, m.RUN_STATUS[state]))
+        self._call(lambda: self.client.set_terminated(run_id, m.RUN_STATUS[state]))
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, mask_secrets(str(v))) for k, v in params.items()]
-        with_retries(lambda: self.client.log_batch(run_id, params=items))  # it chunks itself
+        self._call(lambda: self.client.log_batch(run_id, params=items))  # it chunks itself
 
     def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
-        with_retries(lambda: self.client.log_batch(run_id, metrics=metrics))
+        self._call(lambda: self.client.log_batch(run_id, metrics=metrics))
 
     def log_summary(self, run_id: str, values: Mapping[str, float], step: int = 0) -> None:
         """Single values (e.g. best_val_loss), or values of one step."""
@@ -380,14 +389,14 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, mask_secrets(str(v))) for k, v in tags.items()]
-        with_retries(lambda: self.client.log_batch(run_id, tags=items))
+        self._call(lambda: self.client.log_batch(run_id, tags=items))
 
     def describe(self, run_id: str, markdown: str) -> None:
         """The run's description on its page in the MLflow UI."""
         self.set_tags(run_id, {m.NOTE_TAG: markdown})
 
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
-        with_retries(lambda: self.client.log_artifacts(run_id, str(folder), artifact_path))
+        self._call(lambda: self.client.log_artifacts(run_id, str(folder), artifact_path))
 
     def child_runs(self, parent_id: str, role: str) -> pd.DataFrame:
         """The parent's nested runs of one role as ``mlflow.search_runs`` returns them: one row
@@ -395,19 +404,17 @@ class Tracker:
         ``params.*``, ``tags.*``."""
         query = f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{m.ROLE_TAG}` = '{role}'"
         with fluent_uri(self.uri):
-            return with_retries(
-                lambda: mlflow.search_runs([self.experiment_id], filter_string=query)
-            )
+            return self._call(lambda: mlflow.search_runs([self.experiment_id], filter_string=query))
 
     def run_metrics(self, run_id: str) -> dict[str, float]:
         """A run's metrics, each at its latest value."""
-        return dict(with_retries(lambda: self.client.get_run(run_id)).data.metrics)
+        return dict(self._call(lambda: self.client.get_run(run_id)).data.metrics)
 
     def metric_history(self, run_id: str, keys: list[str]) -> list[dict[str, float]]:
         """A run's per-epoch metrics back as rows, one per step (what ``fit`` logged)."""
         rows: dict[int, dict[str, float]] = {}
         for key in keys:
-            history = with_retries(partial(self.client.get_metric_history, run_id, key))
+            history = self._call(partial(self.client.get_metric_history, run_id, key))
             for metric in history:
                 rows.setdefault(metric.step, {})[key] = metric.value
         return [rows[step] for step in sorted(rows)]

@@ -49,8 +49,7 @@ from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import STORE_ROOT, Tracker, TrackingUnavailable
 from lstm_sweep.train import Interrupted
 
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
+EXIT_FAILED, EXIT_INTERRUPTED = m.EXIT_FAILED, m.EXIT_INTERRUPTED
 LOCK_POLL = 0.2  # seconds between two tries of a busy study lock
 LOCK_NOTICE = 10.0  # say what we wait for after this long, and again this often
 
@@ -101,11 +100,11 @@ class GracefulStop:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        for listener in self.listeners:
+        again, self.requested = self.requested, True
+        for listener in self.listeners:  # the processes this one started get each signal
             listener(signum)
+        if again:
+            raise KeyboardInterrupt
         if not self.quiet:
             name = signal.Signals(signum).name
             print(
@@ -375,7 +374,7 @@ def work(
     try:
         optimize(sweep, objective, callbacks, stop)
     except Exception as exc:  # a store fault becomes its one line; anything else goes on
-        failure = store_failure(exc, store_urls(sweep))
+        failure = store_failure(exc, store_urls(sweep.cfg, sweep.tracker.uri))
         if failure is None:
             raise
         raise failure from None
@@ -402,11 +401,11 @@ def worker_process(
             gc.freeze()  # as in run.py: the exit's last collection would take seconds
 
 
-def store_urls(sweep: Sweep) -> dict[str, str]:
+def store_urls(cfg: Config, tracking_uri: str) -> dict[str, str]:
     """Each store's URL, by the library that writes it, and where the sweep writes its own
     files (the report): what faults.store_failure names."""
     files = str(STORE_ROOT.resolve())
-    return {"optuna": storage_url(sweep.cfg), "mlflow": sweep.tracker.uri, "files": files}
+    return {"optuna": storage_url(cfg), "mlflow": tracking_uri, "files": files}
 
 
 @contextmanager
@@ -458,7 +457,7 @@ class Processes:
         lines = []
         while not self.reports.empty():
             lines.append(self.reports.get())
-        said = iter(lines)  # one line from each process that exited with EXIT_STORE
+        said = iter(lines)  # each process that exited with EXIT_STORE sent one line first
         codes = [p.exitcode or 0 for p in self.processes]
         return [WorkerExit(c, next(said, "") if c == EXIT_STORE else "") for c in codes]
 
@@ -497,17 +496,19 @@ def wait_for(processes: Sequence[BaseProcess], on_progress: Callable[[], None]) 
 
 
 def check_workers(study: Study, exits: list[WorkerExit], n_trials: int) -> None:
-    """After the workers ended: StoreFailed if a store failed under one, Interrupted if they
-    were stopped, SweepIncomplete if they all died short of n_trials, a warning line if some
-    died but the others finished the study."""
+    """After the workers ended: StoreFailed if a store failed under one and the study is short
+    of n_trials, Interrupted if they were stopped, SweepIncomplete if they all died short of
+    n_trials, a warning line if some died but the others finished the study."""
     exit_codes = [e.code for e in exits]
-    failed = [e.message for e in exits if e.code == EXIT_STORE]
-    if failed:
-        raise StoreFailed(failed[0] or "a worker stopped: a store failed under it")
+    failed = [e.message or "a store failed under a worker" for e in exits if e.code == EXIT_STORE]
+    counted = counted_trials(study)
+    if failed and counted < n_trials:
+        raise StoreFailed(failed[0])
     if EXIT_INTERRUPTED in exit_codes:
         raise Interrupted
+    for line in failed:  # the study is whole all the same: the closing stage goes on
+        print(f"warning: a worker stopped: {line}", file=sys.stderr)
     lost = [code for code in exit_codes if code]
-    counted = counted_trials(study)
     if lost and counted < n_trials:
         raise SweepIncomplete(
             f"{len(lost)} of {len(exit_codes)} workers exited with codes {lost} and the study"

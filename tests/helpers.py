@@ -120,8 +120,8 @@ class HeldSweep:
         return self.process.returncode, self.log_path.read_text()
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+        if self.process.poll() is None:  # its workers too: held, they would wait for minutes
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.log.close()
 

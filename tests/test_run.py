@@ -318,7 +318,7 @@ def test_a_bug_shows_its_traceback_then_one_line_on_what_it_means_for_the_study(
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback (most recent call last):" in err
     assert err[-1] == (
-        "error: lstm_sweep failed (ZeroDivisionError: a bug in training): the trial in flight"
+        "error: lstm_sweep failed (ZeroDivisionError: a bug in training): what it was training"
         " was closed as failed and every finished trial is kept: run the same command again to"
         " resume; the traceback above is worth reporting"
     )

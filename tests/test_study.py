@@ -147,12 +147,20 @@ def test_a_running_trial_whose_local_process_is_gone_is_failed_at_once(
         capture_output=True,
         check=True,
     )
-    gone = int(ended.stdout)
-    workers = [f"{socket.gethostname()}:{gone}", m.this_process(), f"another-host:{gone}"]
-    for worker in workers:
-        study.ask().set_user_attr(m.WORKER_ATTR, worker)
+    gone, here, namespace = int(ended.stdout), socket.gethostname(), m.process_namespace()
+    workers = [  # (host:pid, process namespace)
+        (f"{here}:{gone}", namespace),  # gone: failed at once
+        (m.this_process(), namespace),  # alive
+        (f"another-host:{gone}", namespace),  # cannot be told from here
+        (f"{here}:{gone}", "pid:[another container]"),  # nor can this
+    ]
+    for worker, space in workers:
+        trial = study.ask()
+        trial.set_user_attr(m.WORKER_ATTR, worker)
+        trial.set_user_attr(m.PID_NAMESPACE_ATTR, space)
     assert fail_stale_trials(study, tiny_cfg.study.grace_seconds, handler) == [0]
-    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "RUNNING", "WAITING"]
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "RUNNING", "RUNNING", "RUNNING", "WAITING"]
 
 
 def test_each_trial_run_is_made_to_end_as_optuna_recorded_its_trial(
@@ -161,25 +169,29 @@ def test_each_trial_run_is_made_to_end_as_optuna_recorded_its_trial(
     """What a fault between the two stores' writes leaves, repaired: Optuna is the truth."""
     study = open_study(tiny_cfg, "sweep.yaml")
     parent = tracker.open_parent(tiny_cfg.study_name, {})
-    left = [  # (Optuna's state, how the run was left: closed as a state, or None for RUNNING)
-        (TrialState.FAIL, m.COMPLETE),  # the run closed, then Optuna failed to record the value
-        (TrialState.COMPLETE, None),  # Optuna recorded it, the run was never closed
-        (TrialState.FAIL, None),  # the process died mid-trial
-        (TrialState.PRUNED, m.PRUNED),  # in agreement
-        (TrialState.RUNNING, None),  # still training somewhere
+    left = [  # (Optuna's state, how its run was left: closed as a state or RUNNING, recorded)
+        (TrialState.FAIL, m.COMPLETE, True),  # closed, then Optuna failed to record the value
+        (TrialState.COMPLETE, None, True),  # Optuna recorded it, the run was never closed
+        (TrialState.FAIL, None, True),  # the process died mid-trial
+        (TrialState.PRUNED, m.PRUNED, True),  # in agreement
+        (TrialState.RUNNING, None, True),  # still training somewhere
+        (TrialState.FAIL, None, False),  # the store failed before the trial recorded its run
+        (TrialState.COMPLETE, m.FAIL, False),  # another study's run of the same number
     ]
     runs = []
-    for state, run_state in left:
+    for state, run_state, recorded in left:
         trial = study.ask()
         tags = {MLFLOW_PARENT_RUN_ID: parent, m.ROLE_TAG: m.ROLE_TRIAL, m.TRIAL_TAG: trial.number}
         run_id = tracker.client.create_run(tracker.experiment_id, tags=tags).info.run_id
+        if recorded:
+            trial.set_user_attr(m.RUN_ID_ATTR, run_id)
         if run_state is not None:
             tracker.close_as(run_id, run_state, None)
         if state != TrialState.RUNNING:
             study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
         runs.append(run_id)
 
-    assert reconcile_runs(study, tracker, parent) == [0, 1, 2]
+    assert reconcile_runs(study, tracker, parent) == [0, 1, 2, 5]
     ended = [tracker.client.get_run(run_id) for run_id in runs]
     assert [(r.info.status, r.data.tags.get(m.STATE_TAG)) for r in ended] == [
         ("FAILED", "FAIL"),
@@ -187,9 +199,12 @@ def test_each_trial_run_is_made_to_end_as_optuna_recorded_its_trial(
         ("FAILED", "FAIL"),
         ("KILLED", "PRUNED"),
         ("RUNNING", None),
+        ("FAILED", "FAIL"),
+        ("FAILED", "FAIL"),  # left as it was
     ]
-    reasons = [r.data.tags.get(m.FAILURE_REASON_TAG) for r in ended[:3]]
-    assert reasons == [m.UNRECORDED_REASON, None, m.UNCLOSED_REASON]
+    reasons = [r.data.tags.get(m.FAILURE_REASON_TAG) for r in ended]
+    assert reasons[:3] == [m.UNRECORDED_REASON, None, m.UNCLOSED_REASON]
+    assert reasons[5] == m.UNCLOSED_REASON
     assert reconcile_runs(study, tracker, parent) == []  # once repaired, left alone
 
 

@@ -58,13 +58,16 @@ def test_sigterm_ends_the_current_epoch_and_closes_trial_and_run_as_failed(
     assert 0 < len(history) < 500  # the epochs up to the signal were kept
 
 
-def test_a_second_signal_stops_at_once() -> None:
+def test_a_second_signal_stops_at_once_here_and_in_the_processes_started_here() -> None:
+    passed_on: list[int] = []
     with GracefulStop(quiet=True) as stop:
+        stop.listeners.append(passed_on.append)
         os.kill(os.getpid(), signal.SIGINT)
         assert stop()
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler runs between bytecodes; give it the chance
+    assert passed_on == [signal.SIGINT, signal.SIGTERM]
 
 
 def test_a_process_the_driver_started_stops_once_on_its_sigterm_not_on_a_terminals_ctrl_c() -> None:
@@ -124,6 +127,8 @@ def test_worker_exits_decide_between_a_store_failure_interrupted_incomplete_and_
     study.add_trial(optuna.trial.create_trial(value=1.0))
     check_workers(study, [WorkerExit(-9)], n_trials=1)
     assert "1 worker(s) lost" in capsys.readouterr().err
+    check_workers(study, [WorkerExit(EXIT_STORE, said)], n_trials=1)  # the study is whole
+    assert f"warning: a worker stopped: {said}" in capsys.readouterr().err
 
 
 def send_last_words(line: str, reports: Any) -> None:
