@@ -3,11 +3,15 @@ seeded per trial, the study's record of its settings, and lost trials."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -32,7 +36,7 @@ from lstm_sweep.study import (
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
 from lstm_sweep.train import History, Stop
-from tests.helpers import mlflow_client, url_with_password
+from tests.helpers import free_port, mlflow_client, url_with_password, wait_for
 
 
 @pytest.fixture
@@ -279,3 +283,36 @@ def test_the_pruner_is_asked_only_from_its_first_prunable_epoch_with_the_same_de
     assert any(stop is not None for stop in skipping)  # the comparison means something
     assert min(asked_from_first) == first and min(asked_always) == 0
     assert len(asked_from_first) < len(asked_always)
+
+
+@pytest.mark.slow
+def test_optuna_dashboard_serves_the_study_a_sweep_wrote(finished) -> None:
+    """The `dashboard` extra: optuna-dashboard, run as README says on the local Optuna store,
+    serves the sweep's study with every one of its trials."""
+    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
+    assert dashboard is not None, "pip install -e '.[dashboard]' (the dev extra has it)"
+    port = free_port()
+    storage = f"sqlite:///{finished.root / 'optuna.db'}"
+    server = subprocess.Popen(
+        [dashboard, storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        studies = wait_for(lambda: api(port, "/api/studies"), timeout=60)["study_summaries"]
+        (study,) = [s for s in studies if s["study_name"] == finished.study.study_name]
+        served = api(port, f"/api/studies/{study['study_id']}?after=0")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert served is not None
+    assert [t["number"] for t in served["trials"]] == [t.number for t in finished.study.trials]
+
+
+def api(port: int, path: str) -> Any:
+    """The dashboard's JSON answer, or None while nothing answers yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return json.load(answer)
+    except OSError:
+        return None
