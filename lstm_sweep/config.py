@@ -12,6 +12,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -496,7 +497,9 @@ def study_fingerprint(cfg: Config) -> dict[str, Any]:
     return flat
 
 
+@cache
 def file_digest(path: Path) -> str:
+    """A data file's content hash (read once per process)."""
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
 

@@ -20,7 +20,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import MinMaxScaler, RobustScaler, StandardScaler
 
-from lstm_sweep.config import Config, ConfigError, DataConfig
+from lstm_sweep.config import Config, ConfigError, DataConfig, file_digest
 
 PARTS = ("train", "val", "test")
 
@@ -497,3 +497,25 @@ def load_data(cfg: Config) -> TrainingData:
     if cfg.task == "classification":
         return load_classification_data(cfg.data)
     return load_forecast_data(cfg.data)
+
+
+@dataclass(frozen=True)
+class DataDescription:
+    """A data setting as MLflow's Dataset column shows it: the file, its content hash (the one
+    the study's fingerprint records), its input columns and the samples of each part."""
+
+    name: str
+    source: str
+    digest: str
+    columns: list[str]
+    samples: dict[str, int]  # part -> samples (windows or sequences)
+
+
+def describe(path: Path, data: ForecastData | ClassificationData) -> DataDescription:
+    return DataDescription(
+        name=path.stem,
+        source=str(path),
+        digest=file_digest(path),
+        columns=list(data.inputs),
+        samples={part: len(data.part(part)) for part in PARTS},
+    )

@@ -69,6 +69,7 @@ COMPLETE, PRUNED, FAIL = "COMPLETE", "PRUNED", "FAIL"
 RUN_STATUS = {COMPLETE: "FINISHED", PRUNED: "KILLED", FAIL: "FAILED"}
 INTERRUPTED_REASON = "interrupted by the user"
 WORKER_LOST_REASON = "worker lost (no heartbeat)"
+DATASET_CONTEXT_TRAINING, DATASET_CONTEXT_SWEEP = "training", "sweep"  # how a run used it
 EXIT_FAILED = 1  # the command's status when workers or the tracking server were lost
 EXIT_INTERRUPTED = 130  # ... when Ctrl-C or SIGTERM stopped it, as a shell reports SIGINT
 LEFTOVER_REASON = "its process stopped before the run was closed"  # found so on a restart

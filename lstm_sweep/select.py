@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, flatten
-from lstm_sweep.data import TrainingData
+from lstm_sweep.data import TrainingData, describe
 from lstm_sweep.model import Ensemble
 from lstm_sweep.processes import start_seconds
 from lstm_sweep.progress import Ticker, step
@@ -483,7 +483,8 @@ class Selector:
         }
         params = flatten(run_cfg.model_dump(mode="json"))
         flush = run_cfg.tracking.flush_seconds
-        with self.tracker.child_run(self.parent_id, name, tags, params, flush) as run:
+        data = describe(run_cfg.data.path, task.data)
+        with self.tracker.child_run(self.parent_id, name, tags, params, flush, data) as run:
             stop = [StopWhen(self.stop_requested)]
             outcome = train_in_run(run_cfg, task, run, stop, draw=True)
             self.trainings += 1
@@ -541,7 +542,12 @@ class Selector:
         with (
             step("final model", self.progress),
             self.tracker.child_run(
-                self.parent_id, name, tags, params, run_cfg.tracking.flush_seconds
+                self.parent_id,
+                name,
+                tags,
+                params,
+                run_cfg.tracking.flush_seconds,
+                describe(run_cfg.data.path, task.data),
             ) as run,
         ):
             single: dict[str, float] = {}

@@ -31,6 +31,7 @@ from lstm_sweep.config import (
     mask_secrets,
     study_fingerprint,
 )
+from lstm_sweep.data import describe
 from lstm_sweep.faults import check_local_store, classify, refused_at_start
 from lstm_sweep.record import train_in_run
 from lstm_sweep.tasks import TaskCache
@@ -439,6 +440,7 @@ class Objective:
             tags,
             params,
             cfg.tracking.flush_seconds,
+            describe(cfg.data.path, task.data),
         ) as run:
             trial.set_user_attr(m.RUN_ID_ATTR, run.run_id)
             callbacks = [

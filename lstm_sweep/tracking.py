@@ -34,16 +34,21 @@ from typing import Any, TypeVar
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+)
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from torch import nn
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import mask_secrets, without_password
+from lstm_sweep.data import DataDescription
 from lstm_sweep.faults import (
     WHAT,
     DropStoreFaults,
@@ -272,8 +277,11 @@ class Tracker:
         ids = [r.info.run_id for r in runs if r.data.tags.get(m.STUDY_TAG) == study_name]
         return ids[0] if ids else None
 
-    def open_parent(self, study_name: str, params: Mapping[str, Any]) -> str:
-        """The sweep's parent run: resumed if this study already has one, created otherwise."""
+    def open_parent(
+        self, study_name: str, params: Mapping[str, Any], dataset: DataDescription | None = None
+    ) -> str:
+        """The sweep's parent run: resumed if this study already has one, created otherwise
+        (with its params and its dataset)."""
         kind = self.client.get_experiment(self.experiment_id).tags.get(m.EXPERIMENT_KIND_TAG)
         if kind != m.EXPERIMENT_KIND:  # an experiment made by an older version, or by hand
             self.client.set_experiment_tag(
@@ -292,7 +300,25 @@ class Tracker:
             )
         )
         self.log_params(run.info.run_id, params)
+        if dataset is not None:  # a resumed study has the same data: its fingerprint says so
+            self.log_dataset(run.info.run_id, dataset, m.DATASET_CONTEXT_SWEEP)
         return run.info.run_id
+
+    def log_dataset(self, run_id: str, data: DataDescription, context: str) -> None:
+        """The run's dataset, for MLflow's Dataset column: the file by its content hash, its
+        input columns as the schema, the samples of each part as the profile."""
+        dataset = Dataset(
+            name=data.name,
+            digest=data.digest,
+            source_type="local",
+            source=json.dumps({"uri": data.source}),
+            schema=json.dumps(
+                {"mlflow_colspec": [{"name": c, "type": "double"} for c in data.columns]}
+            ),
+            profile=json.dumps({f"{part}_samples": n for part, n in data.samples.items()}),
+        )
+        used = DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        self._call(lambda: self.client.log_inputs(run_id, [used]))
 
     def finish_parent(self, run_id: str, state: str, reason: str | None = None) -> None:
         tags = {m.FAILURE_REASON_TAG: reason} if reason else {}
@@ -312,9 +338,11 @@ class Tracker:
         tags: Mapping[str, Any],
         params: Mapping[str, Any],
         flush_seconds: float,
+        dataset: DataDescription | None = None,
     ) -> Iterator[RunRecorder]:
         """The one lifecycle of a nested run (trial, re-evaluation, final model): open it with
-        its tags and params, hand the body a :class:`RunRecorder`, and on every way out flush
+        its tags, params and the dataset it trains on, hand the body a :class:`RunRecorder`,
+        and on every way out flush
         the buffered metrics and close it: as the body's ``end_as`` state (FINISHED, or KILLED
         when pruned) on a normal exit, FAILED with the reason on an exception, Ctrl-C or
         SIGTERM. A tracking store that stays down leaves the run open; the next start of the
@@ -328,6 +356,8 @@ class Tracker:
         recorder = RunRecorder(self, run.info.run_id, flush_seconds)
         try:
             self.log_params(recorder.run_id, params)
+            if dataset is not None:
+                self.log_dataset(recorder.run_id, dataset, m.DATASET_CONTEXT_TRAINING)
             yield recorder
             recorder.flush()
         except TrackingUnavailable:

@@ -30,6 +30,7 @@ import torch
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, ConfigError, load_config, mask_secrets, sanity_warnings
+from lstm_sweep.data import describe
 from lstm_sweep.faults import EXIT_STORE, StoreFailed, quiet_store_faults_in_threads, store_failure
 from lstm_sweep.processes import process_context
 from lstm_sweep.study import (
@@ -280,7 +281,8 @@ def start(sweep: Sweep) -> str:
     cfg = sweep.cfg
     with sweep.lock:
         params = {k: v for k, v in _flat_config(cfg).items()}
-        parent_id = sweep.tracker.open_parent(cfg.study_name, params)
+        data = describe(cfg.data.path, sweep.tasks.get(cfg).data)
+        parent_id = sweep.tracker.open_parent(cfg.study_name, params, data)
         lost = fail_stale_trials(sweep.study, cfg.study.grace_seconds, sweep.on_stale)
         closed = reconcile_runs(sweep.study, sweep.tracker, parent_id)
         retry_failed(sweep.study)

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from sklearn.preprocessing import StandardScaler
 
-from lstm_sweep.config import ConfigError, load_config
-from lstm_sweep.data import cut_windows, fit_scaler, load_forecast_data, split_bounds
-from tests.helpers import write_series, write_sweep
+from lstm_sweep.config import Config, ConfigError, load_config
+from lstm_sweep.data import cut_windows, describe, fit_scaler, load_forecast_data, split_bounds
+from lstm_sweep.tasks import Task
+from tests.helpers import CO2, write_series, write_sweep
 
 
 def load(tmp_path: Path, values: np.ndarray, **data: object):
@@ -191,3 +192,20 @@ def test_a_searched_window_and_transform_get_their_own_windows(tmp_path: Path) -
     changes = np.diff(values)[: val_start - 1]  # diff drops the first row
     assert diff.data.scaler.center[0] == pytest.approx(changes.mean())
     assert not np.allclose(diff.data.train.y.numpy()[:5], long.data.train.y.numpy()[:5])
+
+
+def test_a_data_setting_is_described_by_its_file_content_columns_and_samples_per_part(
+    tiny_cfg: Config, tiny_task: Task
+) -> None:
+    import hashlib
+
+    described = describe(tiny_cfg.data.path, tiny_task.data)
+    assert (described.name, described.source) == ("co2_weekly", str(CO2))
+    assert described.digest == hashlib.sha256(CO2.read_bytes()).hexdigest()[:16]
+    assert described.columns == ["co2"]
+    data = tiny_task.data
+    assert described.samples == {
+        "train": len(data.train),
+        "val": len(data.val),
+        "test": len(data.test),
+    }

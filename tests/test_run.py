@@ -4,6 +4,7 @@ same study wherever it is stored; no password is written anywhere."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from lstm_sweep.study import open_study
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
 from tests.helpers import (
+    CO2,
     QUICK,
     HeldSweep,
     command,
@@ -102,6 +104,28 @@ def test_the_real_command_prints_one_line_and_no_traceback(stores: Path) -> None
     assert result.returncode == 2
     expected = f"{QUICK}: modle = {{'dropout': 0.1}}: unknown key (did you mean 'model'?)"
     assert_one_line_and_nothing_created(result.stderr, expected, stores)
+
+
+@pytest.mark.slow
+def test_every_trained_run_and_the_sweep_name_their_dataset_for_the_ui(finished) -> None:
+    """MLflow's Dataset column: the same file, by the content hash the study's fingerprint
+    records, on every trial, re-evaluation, final model and the sweep's own run."""
+    fingerprint = json.loads(finished.study.user_attrs[m.CONFIG_ATTR])
+    roles = (m.ROLE_TRIAL, m.ROLE_REEVALUATION, m.ROLE_FINAL, m.ROLE_SWEEP)
+    runs = [run for role in roles for run in runs_of(finished.client, "co2-quick", role)]
+    assert {r.data.tags[m.ROLE_TAG] for r in runs} == set(roles)
+    for run in runs:
+        (used,) = finished.client.get_run(run.info.run_id).inputs.dataset_inputs
+        dataset, (context,) = used.dataset, used.tags
+        assert (dataset.name, f"sha256:{dataset.digest}") == (
+            "co2_weekly",
+            fingerprint["data.path"],
+        )
+        assert json.loads(dataset.source)["uri"] == str(CO2)
+        assert [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]] == ["co2"]
+        assert set(json.loads(dataset.profile)) == {"train_samples", "val_samples", "test_samples"}
+        sweep = run.data.tags[m.ROLE_TAG] == m.ROLE_SWEEP
+        assert context.value == (m.DATASET_CONTEXT_SWEEP if sweep else m.DATASET_CONTEXT_TRAINING)
 
 
 @pytest.mark.slow

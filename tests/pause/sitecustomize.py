@@ -33,8 +33,8 @@ def hold(tracking):  # type: ignore[no-untyped-def]
     on_epoch_end = tracking.RunRecorder.on_epoch_end
 
     @contextmanager
-    def child_run_with_role(self, parent_id, name, tags, params, flush_seconds):  # type: ignore[no-untyped-def]
-        with child_run(self, parent_id, name, tags, params, flush_seconds) as run:
+    def child_run_with_role(self, parent_id, name, tags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with child_run(self, parent_id, name, tags, *args, **kwargs) as run:
             run.role = tags.get("lstm_sweep.role")
             yield run
 
