@@ -157,6 +157,12 @@ def call_once(call: Callable[[], T]) -> T:
     return call()
 
 
+def calls_for(uri: str) -> Callable[[Callable[[], T]], T]:
+    """How a tracking store's calls are made: once on a local SQLite file, retried with
+    backoff on a server or a database across the network, which may blink."""
+    return call_once if uri.startswith("sqlite") else with_retries
+
+
 def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
     """Fail fast (OSError) when nothing answers at an http(s) tracking URI: MLflow's client
     would retry for minutes first. Any HTTP answer, even an error, means a server is there.
@@ -218,10 +224,7 @@ class Tracker:
     def __init__(self, uri: str | None, experiment: str, source: str = "tracking.uri") -> None:
         self.uri = uri or default_tracking_uri()
         self.experiment = experiment
-        # a server that blinks is waited for; a local file that fails will not mend by waiting
-        self._call: Callable[[Callable[[], T]], T] = (
-            with_retries if self.uri.startswith(("http://", "https://")) else call_once
-        )
+        self._call = calls_for(self.uri)
         check_local_store(self.uri, source, "tracking.uri")
         try:
             if self.uri.startswith(("http://", "https://")):

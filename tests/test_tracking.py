@@ -150,6 +150,12 @@ def test_with_retries_backs_off_through_a_blink_and_gives_up_with_a_masked_reaso
     assert "user:***@mlflow" in str(caught.value) and PASSWORD not in str(caught.value)
 
 
+def test_a_local_store_is_called_once_and_a_networked_one_retried() -> None:
+    assert tracking.calls_for("sqlite:////data/mlruns/mlflow.db") is tracking.call_once
+    for uri in ("http://mlflow:5000", "https://mlflow.example", "postgresql://u@db/mlflow"):
+        assert tracking.calls_for(uri) is tracking.with_retries
+
+
 def test_an_unreachable_server_is_one_masked_line_within_seconds(stores: Path) -> None:
     from lstm_sweep.config import ConfigError
     from tests.helpers import free_port
