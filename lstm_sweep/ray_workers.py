@@ -47,7 +47,6 @@ from lstm_sweep.workers import (
     check_workers,
     optimize,
     prepare,
-    store_urls,
 )
 
 LOCAL = "local"  # --ray without ADDRESS: Ray's own word for "start a local instance"
@@ -217,7 +216,7 @@ class SweepWorker:
         except (TrackingUnavailable, LockTimeout) as exc:  # the driver sums up
             return WorkerExit(EXIT_FAILED, f"worker {here}: {mask_secrets(str(exc))}")
         except Exception as exc:
-            failure = store_failure(exc, store_urls(sweep.cfg, sweep.tracker.uri))
+            failure = store_failure(exc, sweep.store_urls())
             if failure is None:
                 raise
             return WorkerExit(EXIT_STORE, str(failure))

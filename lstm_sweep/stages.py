@@ -239,7 +239,7 @@ def run_sweep(
     except TrackingUnavailable:
         raise  # the parent run cannot be closed now; the next start reopens it
     except Exception as exc:  # a store fault, or a bug: leave no run RUNNING behind it
-        failure = store_failure(exc, store_urls(sweep.cfg, sweep.tracker.uri))
+        failure = store_failure(exc, sweep.store_urls())
         close_parent(sweep, parent_id, str(failure) if failure else failure_reason(exc))
         if failure is not None:
             raise failure from None

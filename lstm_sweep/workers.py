@@ -243,6 +243,9 @@ class Sweep:
     lock: StudyLock = field(repr=False)
     on_stale: StaleTrialHandler = field(repr=False)
 
+    def store_urls(self) -> dict[str, str]:
+        return store_urls(self.cfg, self.tracker.uri)
+
 
 def data_variants(cfg: Config) -> list[Config]:
     """The config as given, and one per value at the edge of each searched data key: loading
@@ -376,7 +379,7 @@ def work(
     try:
         optimize(sweep, objective, callbacks, stop)
     except Exception as exc:  # a store fault becomes its one line; anything else goes on
-        failure = store_failure(exc, store_urls(sweep.cfg, sweep.tracker.uri))
+        failure = store_failure(exc, sweep.store_urls())
         if failure is None:
             raise
         raise failure from None
