@@ -33,9 +33,9 @@ RATE = 50  # samples per second
 CATEGORIES = [
     ("imports", "_find_and_load ("),
     ("closing stage (re-evaluation, final model)", "(lstm_sweep/select.py)"),
-    ("report (reads the stores, renders)", "(lstm_sweep/report.py)"),
-    ("start-up (config, data, stores, parent run)", "prepare (lstm_sweep/workers.py)"),
-    ("start-up (config, data, stores, parent run)", "start (lstm_sweep/workers.py)"),
+    ("report (reads the stores, renders)", "(lstm_sweep/report/"),
+    ("start-up (config, data, stores, parent run)", "prepare (lstm_sweep/sweep.py)"),
+    ("start-up (config, data, stores, parent run)", "start (lstm_sweep/sweep.py)"),
     ("MLflow calls inside fit (run recorder)", "RunRecorder.on_epoch_end"),
     ("Optuna report/prune inside fit", "Pruning.on_epoch_end"),
     ("per-epoch eval passes (val, train subsample)", "predict (lstm_sweep/train.py)"),

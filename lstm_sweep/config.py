@@ -49,6 +49,11 @@ def without_password(uri: str) -> str:
     return re.sub(r"[?&]$", "", _QUERY_SECRET.sub("", uri))
 
 
+def plain(value: Any) -> Any:
+    """A NumPy scalar from a DataFrame cell as the Python value YAML and configs expect."""
+    return value.item() if hasattr(value, "item") else value
+
+
 class ConfigError(ValueError):
     """A sweep file (or override) that cannot be run: says where, what and why in one line.
 
@@ -165,6 +170,17 @@ class SearchParam(_Section):
     def bounds(self) -> list[Any]:
         """The values at the edges of the range: each must make a valid config."""
         return list(self.choices or []) if self.type == "categorical" else list(self.span)
+
+    def position(self, value: Any) -> float:
+        """Where a value sits in this range: 0 at the low end, 1 at the high end (in log space
+        for a log range, by index among categorical choices; NaN for a value not among them;
+        0.5 in a range of one point)."""
+        if self.type == "categorical":
+            choices = list(self.choices or [])
+            return choices.index(value) / max(1, len(choices) - 1) if value in choices else math.nan
+        scale = math.log if self.log else float
+        low, high = (scale(float(v)) for v in self.span)
+        return (scale(float(value)) - low) / (high - low) if high > low else 0.5
 
     @property
     def span(self) -> tuple[float, float]:

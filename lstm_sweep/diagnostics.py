@@ -244,12 +244,8 @@ def edge_warnings(
     for key, param in search.items():
         if param.type == "categorical" or not best:
             continue
-        low, high = float(param.low), float(param.high)  # type: ignore[arg-type]
-        scale = (lambda v: math.log(v)) if param.log else (lambda v: v)
-        span = scale(high) - scale(low)
-        if span <= 0:
-            continue
-        positions = [(scale(float(t[key])) - scale(low)) / span for t in best if key in t]
+        low, high = param.span
+        positions = [param.position(t[key]) for t in best if key in t]
         for edge, near in (
             ("low", all(p <= margin for p in positions)),
             ("high", all(p >= 1 - margin for p in positions)),

@@ -25,11 +25,10 @@ import torch
 import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
+from lstm_sweep.cli import REFUSED, refuse
 from lstm_sweep.config import ConfigError, DataConfig
 from lstm_sweep.data import ForecastData, Scaler, Windows, prepare_table, read_sequences, read_table
 from lstm_sweep.tracking import load_logged_model
-
-EXIT_BAD_INPUT = 2
 
 
 @dataclass(frozen=True)
@@ -187,9 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         table = predict_file(args.model_uri, args.data, args.tracking_uri, args.last)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except REFUSED as exc:
+        return refuse(exc)
     table.to_csv(args.output, index=False)
     print(f"{len(table)} predictions written to {args.output}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,14 @@ import torch
 from lstm_sweep import diagnostics as dg
 from lstm_sweep import metrics as m
 from lstm_sweep import plots
-from lstm_sweep.config import Config
+from lstm_sweep.config import Config, flatten
+from lstm_sweep.data import describe
 from lstm_sweep.model import LSTMNet
 from lstm_sweep.tasks import Task
-from lstm_sweep.tracking import RunRecorder
+from lstm_sweep.tracking import RunRecorder, Tracker, run_name
 from lstm_sweep.train import Callback, History, Interrupted, Stop, build_model, fit, predict
+
+RUN_KINDS = {m.ROLE_TRIAL: "trial", m.ROLE_REEVALUATION: "reeval", m.ROLE_FINAL: "final"}
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,54 @@ def draw_pictures(
     if snapshots:
         plots.weight_histograms(snapshots, folder / "weight_histograms.png")
     task.prediction_figure(val_output, "val", folder / "val_predictions.png")
+
+
+def setting_run(
+    tracker: Tracker,
+    parent_id: str,
+    role: str,
+    cfg: Config,
+    task: Task,
+    number: int,
+    values: dict[str, Any],
+    tags: dict[str, Any] | None = None,
+    suffix: str = "",
+) -> AbstractContextManager[RunRecorder]:
+    """The nested run of one setting (the trial ``number`` found it) in any role, opened with
+    what every such run records: its name, role, study, trial, worker, the config it trains
+    with (``cfg``, the setting's values in) and its dataset."""
+    all_tags = {
+        m.ROLE_TAG: role,
+        m.STUDY_TAG: cfg.study_name,
+        m.TRIAL_TAG: number,
+        m.WORKER_TAG: m.this_process(),
+        **(tags or {}),
+    }
+    return tracker.child_run(
+        parent_id,
+        run_name(RUN_KINDS[role], number, values) + suffix,
+        all_tags,
+        flatten(cfg.model_dump(mode="json")),
+        cfg.tracking.flush_seconds,
+        describe(cfg.data.path, task.data),
+    )
+
+
+def draw_recorded(tracker: Tracker, run_id: str, task: Task, model: torch.nn.Module) -> None:
+    """The pictures of a run that left them undrawn (a trial, which draws nothing while the
+    search runs): its curves from its metrics, its weights from its snapshots, its predictions
+    from ``model``, its best weights."""
+    rows = tracker.metric_history(run_id, [m.TRAIN_LOSS, m.TRAIN_EVAL_LOSS, m.VAL_LOSS])
+    metrics = tracker.run_metrics(run_id)
+    onset = metrics.get(m.OVERFIT_ONSET)
+    with tracker.downloaded(run_id, f"{m.DIAGNOSTICS_DIR}/{WEIGHT_VALUES}") as local:
+        snapshots = read_snapshots(local) if local is not None else {}
+    val_output = predict(model, task.data.val.x).cpu().numpy()
+    with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
+        best = int(metrics.get(m.BEST_EPOCH, -1))
+        onset_epoch = None if onset is None else int(onset)
+        draw_pictures(Path(tmp), task, rows, best, onset_epoch, snapshots, val_output)
+        tracker.log_artifacts(run_id, Path(tmp), m.DIAGNOSTICS_DIR)
 
 
 def train_in_run(

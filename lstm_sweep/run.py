@@ -13,13 +13,12 @@ import gc
 import sys
 import traceback
 
+from lstm_sweep import engines
 from lstm_sweep import metrics as m
-from lstm_sweep.config import ConfigError, load_config, mask_secrets
-from lstm_sweep.faults import EXIT_STORE, StoreFailed
-from lstm_sweep.processes import start_server
+from lstm_sweep.cli import REFUSED, refuse
+from lstm_sweep.config import load_config, mask_secrets
 from lstm_sweep.progress import step
 
-EXIT_BAD_INPUT = 2
 RESUME_HINT = "every finished trial is kept: run the same command again to resume"
 # the last line after Ctrl-C or SIGTERM, by the stage it stopped
 INTERRUPTED = {
@@ -83,11 +82,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="worker processes on this machine (overrides study.workers)",
     )
     parser.add_argument(
+        "--engine",
+        choices=list(engines.ENGINES),
+        default="local",
+        help="who runs the workers (default: processes of this machine)",
+    )
+    parser.add_argument(
         "--ray",
         nargs="?",
         const="local",
         metavar="ADDRESS",
-        help="run the workers on a Ray cluster: auto, ray://host:10001 or host:6379;"
+        help="--engine ray, on the cluster at ADDRESS: auto, ray://host:10001 or host:6379;"
         " without ADDRESS a local Ray instance (pip install -e '.[ray]')",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -98,44 +103,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = args.set + ([f"study.workers={args.workers}"] if args.workers else [])
     progress = not args.no_progress
+    engine_name, address = ("ray", args.ray) if args.ray else (args.engine, None)
     try:
         cfg = load_config(args.sweep, overrides)
-        if cfg.study.workers > 1 and not args.ray:
-            start_server()  # the workers' imports, beside this process's own
+        engines.warm_up(engine_name, cfg)  # beside this process's own imports
         with step("loading torch, MLflow and Optuna", progress):
             # here, not at the top: a bad sweep file is refused without waiting for them
             from lstm_sweep.stages import run_sweep
+            from lstm_sweep.sweep import GracefulStop, LockTimeout, SweepIncomplete, prepare
             from lstm_sweep.tracking import TrackingUnavailable
-            from lstm_sweep.workers import (
-                GracefulStop,
-                LockTimeout,
-                SweepIncomplete,
-                prepare,
-            )
-        with step("checking the data and opening the stores", progress):
-            if args.ray:  # before prepare(): a setup Ray workers cannot use leaves no store
-                from lstm_sweep.ray_workers import check_cluster  # Ray is an optional extra
 
-                check_cluster(args.sweep, overrides, args.ray)
+            engine = engines.create(engine_name, address)
+        with step("checking the data and opening the stores", progress):
+            engine.check(args.sweep, overrides)  # a setup it cannot run leaves no store behind
             sweep = prepare(args.sweep, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except StoreFailed as exc:  # a full disk, say, when the stores were opened
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STORE
+    except REFUSED as exc:  # bad input, or a full disk, say, when the stores were opened
+        return refuse(exc)
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED[m.STAGE_START]}", file=sys.stderr)
         return m.EXIT_INTERRUPTED
     with GracefulStop() as stop:
         try:
-            print(run_sweep(sweep, stop, progress, args.ray))
+            print(run_sweep(sweep, stop, engine, progress))
         except KeyboardInterrupt as exc:
             print(f"\n{INTERRUPTED[getattr(exc, 'stage', m.STAGE_TRIALS)]}", file=sys.stderr)
             return m.EXIT_INTERRUPTED
-        except StoreFailed as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_STORE
+        except REFUSED as exc:  # a store failed under the sweep
+            return refuse(exc)
         except TrackingUnavailable as exc:
             print(
                 f"error: {mask_secrets(str(exc))}; {RESUME_HINT} once the tracking server"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -30,20 +30,14 @@ import yaml
 from tqdm import tqdm
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import Config, flatten
-from lstm_sweep.data import TrainingData, describe
+from lstm_sweep.config import Config, plain
+from lstm_sweep.data import TrainingData
 from lstm_sweep.model import Ensemble
-from lstm_sweep.processes import start_seconds
 from lstm_sweep.progress import Ticker, step
-from lstm_sweep.record import (
-    WEIGHT_VALUES,
-    draw_pictures,
-    load_weights,
-    read_snapshots,
-    train_in_run,
-)
-from lstm_sweep.tasks import Classification, Task, TaskCache, make_task
-from lstm_sweep.tracking import Tracker, run_name
+from lstm_sweep.record import draw_recorded, load_weights, setting_run, train_in_run
+from lstm_sweep.sweep import JobContext
+from lstm_sweep.tasks import Classification, Task, make_task
+from lstm_sweep.tracking import Tracker
 from lstm_sweep.train import (
     Callback,
     Interrupted,
@@ -133,11 +127,6 @@ class Selection:
         raw["seeds"] = [SeedResult(**s) for s in raw["seeds"]]
         raw["final"] = FinalModel(**raw["final"]) if raw["final"] else None
         return cls(**raw)
-
-
-def plain(value: Any) -> Any:
-    """A NumPy scalar from a DataFrame cell as the Python value YAML and configs expect."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def top_settings(table: pd.DataFrame, keys: list[str], k: int, direction: str) -> list[Setting]:
@@ -247,6 +236,52 @@ def score(task: Task, model: torch.nn.Module, monitor: str) -> tuple[dict, dict,
     return val, test, test_value
 
 
+@dataclass(frozen=True)
+class RecordedRun:
+    """What a run that trained one seed of a setting recorded about its best epoch."""
+
+    run_id: str
+    value: float  # the monitored metric at the best epoch
+    best_epoch: int
+    verdict: str
+    reused: bool = False  # the trial's own run, not a re-evaluation
+
+
+def trial_run(setting: Setting, verdicts: Mapping[int, Any]) -> RecordedRun:
+    """A top trial as the first seed of its setting."""
+    verdict = str(verdicts.get(setting.number, ""))
+    return RecordedRun(setting.run_id, setting.value, setting.best_epoch, verdict, reused=True)
+
+
+def reevaluation_run(run: pd.Series, monitor: str) -> RecordedRun:
+    """A finished re-evaluation run, as ``Tracker.child_runs`` gives it."""
+    return RecordedRun(
+        str(run["run_id"]),
+        float(run[f"metrics.{m.best(monitor)}"]),
+        int(run[f"metrics.{m.BEST_EPOCH}"]),
+        str(run.get(f"tags.{m.VERDICT_TAG}", "")),
+    )
+
+
+def scored(
+    setting: Setting, seed: int, run: RecordedRun, task: Task, model: torch.nn.Module, monitor: str
+) -> SeedResult:
+    """The one way a seed result is made, whichever run trained its model."""
+    val, test, test_value = score(task, model, monitor)
+    return SeedResult(
+        number=setting.number,
+        seed=seed,
+        run_id=run.run_id,
+        value=run.value,
+        best_epoch=run.best_epoch,
+        verdict=run.verdict,
+        val=val,
+        test=test,
+        test_value=test_value,
+        reused=run.reused,
+    )
+
+
 def beaten_by(
     task: Task, lstm_val: dict[str, float], baselines_val: pd.DataFrame
 ) -> dict[str, Any] | None:
@@ -275,37 +310,46 @@ def optimism(final: FinalModel, selection: Selection) -> dict[str, float]:
 
 @dataclass
 class Selector:
-    """The closing stage of one study; ``say`` prints what it is doing."""
+    """The closing stage of one study, in the process that drives it or, for single
+    re-evaluations, in one an engine started; ``say`` prints what it is doing."""
 
-    cfg: Config
-    tasks: TaskCache
-    tracker: Tracker
-    parent_id: str
-    stop_requested: Callable[[], bool]
+    context: JobContext
     say: Callable[[str], None] = print
     progress: bool = True  # a bar over the re-evaluations, a line for the final model
     # trains (setting, seed) pairs elsewhere into finished re-evaluation runs while its block
-    # runs and until they are done, calling its second argument as it waits (stages: worker
-    # processes, one per study worker)
+    # runs and until they are done, calling its second argument as it waits (the engine's job
+    # runner, given reevaluation_job)
     elsewhere: (
         Callable[[list[tuple[Setting, int]], Callable[[], None]], AbstractContextManager[None]]
         | None
     ) = None
+    start_seconds: float = 0.0  # what handing a job elsewhere costs before it trains
     trainings: int = 0
     models: dict[tuple[int, int], torch.nn.Module] = field(default_factory=dict)
 
+    @property
+    def cfg(self) -> Config:
+        return self.context.cfg
+
+    @property
+    def tracker(self) -> Tracker:
+        return self.context.tracker
+
     def setting_config(self, setting: Setting, seed: int) -> Config:
         return self.cfg.with_values({**setting.values, "train.seed": seed})
+
+    def task(self, setting: Setting, seed: int) -> Task:
+        return self.context.tasks.get(self.setting_config(setting, seed))
 
     def run(self, table: pd.DataFrame) -> Selection:
         cfg = self.cfg
         started = time.perf_counter()
         settings = top_settings(table, list(cfg.search), cfg.report.top_k, cfg.direction)
         seeds = self.reevaluate(settings, table)
-        headline = self.tasks.get(self.setting_config(settings[0], cfg.train.seed)).headline
+        headline = self.task(settings[0], cfg.train.seed).headline
         spread, winner, within = spread_table(seeds, cfg.direction, headline)
         setting = next(s for s in settings if s.number == winner)
-        task = self.tasks.get(self.setting_config(setting, cfg.train.seed))
+        task = self.task(setting, cfg.train.seed)
         mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
         epochs = max(1, int(spread.loc[spread["number"] == winner, "epochs"].iloc[0]))
         final = self.final_model(setting, task, mine, epochs) if cfg.report.final_model else None
@@ -337,19 +381,22 @@ class Selector:
     def reevaluate(self, settings: list[Setting], table: pd.DataFrame) -> list[SeedResult]:
         """Every setting with seeds train.seed, train.seed + 1, ...: the trial itself counts as
         seed train.seed when it kept its weights; a re-evaluation a previous attempt finished
-        is read back; the rest are trained, each in a nested run, in other processes when that
-        pays (this one meanwhile takes up the trials' own models)."""
+        is read back; the rest are trained, each in a nested run, elsewhere when that pays
+        (this process meanwhile takes up the trials' own models)."""
         cfg = self.cfg
         seeds = range(cfg.train.seed, cfg.train.seed + cfg.report.seeds)
         done = self.finished_reevaluations()
-        plan = [(s, seed) for s in settings for seed in seeds]
-        reused = {(s.number, cfg.train.seed): s for s in settings if self.has_weights(s.run_id)}
-        todo = [(s, seed) for s, seed in plan if (s.number, seed) not in done | reused.keys()]
+        plan = [(s, seed) for s, seed in ((s, seed) for s in settings for seed in seeds)]
+        reused = {(s.number, cfg.train.seed) for s in settings if self.has_weights(s.run_id)}
+        todo = [(s, seed) for s, seed in plan if (s.number, seed) not in done.keys() | reused]
         if todo:
             self.say(
                 f"closing stage: {len(todo)} re-evaluation(s) of the top {len(settings)}"
                 f" setting(s) ({len(plan) - len(todo)} reused from the trials or an earlier run)"
             )
+        verdicts = (
+            dict(zip(table["number"], table["verdict"], strict=True)) if "verdict" in table else {}
+        )
         bar = tqdm(
             total=len(todo),
             desc="re-evaluating",
@@ -359,86 +406,55 @@ class Selector:
         with Ticker(bar):
             elsewhere: AbstractContextManager[None] = nullcontext()
             seconds = expected_seconds(table)
-            if self.worth_spreading(todo, seconds):
-                assert self.elsewhere is not None
+            if self.elsewhere is not None and self.worth_spreading(todo, seconds):
                 keys = {(s.number, seed) for s, seed in todo}
 
                 def count() -> None:
                     bar.n = len(keys & self.finished_reevaluations().keys())
 
                 elsewhere = self.elsewhere(longest_first(todo, seconds), count)
-            verdicts = (
-                dict(zip(table["number"], table["verdict"], strict=True))
-                if "verdict" in table
-                else {}
-            )
             with elsewhere:
                 trials = {
-                    key: self.reuse(setting, str(verdicts.get(setting.number, "")))
-                    for key, setting in reused.items()
+                    (s.number, seed): self.seed_result(s, seed, trial_run(s, verdicts))
+                    for s, seed in plan
+                    if (s.number, seed) in reused
                 }
             done = self.finished_reevaluations()  # what failed elsewhere is trained below
             results = []
             for setting, seed in plan:
-                run_cfg = self.setting_config(setting, seed)
-                task = self.tasks.get(run_cfg)
                 key = (setting.number, seed)
                 if key in trials:
                     results.append(trials[key])
                 elif key in done:
-                    results.append(self.read_back(done[key], setting, seed, task))
+                    results.append(
+                        self.seed_result(
+                            setting, seed, reevaluation_run(done[key], cfg.train.monitor)
+                        )
+                    )
                 else:
                     bar.set_postfix_str(f"trial #{setting.number} seed {seed}")
-                    results.append(self.train_seed(setting, seed, run_cfg, task))
+                    results.append(self.train_seed(setting, seed))
                     bar.update(1)
         bar.close()
         return results
 
-    def reuse(self, setting: Setting, verdict: str) -> SeedResult:
-        """A top trial as its own first seed: its best weights, scored; its pictures drawn."""
-        seed = self.cfg.train.seed
-        run_cfg = self.setting_config(setting, seed)
-        task = self.tasks.get(run_cfg)
-        model = self.models[(setting.number, seed)] = self.load_model(setting.run_id, task, run_cfg)
-        if self.cfg.diagnostics.level == "full":
-            self.draw_trial(setting.run_id, task, model)
-        val, test, test_value = score(task, model, self.cfg.train.monitor)
-        return SeedResult(
-            setting.number,
-            seed,
-            setting.run_id,
-            setting.value,
-            setting.best_epoch,
-            verdict,
-            val,
-            test,
-            test_value,
-            True,
-        )
+    def seed_result(self, setting: Setting, seed: int, run: RecordedRun) -> SeedResult:
+        """One seed of a setting from the run that trained it (the trial itself, or a
+        re-evaluation): its best weights loaded and scored; a trial's pictures, which it left
+        undrawn, drawn now (diagnostics level full)."""
+        task = self.task(setting, seed)
+        model = self.load_model(run.run_id, task, self.setting_config(setting, seed))
+        self.models[(setting.number, seed)] = model
+        if run.reused and self.cfg.diagnostics.level == "full":
+            draw_recorded(self.tracker, run.run_id, task, model)
+        return scored(setting, seed, run, task, model, self.cfg.train.monitor)
 
     def worth_spreading(self, todo: list[tuple[Setting, int]], seconds: dict[int, float]) -> bool:
-        """Spread the re-evaluations over processes when they would take longer in turn than
-        twice a process's start-up (estimated from their trials' wall times)."""
-        if self.elsewhere is None or len(todo) < 2:
+        """Spread the re-evaluations out when they would take longer in turn than twice a
+        job's start-up elsewhere (estimated from their trials' wall times)."""
+        if len(todo) < 2:
             return False
-        return sum(seconds.get(s.number, 0.0) for s, _ in todo) > 2 * start_seconds()
-
-    def draw_trial(self, run_id: str, task: Task, model: torch.nn.Module) -> None:
-        """The pictures of a top trial, which the trial itself left undrawn: its curves from
-        its metrics, its weights from its snapshots, its predictions from its best weights."""
-        keys = [m.TRAIN_LOSS, m.TRAIN_EVAL_LOSS, m.VAL_LOSS]
-        rows = self.tracker.metric_history(run_id, keys)
-        metrics = self.tracker.run_metrics(run_id)
-        onset = metrics.get(m.OVERFIT_ONSET)
-        path = f"{m.DIAGNOSTICS_DIR}/{WEIGHT_VALUES}"
-        with self.tracker.downloaded(run_id, path) as local:
-            snapshots = read_snapshots(local) if local is not None else {}
-        val_output = predict(model, task.data.val.x).cpu().numpy()
-        with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
-            best = int(metrics.get(m.BEST_EPOCH, -1))
-            onset_epoch = None if onset is None else int(onset)
-            draw_pictures(Path(tmp), task, rows, best, onset_epoch, snapshots, val_output)
-            self.tracker.log_artifacts(run_id, Path(tmp), m.DIAGNOSTICS_DIR)
+        return sum(seconds.get(s.number, 0.0) for s, _ in todo) > 2 * self.start_seconds
 
     def has_weights(self, run_id: str) -> bool:
         with self.tracker.downloaded(run_id, m.WEIGHTS_FILE) as local:
@@ -452,7 +468,7 @@ class Selector:
 
     def finished_reevaluations(self) -> dict[tuple[int, int], pd.Series]:
         """(trial number, seed) -> the run of a re-evaluation a previous attempt finished."""
-        runs = self.tracker.child_runs(self.parent_id, m.ROLE_REEVALUATION)
+        runs = self.tracker.child_runs(self.context.parent_id, m.ROLE_REEVALUATION)
         if runs.empty:
             return {}
         closed = runs[runs["status"] == "FINISHED"]
@@ -461,50 +477,33 @@ class Selector:
             for _, r in closed.iterrows()
         }
 
-    def read_back(self, run: pd.Series, setting: Setting, seed: int, task: Task) -> SeedResult:
-        key = (setting.number, seed)
-        self.models[key] = self.load_model(run["run_id"], task, self.setting_config(setting, seed))
-        val, test, test_value = score(task, self.models[key], self.cfg.train.monitor)
-        value = float(run[f"metrics.{m.best(self.cfg.train.monitor)}"])
-        epoch = int(run[f"metrics.{m.BEST_EPOCH}"])
-        verdict = str(run.get(f"tags.{m.VERDICT_TAG}", ""))
-        return SeedResult(
-            setting.number, seed, run["run_id"], value, epoch, verdict, val, test, test_value, False
-        )
-
-    def train_seed(self, setting: Setting, seed: int, run_cfg: Config, task: Task) -> SeedResult:
-        name = run_name("reeval", setting.number, setting.values) + f" seed={seed}"
-        tags = {
-            m.ROLE_TAG: m.ROLE_REEVALUATION,
-            m.STUDY_TAG: self.cfg.study_name,
-            m.TRIAL_TAG: setting.number,
-            m.SEED_TAG: seed,
-            m.WORKER_TAG: m.this_process(),
-        }
-        params = flatten(run_cfg.model_dump(mode="json"))
-        flush = run_cfg.tracking.flush_seconds
-        data = describe(run_cfg.data.path, task.data)
-        with self.tracker.child_run(self.parent_id, name, tags, params, flush, data) as run:
-            stop = [StopWhen(self.stop_requested)]
+    def train_seed(self, setting: Setting, seed: int) -> SeedResult:
+        """A setting trained again with ``seed`` in a re-evaluation run of its own, scored."""
+        run_cfg = self.setting_config(setting, seed)
+        task = self.context.tasks.get(run_cfg)
+        with setting_run(
+            self.tracker,
+            self.context.parent_id,
+            m.ROLE_REEVALUATION,
+            run_cfg,
+            task,
+            setting.number,
+            setting.values,
+            {m.SEED_TAG: seed},
+            f" seed={seed}",
+        ) as run:
+            stop = [StopWhen(self.context.stop_requested)]
             outcome = train_in_run(run_cfg, task, run, stop, draw=True)
             self.trainings += 1
-            val, test, test_value = score(task, outcome.model, self.cfg.train.monitor)
-            run.log_summary({m.error("test", k): v for k, v in test.items()})
+            history = outcome.history
+            recorded = RecordedRun(
+                run.run_id, history.best_value, history.best_epoch, outcome.verdict.verdict
+            )
+            result = scored(setting, seed, recorded, task, outcome.model, self.cfg.train.monitor)
+            run.log_summary({m.error("test", k): v for k, v in result.test.items()})
         if outcome.state == m.COMPLETE:
             self.models[(setting.number, seed)] = outcome.model
-        history = outcome.history
-        return SeedResult(
-            setting.number,
-            seed,
-            run.run_id,
-            history.best_value,
-            history.best_epoch,
-            outcome.verdict.verdict,
-            val,
-            test,
-            test_value,
-            False,
-        )
+        return result
 
     def ensemble(self, task: Task, mine: list[SeedResult]) -> Ensemble:
         members = [self.models[(s.number, s.seed)].cpu() for s in mine]
@@ -523,12 +522,7 @@ class Selector:
         run_cfg = self.cfg.with_values(
             {**setting.values, "train.max_epochs": epochs, "train.patience": epochs}
         )
-        tags = {
-            m.ROLE_TAG: m.ROLE_FINAL,
-            m.STUDY_TAG: self.cfg.study_name,
-            m.TRIAL_TAG: setting.number,
-            m.FINAL_KIND_TAG: kind,
-        }
+        tags = {m.FINAL_KIND_TAG: kind}
         if kind == "ensemble":
             self.say(f"final model: the mean of trial #{setting.number}'s {len(mine)} seed models")
         else:
@@ -537,17 +531,11 @@ class Selector:
                 f"final model: trial #{setting.number} retrained on train + validation"
                 f" for {epochs} epochs"
             )
-        name = run_name("final", setting.number, setting.values)
-        params = flatten(run_cfg.model_dump(mode="json"))
+        parent_id, number, values = self.context.parent_id, setting.number, setting.values
         with (
             step("final model", self.progress),
-            self.tracker.child_run(
-                self.parent_id,
-                name,
-                tags,
-                params,
-                run_cfg.tracking.flush_seconds,
-                describe(run_cfg.data.path, task.data),
+            setting_run(
+                self.tracker, parent_id, m.ROLE_FINAL, run_cfg, task, number, values, tags
             ) as run,
         ):
             single: dict[str, float] = {}
@@ -577,7 +565,7 @@ class Selector:
     def retrain(self, run_cfg: Config, task: Task, run: Callback) -> torch.nn.Module:
         final_task = make_task(with_validation_in_training(task.data))
         model = build_model(final_task, run_cfg)
-        callbacks = [run, StopWhen(self.stop_requested)]
+        callbacks = [run, StopWhen(self.context.stop_requested)]
         history = fit(model, final_task, run_cfg, callbacks, restore_best=False)
         if history.stop is Stop.INTERRUPTED:
             raise Interrupted
@@ -587,7 +575,7 @@ class Selector:
     def registered_final(self, number: int, kind: str) -> FinalModel | None:
         """The final model of this setting and kind that a previous attempt of this stage
         registered, if any (a study extended since may recommend another setting)."""
-        runs = self.tracker.child_runs(self.parent_id, m.ROLE_FINAL)
+        runs = self.tracker.child_runs(self.context.parent_id, m.ROLE_FINAL)
         column = f"tags.{m.FINAL_TAG}"
         if runs.empty or column not in runs:
             return None
@@ -598,3 +586,10 @@ class Selector:
             & (runs[f"tags.{m.FINAL_KIND_TAG}"] == kind)
         ]
         return FinalModel(**json.loads(done.iloc[0][column])) if len(done) else None
+
+
+def reevaluation_job(context: JobContext, job: tuple[Setting, int]) -> None:
+    """One (setting, seed) re-evaluation as a job an engine runs in another process; the
+    closing stage reads its run back."""
+    setting, seed = job
+    Selector(context, progress=False).train_seed(setting, seed)

@@ -4,29 +4,26 @@ once per study, in whichever process claims them first."""
 
 from __future__ import annotations
 
-import gc
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import Config, load_config
-from lstm_sweep.faults import EXIT_STORE, StoreFailed, classify, store_failure
-from lstm_sweep.processes import process_context
+from lstm_sweep.config import Config
+from lstm_sweep.engines import Engine
+from lstm_sweep.faults import classify, store_failure
 from lstm_sweep.progress import Ticker, step
-from lstm_sweep.report import comparison_table, parent_metrics, render
-from lstm_sweep.select import Selector, Setting
+from lstm_sweep.report import publish
+from lstm_sweep.report.render import parent_metrics
+from lstm_sweep.report.table import comparison_table
+from lstm_sweep.select import Selector, reevaluation_job
 from lstm_sweep.study import (
     best_value,
     counted_trials,
@@ -36,28 +33,16 @@ from lstm_sweep.study import (
     storage_url,
     trials_frame,
 )
-from lstm_sweep.tasks import TaskCache
-from lstm_sweep.tracking import (
-    Tracker,
-    TrackingUnavailable,
-    default_tracking_uri,
-    failure_reason,
-)
-from lstm_sweep.train import Interrupted
-from lstm_sweep.workers import (
-    EXIT_INTERRUPTED,
+from lstm_sweep.sweep import (
     GracefulStop,
+    JobContext,
     LockTimeout,
     StudyLock,
     Sweep,
     SweepIncomplete,
-    exits_on_store_failure,
-    run_local_workers,
-    running,
     start,
-    store_urls,
-    wait_for,
 )
+from lstm_sweep.tracking import TrackingUnavailable, failure_reason
 
 
 @dataclass
@@ -118,8 +103,8 @@ def conclude(
     sweep: Sweep,
     parent_id: str,
     stop: GracefulStop,
+    engine: Engine,
     progress: bool = True,
-    spread: bool = True,
     stage: Stage | None = None,
 ) -> str:
     """Once the study holds n_trials: the closing stage and the report, exactly once per study
@@ -157,10 +142,11 @@ def conclude(
             )
         if not current:
             stage.name = m.STAGE_CLOSING
-            select_once(sweep, parent_id, stop, progress, spread)
+            select_once(sweep, parent_id, stop, engine, progress)
         stage.name = m.STAGE_REPORT
         with step("writing the report", progress):
-            text = render(cfg, tracker, study, parent_id)
+            text = publish(cfg, tracker, study, parent_id)
+        tracker.finish_parent(parent_id, m.COMPLETE)
         done = selection_recorded(study) or {}
         record_selection(study, {**done, "reported_by": m.this_process()})
         return text
@@ -174,10 +160,10 @@ def report_settings(cfg: Config) -> dict[str, Any]:
 
 
 def select_once(
-    sweep: Sweep, parent_id: str, stop: GracefulStop, progress: bool, spread: bool
+    sweep: Sweep, parent_id: str, stop: GracefulStop, engine: Engine, progress: bool
 ) -> None:
-    """The closing stage; its findings go onto the parent run and into the study. With
-    ``spread``, its seed re-evaluations may run in study.workers processes of this machine."""
+    """The closing stage; its findings go onto the parent run and into the study. Its seed
+    re-evaluations may run beside this process, where the engine runs jobs."""
     cfg, tracker = sweep.cfg, sweep.tracker
     table = comparison_table(
         trials_frame(sweep.study), tracker.child_runs(parent_id, m.ROLE_TRIAL), list(cfg.search)
@@ -185,9 +171,10 @@ def select_once(
     if not (table["state"] == m.COMPLETE).any():
         return
     say = partial(print, file=sys.stderr)
-    spread = spread and cfg.study.workers > 1
-    elsewhere = partial(spread_reevaluations, sweep, parent_id, stop) if spread else None
-    selector = Selector(cfg, sweep.tasks, tracker, parent_id, stop, say, progress, elsewhere)
+    runner = engine.job_runner(sweep, parent_id, stop)
+    elsewhere = partial(runner, reevaluation_job) if runner else None
+    context = JobContext(cfg, sweep.tasks, tracker, parent_id, stop)
+    selector = Selector(context, say, progress, elsewhere, engine.start_seconds)
     selection = selector.run(table)
     with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
         (Path(tmp) / m.SELECTION_FILE).write_text(selection.to_json())
@@ -208,27 +195,19 @@ def select_once(
     )
 
 
-def run_sweep(
-    sweep: Sweep, stop: GracefulStop, progress: bool = True, ray_address: str | None = None
-) -> str:
-    """Run the missing trials on study.workers workers (here, or on a Ray cluster), then
-    conclude; returns the summary. However it ends, the parent run ends with it: an interrupt
-    as SweepInterrupted (naming the stage), a store fault as StoreFailed (its one line)."""
+def run_sweep(sweep: Sweep, stop: GracefulStop, engine: Engine, progress: bool = True) -> str:
+    """Run the missing trials on study.workers workers of the engine, then conclude; returns
+    the summary. However it ends, the parent run ends with it: an interrupt as
+    SweepInterrupted (naming the stage), a store fault as StoreFailed (its one line)."""
     stage = Stage()
     parent_id = None
     started = time.monotonic()
     try:
         parent_id = start(sweep)
         with Progress(sweep, progress) as bar:
-            if ray_address is None:
-                run_local_workers(sweep, parent_id, stop, [bar], bar)
-            else:
-                from lstm_sweep.ray_workers import run_ray_workers  # Ray is an optional extra
-
-                run_ray_workers(sweep, parent_id, stop, bar, ray_address)
+            engine.run_trials(sweep, parent_id, stop, bar)
             bar()
-        spread = ray_address is None
-        text = conclude(sweep, parent_id, stop, progress, spread, stage)
+        text = conclude(sweep, parent_id, stop, engine, progress, stage)
     except KeyboardInterrupt:
         during = "" if stage.name == m.STAGE_TRIALS else f" in the {stage.name}"
         close_parent(sweep, parent_id, f"{m.INTERRUPTED_REASON}{during}")
@@ -257,62 +236,3 @@ def close_parent(sweep: Sweep, parent_id: str | None, reason: str) -> None:
     except Exception as exc:
         if classify(exc) is None:
             raise
-
-
-@contextmanager
-def spread_reevaluations(
-    sweep: Sweep,
-    parent_id: str,
-    stop: GracefulStop,
-    jobs: list[tuple[Setting, int]],
-    on_progress: Callable[[], None],
-) -> Iterator[None]:
-    """The closing stage's (setting, seed) trainings shared out over study.workers worker
-    processes, one torch thread each, each into its own re-evaluation run, while the block runs
-    here and until they are done; the Selector reads them back as it reads back an earlier
-    attempt's. Interrupted if asked to stop.
-
-    The processes take the jobs one at a time from a queue, in the order given (longest
-    first, so they finish close together): a fixed share each left one process idle while the
-    other trained a seed that patience stopped late."""
-    n = min(sweep.cfg.study.workers, len(jobs))
-    queue = process_context().SimpleQueue()
-    for job in [*jobs, *[None] * n]:  # one end mark per process
-        queue.put(job)
-    args = [(sweep.path, sweep.overrides, parent_id, queue)] * n
-    with running(reevaluation_process, args, stop) as processes:
-        yield
-        wait_for(processes.processes, on_progress)
-    exits = processes.exits()
-    failed = [e.message for e in exits if e.code == EXIT_STORE]
-    if failed:
-        raise StoreFailed(failed[0])
-    if stop.requested or EXIT_INTERRUPTED in [e.code for e in exits]:
-        raise Interrupted
-
-
-def reevaluation_process(
-    path: str,
-    overrides: list[str],
-    parent_id: str,
-    jobs: SimpleQueue[tuple[Setting, int] | None],
-    reports: SimpleQueue[str],
-) -> None:
-    """Entry point of a process of the closing stage: re-evaluations from the queue until its
-    end mark; exits 130 when stopped, EXIT_STORE when a store failed (its line sent through
-    ``reports``). Any other failure leaves that run FAILED: the Selector trains it again."""
-    torch.set_num_threads(1)  # as the trial workers: processes use the cores
-    cfg = load_config(path, overrides)
-    urls = store_urls(cfg, cfg.tracking.uri or default_tracking_uri())
-    with GracefulStop(quiet=True, driven=True) as stop, exits_on_store_failure(reports, urls):
-        tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
-        gc.freeze()  # as a trial worker does once started: the collector skips what is here
-        selector = Selector(cfg, TaskCache(), tracker, parent_id, stop, progress=False)
-        try:
-            for setting, seed in iter(jobs.get, None):
-                run_cfg = selector.setting_config(setting, seed)
-                selector.train_seed(setting, seed, run_cfg, selector.tasks.get(run_cfg))
-        except KeyboardInterrupt:
-            sys.exit(EXIT_INTERRUPTED)
-        finally:
-            gc.freeze()  # as in run.py: the exit's last collection would take seconds

@@ -27,20 +27,17 @@ from lstm_sweep.config import (
     ConfigError,
     SearchParam,
     changed_keys,
-    flatten,
     mask_secrets,
     study_fingerprint,
 )
-from lstm_sweep.data import describe
 from lstm_sweep.faults import check_local_store, classify, refused_at_start
-from lstm_sweep.record import train_in_run
+from lstm_sweep.record import setting_run, train_in_run
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import (
     STORE_ROOT,
     Tracker,
     TrackingUnavailable,
     fast_sqlite_commits,
-    run_name,
     with_retries,
 )
 from lstm_sweep.train import Callback, History, Stop, StopWhen
@@ -427,21 +424,10 @@ class Objective:
         task = self.tasks.get(cfg)
         trial.set_user_attr(m.WORKER_ATTR, m.this_process())
         trial.set_user_attr(m.PID_NAMESPACE_ATTR, m.process_namespace())
-        tags = {
-            m.ROLE_TAG: m.ROLE_TRIAL,
-            m.STUDY_TAG: cfg.study_name,
-            m.TRIAL_TAG: trial.number,
-            m.WORKER_TAG: m.this_process(),
-        }
-        params = flatten(cfg.model_dump(mode="json"))
-        with self.tracker.child_run(
-            self.parent_id,
-            run_name("trial", trial.number, values),
-            tags,
-            params,
-            cfg.tracking.flush_seconds,
-            describe(cfg.data.path, task.data),
-        ) as run:
+        run_in = setting_run(
+            self.tracker, self.parent_id, m.ROLE_TRIAL, cfg, task, trial.number, values
+        )
+        with run_in as run:
             trial.set_user_attr(m.RUN_ID_ATTR, run.run_id)
             callbacks = [
                 Pruning(trial, cfg.train.monitor, first_prunable_epoch(cfg)),

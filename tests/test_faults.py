@@ -2,7 +2,7 @@
 read-only store, a worker killed mid-trial, a tracking server lost mid-sweep, an interrupt in the
 closing stage. Nothing finished is lost, nothing is left RUNNING after the next run, Optuna and
 MLflow agree, and the user reads one line saying what happened and what to do. (The heartbeat
-that fails a trial: tests/test_study.py; the exit codes: tests/test_workers.py.)"""
+that fails a trial: tests/test_study.py; the exit codes: tests/test_sweep.py.)"""
 
 from __future__ import annotations
 

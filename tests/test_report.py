@@ -13,14 +13,9 @@ import yaml
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import SearchParam
-from lstm_sweep.report import (
-    format_summary,
-    hard_windows,
-    naive_comparison,
-    neighbourhood,
-    summarise,
-    surface,
-)
+from lstm_sweep.report.ranges import neighbourhood, surface
+from lstm_sweep.report.render import format_summary, naive_comparison
+from lstm_sweep.report.table import hard_windows, summarise
 from lstm_sweep.run import main
 from tests.helpers import runs_of
 

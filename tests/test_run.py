@@ -22,8 +22,10 @@ from lstm_sweep import metrics as m
 from lstm_sweep import select
 from lstm_sweep import study as study_module
 from lstm_sweep.config import load_config
+from lstm_sweep.engines.local import LocalProcesses
 from lstm_sweep.run import INTERRUPTED, main
 from lstm_sweep.study import open_study
+from lstm_sweep.sweep import JobContext
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
 from tests.helpers import (
@@ -475,7 +477,8 @@ def test_a_changed_closing_stage_is_done_again_on_the_same_trials(
 def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
     stores: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(select, "start_seconds", lambda: 0.0)  # tiny trainings: spread them anyway
+    # tiny trainings: spread them anyway
+    monkeypatch.setattr(LocalProcesses, "start_seconds", 0.0)
     args = sweep_args("study.n_trials=2", "report.final_model=false", "report.seeds=1")
     assert main(args) == 0  # the trials, in this process
     assert main([*args, "--set=report.seeds=2", "--workers=2"]) == 0  # a new closing stage
@@ -489,19 +492,14 @@ def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
     run = spread[0]
     trial = load_study(stores).trials[int(run.data.tags[m.TRIAL_TAG])]
     setting = select.Setting(trial.number, trial.params, trial.value or 0.0, 0, "")
-    selector = select.Selector(
-        cfg,
-        TaskCache(),
-        Tracker(None, cfg.experiment),
-        run.data.tags["mlflow.parentRunId"],
-        lambda: False,
-    )
+    parent_id = run.data.tags["mlflow.parentRunId"]
+    context = JobContext(cfg, TaskCache(), Tracker(None, cfg.experiment), parent_id, lambda: False)
+    selector = select.Selector(context)
     seed = int(run.data.tags[m.SEED_TAG])
-    run_cfg = selector.setting_config(setting, seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as every worker trains
     try:
-        here = selector.train_seed(setting, seed, run_cfg, selector.tasks.get(run_cfg))
+        here = selector.train_seed(setting, seed)
     finally:
         torch.set_num_threads(threads)
     assert here.value == run.data.metrics[m.best(cfg.train.monitor)]

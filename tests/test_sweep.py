@@ -1,38 +1,33 @@
-"""Workers: SIGTERM and Ctrl-C become a graceful stop, the study lock waits with a bound and
-says for what, a worker's loop finishes exactly n_trials, and a worker starts warm from the fork
-server."""
+"""A sweep's lifecycle: SIGTERM and Ctrl-C become a graceful stop, the study lock waits with a
+bound and says for what, and how workers ended decides how the sweep goes on."""
 
 from __future__ import annotations
 
-import gc
 import io
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
 
 from lstm_sweep import metrics as m
-from lstm_sweep import processes
 from lstm_sweep.config import Config
 from lstm_sweep.faults import EXIT_STORE, StoreFailed
 from lstm_sweep.study import Objective, open_study
-from lstm_sweep.tasks import TaskCache
-from lstm_sweep.tracking import Tracker
-from lstm_sweep.train import Interrupted
-from lstm_sweep.workers import (
+from lstm_sweep.sweep import (
     GracefulStop,
     LockTimeout,
     StudyLock,
+    SweepIncomplete,
     WorkerExit,
     check_workers,
-    running,
 )
+from lstm_sweep.tasks import TaskCache
+from lstm_sweep.tracking import Tracker
+from lstm_sweep.train import Interrupted
 from tests.helpers import fresh_database, mlflow_client, postgres_or_skip
 
 
@@ -114,8 +109,6 @@ def test_a_postgres_lock_names_the_client_that_holds_it(tiny_cfg: Config) -> Non
 def test_worker_exits_decide_between_a_store_failure_interrupted_incomplete_and_a_warning(
     stores: Path, tiny_cfg: Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from lstm_sweep.workers import SweepIncomplete
-
     study = open_study(tiny_cfg, "sweep.yaml")
     said = "the MLflow store sqlite:///x: out of space (disk full); free some space there"
     with pytest.raises(StoreFailed, match="out of space"):  # it outranks the others
@@ -129,41 +122,3 @@ def test_worker_exits_decide_between_a_store_failure_interrupted_incomplete_and_
     assert "1 worker(s) lost" in capsys.readouterr().err
     check_workers(study, [WorkerExit(EXIT_STORE, said)], n_trials=1)  # the study is whole
     assert f"warning: a worker stopped: {said}" in capsys.readouterr().err
-
-
-def send_last_words(line: str, reports: Any) -> None:
-    """Run in a process started by ``running``: a store failure's line, then its exit status."""
-    if line:
-        reports.put(line)
-        sys.exit(EXIT_STORE)
-
-
-@pytest.mark.slow
-def test_the_processes_a_sweep_starts_send_their_store_failure_to_the_driver() -> None:
-    args = [("",), ("full",)]
-    with GracefulStop(quiet=True) as stop, running(send_last_words, args, stop) as started:
-        for process in started.processes:
-            process.join()
-    assert started.exits() == [WorkerExit(0), WorkerExit(EXIT_STORE, "full")]
-
-
-def what_a_worker_finds(answers: Any) -> None:
-    """Run in a worker process: what it has without importing anything itself."""
-    loaded = [name for name in processes.PRELOAD if name in sys.modules]
-    answers.put((loaded, os.getcwd(), gc.get_freeze_count() > 0))
-
-
-@pytest.mark.slow
-def test_a_worker_starts_with_the_preloaded_modules_in_the_callers_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)  # after the server started, if another test started it
-    processes.start_server()
-    context = processes.process_context()
-    assert context.get_start_method() == "forkserver"  # Linux, where CI runs
-    answers = context.SimpleQueue()
-    worker = context.Process(target=what_a_worker_finds, args=(answers,))
-    worker.start()
-    worker.join()
-    assert worker.exitcode == 0
-    assert answers.get() == (processes.PRELOAD, str(tmp_path), True)

@@ -1,38 +1,40 @@
-"""Who runs the trials: this process, processes it starts on this machine, or (see ``ray_workers``)
-a Ray cluster; the study lock they share; stale trials of lost workers; and the one place where
-Ctrl-C and SIGTERM become a graceful stop.
+"""A sweep's lifecycle, whoever runs its trials: validate and connect (:func:`prepare`), open or
+resume the parent run and repair what an abrupt stop left (:func:`start`), the study lock every
+worker shares, stale trials of lost workers, the worker's loop (:func:`optimize`), and the one
+place where Ctrl-C and SIGTERM become a graceful stop.
 
-Every worker, wherever it runs, runs :func:`optimize` against the shared Optuna storage and
-MLflow store, so the study ends with exactly ``n_trials`` however many processes and hosts work
-on it.
+The engines (``lstm_sweep.engines``) decide where the workers run; every worker, wherever it
+runs, runs :func:`work` against the shared Optuna storage and MLflow store, so the study ends
+with exactly ``n_trials`` however many processes and hosts work on it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import gc
-import multiprocessing.connection
-import os
 import signal
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
-from multiprocessing.queues import SimpleQueue
 from types import FrameType
 from typing import Any, TextIO
 
+import filelock
 import sqlalchemy
 import torch
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import Config, ConfigError, load_config, mask_secrets, sanity_warnings
+from lstm_sweep.config import (
+    Config,
+    ConfigError,
+    flatten,
+    load_config,
+    mask_secrets,
+    sanity_warnings,
+)
 from lstm_sweep.data import describe
 from lstm_sweep.faults import EXIT_STORE, StoreFailed, quiet_store_faults_in_threads, store_failure
-from lstm_sweep.processes import process_context
 from lstm_sweep.study import (
     Objective,
     StaleTrialHandler,
@@ -47,7 +49,7 @@ from lstm_sweep.study import (
     storage_url,
 )
 from lstm_sweep.tasks import TaskCache
-from lstm_sweep.tracking import STORE_ROOT, Tracker, TrackingUnavailable
+from lstm_sweep.tracking import STORE_ROOT, Tracker, TrackingUnavailable, default_tracking_uri
 from lstm_sweep.train import Interrupted
 
 EXIT_FAILED, EXIT_INTERRUPTED = m.EXIT_FAILED, m.EXIT_INTERRUPTED
@@ -147,13 +149,12 @@ class StudyLock:
     def try_acquire(self) -> bool:
         """Take the lock if it is free; True if taken."""
         if self.url.startswith("sqlite:///"):
-            handle = open(self.url.removeprefix("sqlite:///") + f".{self.key}.lock", "a")  # noqa: SIM115
+            lock = file_lock(self.url.removeprefix("sqlite:///") + f".{self.key}.lock")
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
+                lock.acquire(timeout=0)
+            except filelock.Timeout:
                 return False
-            self._release = handle.close  # closing drops the flock
+            self._release = lock.release
             return True
         connection = self._postgres().connect()
         query = sqlalchemy.text("SELECT pg_try_advisory_lock(:k)")
@@ -247,6 +248,12 @@ class Sweep:
         return store_urls(self.cfg, self.tracker.uri)
 
 
+def file_lock(path: str) -> filelock.FileLock:
+    """An OS lock on ``path`` held by one open file at a time, two in one process included;
+    the file stays, so a waiter never locks a file that was just replaced."""
+    return filelock.FileLock(path, thread_local=False, preserve_lock_file=True)
+
+
 def data_variants(cfg: Config) -> list[Config]:
     """The config as given, and one per value at the edge of each searched data key: loading
     them all up front finds a window too long or a log of a non-positive series before any
@@ -283,7 +290,7 @@ def start(sweep: Sweep) -> str:
     """
     cfg = sweep.cfg
     with sweep.lock:
-        params = {k: v for k, v in _flat_config(cfg).items()}
+        params = flatten(cfg.model_dump(mode="json"))
         data = describe(cfg.data.path, sweep.tasks.get(cfg).data)
         parent_id = sweep.tracker.open_parent(cfg.study_name, params, data)
         lost = fail_stale_trials(sweep.study, cfg.study.grace_seconds, sweep.on_stale)
@@ -315,12 +322,6 @@ def repairs(lost: list[int], closed: list[int]) -> str:
 
 def _numbers(numbers: list[int]) -> str:
     return ", ".join(str(n) for n in sorted(numbers))
-
-
-def _flat_config(cfg: Config) -> dict[str, Any]:
-    from lstm_sweep.config import flatten
-
-    return flatten(cfg.model_dump(mode="json"))
 
 
 def optimize(
@@ -367,14 +368,19 @@ def optimize(
 
 
 def work(
-    sweep: Sweep, parent_id: str, stop: GracefulStop, callbacks: list[Callable[..., None]]
+    sweep: Sweep,
+    parent_id: str,
+    stop: GracefulStop,
+    callbacks: list[Callable[..., None]],
+    threads: int = 1,
 ) -> None:
     """One worker: run trials until the study holds n_trials; Interrupted if asked to stop,
     StoreFailed if a store failed under it."""
-    # One thread per worker process, however many workers: the models are small, so a second
-    # intra-op thread mostly waits on the first, and next to any other busy process its
-    # spinning slows a fit down tenfold or more (measured); processes use the cores instead.
-    torch.set_num_threads(1)
+    # One thread per worker process by default, however many workers: the models are small,
+    # so a second intra-op thread mostly waits on the first, and next to any other busy
+    # process its spinning slows a fit down tenfold or more (measured); processes use the
+    # cores instead. An engine that reserves several CPUs per worker passes their count.
+    torch.set_num_threads(threads)
     objective = Objective(sweep.cfg, sweep.tasks, sweep.tracker, parent_id, stop)
     try:
         optimize(sweep, objective, callbacks, stop)
@@ -387,123 +393,40 @@ def work(
         raise Interrupted
 
 
-def worker_process(
-    path: str, overrides: list[str], parent_id: str, reports: SimpleQueue[str]
-) -> None:
-    """Entry point of a worker process of this machine; exits 130 when stopped, 1 when the tracking
-    store or the study lock stays out of reach, EXIT_STORE when a store failed (its line goes to
-    the driver through ``reports``, so that the user reads it once)."""
-    with GracefulStop(quiet=True, driven=True) as stop, exits_on_store_failure(reports):
-        try:
-            sweep = prepare(path, overrides)
-            work(sweep, parent_id, stop, [])
-        except KeyboardInterrupt:
-            sys.exit(EXIT_INTERRUPTED)
-        except (ConfigError, TrackingUnavailable, LockTimeout) as exc:  # the driver sums up
-            print(f"worker {os.getpid()}: {mask_secrets(str(exc))}", file=sys.stderr)
-            sys.exit(EXIT_FAILED)
-        finally:
-            gc.freeze()  # as in run.py: the exit's last collection would take seconds
+def worker_exit(body: Callable[[], None], urls: Mapping[str, str]) -> WorkerExit:
+    """Run a worker's whole life (``body``) and say how it ended, whichever engine runs it:
+    0 when done; EXIT_INTERRUPTED when stopped; EXIT_FAILED with its line when the config, the
+    tracking store or the study lock stayed out of reach; EXIT_STORE with its line when a store
+    at ``urls`` failed. Anything else is a bug and propagates."""
+    try:
+        body()
+    except KeyboardInterrupt:  # Interrupted too: the run in flight is closed as failed
+        return WorkerExit(EXIT_INTERRUPTED)
+    except (ConfigError, TrackingUnavailable, LockTimeout) as exc:  # the driver sums up
+        return WorkerExit(EXIT_FAILED, f"worker {m.this_process()}: {mask_secrets(str(exc))}")
+    except Exception as exc:
+        failure = store_failure(exc, urls)
+        if failure is None:
+            raise
+        return WorkerExit(EXIT_STORE, str(failure))
+    return WorkerExit(0)
 
 
-def store_urls(cfg: Config, tracking_uri: str) -> dict[str, str]:
+def store_urls(cfg: Config, tracking_uri: str | None = None) -> dict[str, str]:
     """Each store's URL, by the library that writes it, and where the sweep writes its own
     files (the report): what faults.store_failure names."""
     files = str(STORE_ROOT.resolve())
-    return {"optuna": storage_url(cfg), "mlflow": tracking_uri, "files": files}
-
-
-@contextmanager
-def exits_on_store_failure(
-    reports: SimpleQueue[str], urls: Mapping[str, str] | None = None
-) -> Iterator[None]:
-    """In a process the driver started: a store fault (a StoreFailed, or a fault of the stores
-    at ``urls``) ends it with EXIT_STORE, its line sent to the driver through ``reports`` rather
-    than printed."""
-    try:
-        yield
-    except Exception as exc:
-        failure = store_failure(exc, urls or {})
-        if failure is None:
-            raise
-        reports.put(str(failure))
-        sys.exit(EXIT_STORE)
-
-
-def run_local_workers(
-    sweep: Sweep,
-    parent_id: str,
-    stop: GracefulStop,
-    callbacks: list[Callable[..., None]],
-    on_progress: Callable[[], None],
-) -> None:
-    """This process works as one worker and starts up to ``study.workers - 1`` more: no more
-    processes than trials are missing (each costs its data, its stores and a core)."""
-    missing = sweep.cfg.study.n_trials - counted_trials(sweep.study)
-    extra_workers = max(0, min(sweep.cfg.study.workers, missing) - 1)
-    args = [(sweep.path, sweep.overrides, parent_id)] * extra_workers
-    with running(worker_process, args, stop) as extra:
-        try:
-            work(sweep, parent_id, stop, callbacks)
-        finally:
-            wait_for(extra.processes, on_progress)
-    check_workers(sweep.study, extra.exits(), sweep.cfg.study.n_trials)
-
-
-@dataclass
-class Processes:
-    """Processes started by :func:`running`, and the lines they sent back before exiting."""
-
-    processes: Sequence[BaseProcess]
-    reports: SimpleQueue[str]
-
-    def exits(self) -> list[WorkerExit]:
-        """How each ended (call once they have): its exit status; a line it sent, if any."""
-        lines = []
-        while not self.reports.empty():
-            lines.append(self.reports.get())
-        said = iter(lines)  # each process that exited with EXIT_STORE sent one line first
-        codes = [p.exitcode or 0 for p in self.processes]
-        return [WorkerExit(c, next(said, "") if c == EXIT_STORE else "") for c in codes]
-
-
-@contextmanager
-def running(
-    target: Callable[..., None], args: list[tuple[Any, ...]], stop: GracefulStop
-) -> Iterator[Processes]:
-    """One process per tuple of ``args``, each a clean interpreter (no torch state of this
-    process) given a queue for its last words as its last argument; while the block runs,
-    SIGTERM to this process reaches them too."""
-    context = process_context()
-    reports: SimpleQueue[str] = context.SimpleQueue()
-    processes = [context.Process(target=target, args=(*a, reports)) for a in args]
-    for process in processes:
-        process.start()
-
-    def forward(signum: int) -> None:
-        for process in processes:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
-
-    stop.listeners.append(forward)
-    try:
-        yield Processes(processes, reports)
-    finally:
-        stop.listeners.remove(forward)
-
-
-def wait_for(processes: Sequence[BaseProcess], on_progress: Callable[[], None]) -> None:
-    """Until every process has exited, calling ``on_progress`` twice a second; returns as soon
-    as the last one exits, not at the next tick."""
-    while alive := [p.sentinel for p in processes if p.is_alive()]:
-        on_progress()
-        multiprocessing.connection.wait(alive, timeout=0.5)
+    tracking = tracking_uri or cfg.tracking.uri or default_tracking_uri()
+    return {"optuna": storage_url(cfg), "mlflow": tracking, "files": files}
 
 
 def check_workers(study: Study, exits: list[WorkerExit], n_trials: int) -> None:
-    """After the workers ended: StoreFailed if a store failed under one and the study is short
+    """After the workers ended, their lines said (but a store failure's, said once for all):
+    StoreFailed if a store failed under one and the study is short
     of n_trials, Interrupted if they were stopped, SweepIncomplete if they all died short of
     n_trials, a warning line if some died but the others finished the study."""
+    for said in [e.message for e in exits if e.message and e.code != EXIT_STORE]:
+        print(said, file=sys.stderr)
     exit_codes = [e.code for e in exits]
     failed = [e.message or "a store failed under a worker" for e in exits if e.code == EXIT_STORE]
     counted = counted_trials(study)
@@ -525,3 +448,27 @@ def check_workers(study: Study, exits: list[WorkerExit], n_trials: int) -> None:
             " their trials were retried by the others",
             file=sys.stderr,
         )
+
+
+@dataclass
+class JobContext:
+    """What one job of the closing stage (a seed re-evaluation) needs, in whichever process
+    an engine runs it: the config, the data, the tracker, the sweep's run, a stop request."""
+
+    cfg: Config
+    tasks: TaskCache
+    tracker: Tracker
+    parent_id: str
+    stop_requested: Callable[[], bool]
+
+    @classmethod
+    def open(
+        cls, path: str, overrides: list[str], parent_id: str, stop: Callable[[], bool]
+    ) -> JobContext:
+        """Connected afresh, for a process of its own: the tracker only, no study."""
+        cfg = load_config(path, overrides)
+        tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
+        return cls(cfg, TaskCache(), tracker, parent_id, stop)
+
+
+JobFunction = Callable[[JobContext, Any], None]

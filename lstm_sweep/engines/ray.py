@@ -1,7 +1,7 @@
 """Workers on a Ray cluster: ``python -m lstm_sweep.run SWEEP.yaml --ray ADDRESS --workers N``.
 
 Ray places the workers and restarts the ones that die; it does not search. Each worker is an
-actor that runs the loop of a local worker (:func:`lstm_sweep.workers.optimize`) against the
+actor that runs the loop of a local worker (:func:`lstm_sweep.sweep.work`) against the
 shared Optuna storage and MLflow server, so the sampler, the pruner, the study lock, heartbeats
 and stale-trial retries work as they do for processes on one machine:
 
@@ -31,23 +31,19 @@ from typing import Any
 
 import torch
 
-from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, ConfigError, load_config, mask_secrets
-from lstm_sweep.faults import EXIT_STORE, StoreFailed, store_failure
-from lstm_sweep.study import Objective
-from lstm_sweep.tracking import TrackingUnavailable
-from lstm_sweep.train import Interrupted
-from lstm_sweep.workers import (
+from lstm_sweep.engines import Engine
+from lstm_sweep.sweep import (
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     GracefulStop,
-    LockTimeout,
     Sweep,
     WorkerExit,
     check_workers,
-    optimize,
     prepare,
+    work,
+    worker_exit,
 )
+from lstm_sweep.train import Interrupted
 
 LOCAL = "local"  # --ray without ADDRESS: Ray's own word for "start a local instance"
 INSTALL_HINT = 'pip install -e ".[ray]"'
@@ -186,6 +182,19 @@ def connect(ray: Any, address: str) -> Any:
             signal.signal(signal.SIGTERM, kept)
 
 
+class RayCluster(Engine):
+    """The workers as Ray actors on the cluster at ``address`` (``local``: a Ray instance in
+    this process). The closing stage trains on the driver."""
+
+    def check(self, path: str, overrides: list[str]) -> None:
+        check_cluster(path, overrides, self.address or LOCAL)
+
+    def run_trials(
+        self, sweep: Sweep, parent_id: str, stop: GracefulStop, progress: Callable[..., None]
+    ) -> None:
+        run_ray_workers(sweep, parent_id, stop, progress, self.address or LOCAL)
+
+
 class SweepWorker:
     """One worker on a Ray node, the actor's state. ``run`` is the loop of a local worker; the
     actor runs two calls at once, so ``stop`` reaches a run in the middle of a trial."""
@@ -198,29 +207,13 @@ class SweepWorker:
 
     def run(self) -> WorkerExit:
         """Trials until the study holds n_trials, or until stopped."""
-        here = m.this_process()
-        try:
+
+        def life() -> None:
             sweep = prepare(self.path, self.overrides)
-        except ConfigError as exc:
-            return WorkerExit(EXIT_FAILED, f"worker {here}: {exc}")
-        except StoreFailed as exc:  # a full disk, say, when it opened the stores
-            return WorkerExit(EXIT_STORE, str(exc))
-        try:
-            torch.set_num_threads(self.threads)  # the CPUs Ray reserved, not the node's count
-            objective = Objective(
-                sweep.cfg, sweep.tasks, sweep.tracker, self.parent_id, self.stop_requested
-            )
-            optimize(sweep, objective, [], self.stop_requested)
-        except Interrupted:  # the trial in flight is closed as failed and retried on resume
-            return WorkerExit(EXIT_INTERRUPTED)
-        except (TrackingUnavailable, LockTimeout) as exc:  # the driver sums up
-            return WorkerExit(EXIT_FAILED, f"worker {here}: {mask_secrets(str(exc))}")
-        except Exception as exc:
-            failure = store_failure(exc, sweep.store_urls())
-            if failure is None:
-                raise
-            return WorkerExit(EXIT_STORE, str(failure))
-        return WorkerExit(EXIT_INTERRUPTED if self.stop_requested.requested else 0)
+            # the CPUs Ray reserved, not the node's count
+            work(sweep, self.parent_id, self.stop_requested, [], self.threads)
+
+        return worker_exit(life, {})
 
     def stop(self) -> None:
         self.stop_requested.requested = True
@@ -238,7 +231,7 @@ def run_ray_workers(
     all lost short of n_trials."""
     ray = import_ray()
     # the closing stage trains here once the workers are done: one thread, as a local worker
-    # has (see workers.work: a second thread mostly waits, and slows a busy machine down)
+    # has (see sweep.work: a second thread mostly waits, and slows a busy machine down)
     torch.set_num_threads(1)
     context = connect(ray, address)
     try:
@@ -322,17 +315,13 @@ def wait_for_workers(
         for actor in actors:
             ray.kill(actor)
         raise
-    return [worker_exit(ray, run) for run in runs]
+    return [ended_as(ray, run) for run in runs]
 
 
-def worker_exit(ray: Any, run: Any) -> WorkerExit:
-    """How a worker ended; its line, if it has one, is shown here (masked), but for a store
-    failure's, which the driver says once for all."""
+def ended_as(ray: Any, run: Any) -> WorkerExit:
+    """How a worker ended, as it said (check_workers says its line), or as Ray found it."""
     try:
         ended: WorkerExit = ray.get(run)
     except ray.exceptions.RayError as exc:  # lost more often than max_restarts, or a bug
-        print(f"worker failed: {mask_secrets(str(exc)).strip()}", file=sys.stderr)
-        return WorkerExit(EXIT_FAILED)
-    if ended.message and ended.code != EXIT_STORE:
-        print(ended.message, file=sys.stderr)
+        return WorkerExit(EXIT_FAILED, f"worker failed: {mask_secrets(str(exc)).strip()}")
     return ended

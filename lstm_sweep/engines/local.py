@@ -1,0 +1,190 @@
+"""The local engine: this process works as one worker and starts the others as processes of
+this machine, forked from a warm server (``processes``); the closing stage's jobs go to such
+processes too. Each process gets every signal the driver gets, and sends back one
+:class:`~lstm_sweep.sweep.WorkerExit` before it exits, so the driver says each line once."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing.connection
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import SimpleQueue
+from typing import Any
+
+import torch
+
+from lstm_sweep.config import load_config
+from lstm_sweep.engines import Engine, JobRunner
+from lstm_sweep.engines.processes import process_context, start_seconds
+from lstm_sweep.faults import EXIT_STORE, StoreFailed
+from lstm_sweep.study import counted_trials
+from lstm_sweep.sweep import (
+    EXIT_INTERRUPTED,
+    GracefulStop,
+    JobContext,
+    JobFunction,
+    Sweep,
+    WorkerExit,
+    check_workers,
+    prepare,
+    store_urls,
+    work,
+    worker_exit,
+)
+from lstm_sweep.train import Interrupted
+
+Reports = SimpleQueue[tuple[int, WorkerExit]]  # (pid, how it ended) from each process
+
+
+class LocalProcesses(Engine):
+    start_seconds = start_seconds()
+
+    def run_trials(
+        self, sweep: Sweep, parent_id: str, stop: GracefulStop, progress: Callable[..., None]
+    ) -> None:
+        """This process works as one worker and starts up to ``study.workers - 1`` more: no
+        more processes than trials are missing (each costs its data, its stores and a core)."""
+        missing = sweep.cfg.study.n_trials - counted_trials(sweep.study)
+        extra_workers = max(0, min(sweep.cfg.study.workers, missing) - 1)
+        args = [(sweep.path, sweep.overrides, parent_id)] * extra_workers
+        with running(trial_process, args, stop) as extra:
+            try:
+                work(sweep, parent_id, stop, [progress])
+            finally:
+                wait_for(extra.processes, progress)
+        check_workers(sweep.study, extra.exits(), sweep.cfg.study.n_trials)
+
+    def job_runner(self, sweep: Sweep, parent_id: str, stop: GracefulStop) -> JobRunner | None:
+        if sweep.cfg.study.workers < 2:
+            return None
+        return partial(run_jobs, sweep, parent_id, stop)
+
+
+def trial_process(path: str, overrides: list[str], parent_id: str, reports: Reports) -> None:
+    """Entry point of a worker process of this machine: trials until the study holds
+    n_trials."""
+    serve(reports, lambda stop: work(prepare(path, overrides), parent_id, stop, []))
+
+
+def job_process(
+    path: str,
+    overrides: list[str],
+    parent_id: str,
+    function: JobFunction,
+    jobs: SimpleQueue[Any],
+    reports: Reports,
+) -> None:
+    """Entry point of a process of the closing stage: ``function`` on each job from the queue
+    until its end mark. A job that fails otherwise than by a store leaves its run FAILED: the
+    closing stage trains it again itself."""
+
+    def life(stop: GracefulStop) -> None:
+        torch.set_num_threads(1)  # as the trial workers: processes use the cores
+        context = JobContext.open(path, overrides, parent_id, stop)
+        gc.freeze()  # as a trial worker does once started: the collector skips what is here
+        for job in iter(jobs.get, None):
+            function(context, job)
+
+    serve(reports, life, store_urls(load_config(path, overrides)))
+
+
+def serve(
+    reports: Reports, life: Callable[[GracefulStop], None], urls: dict[str, str] | None = None
+) -> None:
+    """A process's whole life: ``life`` under a graceful stop that the driver passes on, how
+    it ended sent back through ``reports`` (the driver says its line), then its exit status."""
+    with GracefulStop(quiet=True, driven=True) as stop:
+        try:
+            ended = worker_exit(partial(life, stop), urls or {})
+        finally:
+            gc.freeze()  # as in run.py: the exit's last collection would take seconds
+        reports.put((os.getpid(), ended))
+    sys.exit(ended.code)
+
+
+@contextmanager
+def run_jobs(
+    sweep: Sweep,
+    parent_id: str,
+    stop: GracefulStop,
+    function: JobFunction,
+    jobs: list[Any],
+    on_progress: Callable[[], None],
+) -> Iterator[None]:
+    """``function`` on each job, shared out over study.workers processes, while the block runs
+    here and until they are done. Interrupted if asked to stop, StoreFailed if a store failed.
+
+    The processes take the jobs one at a time from a queue, in the order given (the closing
+    stage gives the longest first, so they finish close together): a fixed share each left
+    one process idle while the other trained a seed that patience stopped late."""
+    n = min(sweep.cfg.study.workers, len(jobs))
+    queue = process_context().SimpleQueue()
+    for job in [*jobs, *[None] * n]:  # one end mark per process
+        queue.put(job)
+    args = [(sweep.path, sweep.overrides, parent_id, function, queue)] * n
+    with running(job_process, args, stop) as processes:
+        yield
+        wait_for(processes.processes, on_progress)
+    exits = processes.exits()
+    failed = [e.message for e in exits if e.code == EXIT_STORE]
+    if failed:
+        raise StoreFailed(failed[0])
+    if stop.requested or EXIT_INTERRUPTED in [e.code for e in exits]:
+        raise Interrupted
+
+
+@dataclass
+class Processes:
+    """Processes started by :func:`running`, and how each said it ended."""
+
+    processes: Sequence[BaseProcess]
+    reports: Reports
+
+    def exits(self) -> list[WorkerExit]:
+        """How each ended (call once they have): what it sent back, or, when it could send
+        nothing (killed, or a bug), its exit status alone."""
+        said: dict[int, WorkerExit] = {}
+        while not self.reports.empty():
+            pid, ended = self.reports.get()
+            said[pid] = ended
+        return [said.get(p.pid or 0, WorkerExit(p.exitcode or 0)) for p in self.processes]
+
+
+@contextmanager
+def running(
+    target: Callable[..., None], args: list[tuple[Any, ...]], stop: GracefulStop
+) -> Iterator[Processes]:
+    """One process per tuple of ``args``, each a clean interpreter (no torch state of this
+    process) given a queue for how it ended as its last argument; while the block runs,
+    SIGTERM to this process reaches them too."""
+    context = process_context()
+    reports: Reports = context.SimpleQueue()
+    processes = [context.Process(target=target, args=(*a, reports)) for a in args]
+    for process in processes:
+        process.start()
+
+    def forward(signum: int) -> None:
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    stop.listeners.append(forward)
+    try:
+        yield Processes(processes, reports)
+    finally:
+        stop.listeners.remove(forward)
+
+
+def wait_for(processes: Sequence[BaseProcess], on_progress: Callable[[], None]) -> None:
+    """Until every process has exited, calling ``on_progress`` twice a second; returns as soon
+    as the last one exits, not at the next tick."""
+    while alive := [p.sentinel for p in processes if p.is_alive()]:
+        on_progress()
+        multiprocessing.connection.wait(alive, timeout=0.5)

@@ -1,0 +1,341 @@
+"""What the report says, as text: the summary the command prints, the Markdown report and the
+parent run's description in the MLflow UI. Pure functions of what ``gather`` read."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lstm_sweep import metrics as m
+from lstm_sweep.config import Config
+from lstm_sweep.report.ranges import NEIGHBOURHOOD
+from lstm_sweep.report.table import HARD_SHARE, SweepSummary
+from lstm_sweep.select import Selection, optimism
+
+WHAT_TO_TRY = {
+    "forecast": "a longer window (data.window), more data, or the linear path (model.skip: linear)",
+    "classification": "more data, a larger model or the linear path (model.skip: linear)",
+}
+
+
+def settings_text(values: Mapping[str, Any]) -> str:
+    return (
+        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        or "(nothing searched)"
+    )
+
+
+def nothing_finished(summary: SweepSummary) -> str:
+    """Why no trial finished, and what to change."""
+    why = []
+    if summary.unstable:
+        why.append(
+            f"{summary.unstable} unstable (the loss blew up: search lower learning rates, or"
+            " set train.grad_clip)"
+        )
+    if summary.pruned > summary.unstable:
+        why.append(
+            f"{summary.pruned - summary.unstable} pruned early (let trials train longer before"
+            " the pruner judges: study.pruner.n_warmup_steps)"
+        )
+    if summary.failed:
+        why.append(f"{summary.failed} failed (each trial run's failure_reason says why)")
+    return (
+        f"No trial finished, so there is nothing to recommend: {'; '.join(why) or 'none ran'}."
+        " Change the sweep file and run it as a new study (--set study.name=...)."
+    )
+
+
+def ratio_text(value: float, reference: float) -> str:
+    """``value`` as a share of ``reference``, or nothing when the reference is zero."""
+    return f", {value / reference:.0%} of it" if reference > 0 else ""
+
+
+def honesty_lines(selection: Selection, task_name: str) -> list[str]:
+    """The first lines of every summary: whether the LSTM is the answer at all."""
+    beaten = selection.beaten_by
+    if beaten is None:
+        return [
+            "The LSTM beats every baseline on the validation part"
+            f" ({selection.headline} {selection.lstm_val[selection.headline]:.4g})."
+        ]
+    return [
+        f"The LSTM does NOT beat the {beaten['method']} baseline on the validation part:"
+        f" {beaten['metric']} {beaten['lstm']:.4g} for the LSTM against {beaten['baseline']:.4g}.",
+        f"Use the baseline, or try {WHAT_TO_TRY[task_name]}, before trusting the LSTM.",
+    ]
+
+
+def naive_comparison(monitor: str, value: float, naive_val_loss: float) -> str:
+    """The naive predictor beside the best value, in the monitored measure's own terms."""
+    if monitor == m.VAL_LOSS:
+        ratio = ratio_text(value, naive_val_loss)
+        return f" (naive predictor's val loss: {naive_val_loss:.4g}{ratio})"
+    if monitor == m.VAL_NMSE:  # the naive forecast's MSE is its unit
+        return " (the naive forecast scores 1: below 1 beats it)"
+    return ""
+
+
+def format_summary(
+    summary: SweepSummary, selection: Selection | None, task_name: str, ui_command: str
+) -> str:
+    """What the command prints at the end, the answer first."""
+    lines = honesty_lines(selection, task_name) if selection else []
+    lines.append(
+        f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed."
+    )
+    if summary.best_number is None or summary.best_value is None:
+        lines.append(nothing_finished(summary))
+    else:
+        lines += [
+            f"Best trial #{summary.best_number}: {summary.monitor} {summary.best_value:.4g}"
+            + naive_comparison(summary.monitor, summary.best_value, summary.naive_val_loss),
+            f"Best settings: {settings_text(summary.best_values)}",
+            "",
+            f"Top {min(5, len(summary.table))}:",
+            summary.table.head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        ]
+    if selection is not None:
+        winner = selection.winner
+        lines += [
+            "",
+            f"Recommended (best mean of {len({s.seed for s in selection.seeds})} seed(s) over"
+            f" the top {len(selection.settings)}): trial #{winner.number},"
+            f" {settings_text(winner.values)}",
+            "Test part (see the report for units and notes):",
+            comparison_frame(selection).to_string(float_format=lambda v: f"{v:.4g}"),
+        ]
+    lines += ["", f"The answer in the MLflow UI: {ui_command}"]
+    return "\n".join(lines)
+
+
+def comparison_frame(selection: Selection) -> pd.DataFrame:
+    """The LSTM beside every baseline, on the validation and the test part."""
+
+    def on(part: str, errors: dict[str, Any]) -> dict[str, Any]:
+        return {m.error(part, k): v for k, v in errors.items() if k != "note"}
+
+    rows: dict[str, dict[str, Any]] = {}
+    final = selection.final
+    if final is not None:
+        rows["lstm"] = on("test", final.test) | {"note": f"final model ({final.kind})"}
+        if final.single_seed_test:
+            note = "the ensemble's first member alone"
+            rows["lstm (one seed)"] = on("test", final.single_seed_test) | {"note": note}
+    rows.setdefault("lstm", {"note": "no final model"})
+    rows["lstm"] |= on("val", selection.lstm_val)
+    for method, errors in selection.baselines_test.items():
+        rows[method] = on("test", errors) | on("val", selection.baselines_val[method])
+        rows[method]["note"] = errors.get("note", "")
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    ordered = sorted((c for c in frame if c != "note"), key=lambda c: (not c.startswith("val"), c))
+    return frame[[*ordered, "note"]]
+
+
+def parent_metrics(selection: Selection) -> dict[str, float]:
+    """The closing stage's numbers as single-value metrics of the sweep's parent run."""
+    values: dict[str, float] = {}
+    for method, row in comparison_frame(selection).iterrows():
+        for column, value in row.items():
+            if column != "note" and isinstance(value, float) and math.isfinite(value):
+                name = str(method).replace(" (one seed)", "_single_seed")
+                part, metric = str(column).split("_", 1)
+                values[m.baseline(name, part, metric)] = value
+    winner = selection.winner_spread
+    values["recommended_val_mean"] = float(winner["val_mean"])
+    if selection.final is not None:
+        values |= optimism(selection.final, selection)
+        values["final_test_value"] = selection.final.test_value
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
+def markdown(frame: pd.DataFrame, index: bool = False) -> str:
+    """A DataFrame as a GitHub-flavoured Markdown table, numbers to 4 significant digits."""
+    return frame.to_markdown(index=index, floatfmt=".4g", missingval="")
+
+
+@dataclass
+class Report:
+    """Everything the report shows, gathered from the stores."""
+
+    cfg: Config
+    summary: SweepSummary
+    table: pd.DataFrame
+    selection: Selection | None
+    importances: dict[str, float]
+    images: dict[str, Path]  # caption -> picture in the report folder
+    pages: list[Path]  # Optuna's HTML views
+    hard: pd.DataFrame
+    hard_source: str
+    edges: list[str]
+    near: tuple[int, int]
+    task_name: str
+
+
+def recommendation_lines(report: Report) -> list[str]:
+    """The recommendation and its evidence, in a few Markdown lines."""
+    selection, cfg = report.selection, report.cfg
+    if selection is None:
+        return ["The closing stage has not run yet: run the sweep's command to finish it."]
+    winner, spread = selection.winner, selection.winner_spread
+    std = 0.0 if pd.isna(spread["val_std"]) else float(spread["val_std"])
+    seeds = [s for s in selection.seeds if s.number == winner.number]
+    lines = [
+        f"**{settings_text(winner.values)}** (found by trial #{winner.number}).",
+        "",
+        *[f"**{line}**" for line in honesty_lines(selection, report.task_name)],
+        "",
+        f"- Mean best {cfg.train.monitor} over {len(seeds)} seed(s): {spread['val_mean']:.4g}"
+        f" ± {std:.2g} (the trial itself: {winner.value:.4g}).",
+        f"- Verdicts of its seeds: {', '.join(s.verdict or '?' for s in seeds)}.",
+    ]
+    if selection.within_noise:
+        numbers = ", ".join(f"#{n}" for n in selection.within_noise)
+        lines.append(
+            f"- Within noise of it (mean difference below the two seed standard deviations"
+            f" added): trial(s) {numbers}. Prefer the simpler or cheaper one if it matters."
+        )
+    elif len(seeds) > 1:
+        lines.append("- No other re-evaluated setting is within noise of it.")
+    else:
+        lines.append(
+            "- One seed per setting gives no spread: set report.seeds >= 2 to judge noise."
+        )
+    final = selection.final
+    if final is not None:
+        opt = optimism(final, selection)
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in final.test.items())
+        how = (
+            f"the mean of its {len(seeds)} seed models"
+            if final.kind == "ensemble"
+            else f"retrained on training + validation samples for {final.epochs} epochs"
+        )
+        lines += [
+            f"- Final model: {how}; tested once: {scores}.",
+            f"- Honest estimate: optimism (test minus validation {cfg.train.monitor}) is"
+            f" {opt['optimism_vs_trial']:+.4g} against the trial and"
+            f" {opt['optimism_vs_seed_mean']:+.4g} against the seed mean.",
+            f"- Registered model: `{final.model_uri}`; predictions from a table:"
+            f" `python -m lstm_sweep.predict {final.model_uri} data.csv`.",
+        ]
+    lines.append(
+        f"- The closing stage trained {selection.trainings} model(s) in {selection.seconds:.0f} s."
+    )
+    return lines
+
+
+def write_report(report: Report, folder: Path) -> Path:
+    """The one readable report: the answer first, then the evidence behind it."""
+    cfg, summary, selection = report.cfg, report.summary, report.selection
+    n_near, n_good = report.near
+    lines = [f"# Regularisation report: {cfg.study_name}", "", "## Recommendation", ""]
+    lines += recommendation_lines(report)
+    if selection is not None:
+        lines += [
+            f"- Neighbourhood: {n_near} completed trial(s), its own included, lie within"
+            f" {NEIGHBOURHOOD:.0%} of every searched range around it; {n_good} came within"
+            f" {cfg.report.near_best:.0%} of the best value"
+            + (
+                " — a robust region, not a lucky point."
+                if n_good >= 3
+                else " — too few good neighbours to call it a robust region."
+            ),
+            "- Range: "
+            + (
+                "; ".join(report.edges)
+                if report.edges
+                else "inside every searched range, not at an edge."
+            ),
+            "- Ready-to-train file: `recommended_config.yaml`"
+            f" (`python -m lstm_sweep.run {folder / 'recommended_config.yaml'}`).",
+            "",
+            "## Against the baselines",
+            "",
+            BASELINE_NOTES[report.task_name],
+            "",
+            markdown(comparison_frame(selection), index=True),
+            "",
+            "## Seed re-evaluation of the top settings",
+            "",
+            "Chosen on the validation mean only; test columns are shown, never used to choose.",
+            "",
+            markdown(spread_with_values(selection)),
+            "",
+        ]
+    lines += ["## What mattered", ""]
+    if report.importances:
+        frame = pd.DataFrame(
+            {"key": list(report.importances), "importance": list(report.importances.values())}
+        )
+        lines += [markdown(frame), ""]
+    else:
+        lines += ["Too few completed trials for importances.", ""]
+    lines += [f"- [{p.stem.replace('_', ' ')}](plots/{p.name})" for p in report.pages]
+    lines += ["", "## Pictures", ""]
+    for caption, path in report.images.items():
+        lines += [f"### {caption}", "", f"![{caption}]({path.name})", ""]
+    lines += [
+        "## Validation windows every setting gets wrong",
+        "",
+        f"Samples in the worst {cfg.diagnostics.k_worst} of at least {HARD_SHARE:.0%} of"
+        f" {report.hard_source}: a data or regime problem, not a regularisation one.",
+        "",
+        markdown(report.hard) if len(report.hard) else "None.",
+        "",
+        f"## All trials ({summary.finished} finished, {summary.pruned} pruned,"
+        f" {summary.failed} failed)",
+        "",
+        markdown(report.table.drop(columns=["run_id"], errors="ignore")),
+        "",
+    ]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+BASELINE_NOTES = {
+    "forecast": "Errors in the target's own units. MASE divides the MAE by the naive forecast's"
+    " MAE on the training windows. The ridge baseline is a linear autoregression on the LSTM's"
+    " own input windows, its penalty chosen on validation.",
+    "classification": "Accuracy, balanced accuracy and macro F1; the logistic regression reads"
+    " the flattened sequences.",
+}
+
+
+def spread_with_values(selection: Selection) -> pd.DataFrame:
+    values = pd.DataFrame(
+        [{"number": s.number, **s.values, "trial_value": s.value} for s in selection.settings]
+    )
+    return values.merge(pd.DataFrame(selection.spread), on="number")
+
+
+def description(report: Report, run_id: str) -> str:
+    """The parent run's description in the MLflow UI: the answer, its evidence in a few lines,
+    the baseline comparison and the report's pictures (the UI serves them from the run's
+    artifacts), so nobody needs to download anything to read it."""
+    cfg, selection = report.cfg, report.selection
+    lines = [f"## {cfg.study_name}: recommended settings", ""]
+    lines += recommendation_lines(report)
+    if selection is not None:
+        lines += [
+            "",
+            "### Against the baselines",
+            "",
+            markdown(comparison_frame(selection), index=True),
+        ]
+    summary = report.summary
+    lines += [
+        "",
+        f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed."
+        f" The full report is `{m.REPORT_DIR}/report.md` under the artifacts.",
+        "",
+    ]
+    for caption, path in report.images.items():
+        link = f"get-artifact?path={m.REPORT_DIR}/{path.name}&run_uuid={run_id}"
+        lines += [f"**{caption}**", "", f"![{caption}]({link})", ""]
+    return "\n".join(lines)
