@@ -31,24 +31,12 @@ METRICS = ("mse", "mae", "mase")
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
-def truth(data: ForecastData, part: str) -> np.ndarray:
-    """The targets of a part in original units: (n, horizon, targets)."""
-    windows = data.part(part)
-    return data.to_original(windows.y.numpy(), windows)
-
-
-def naive(data: ForecastData, part: str) -> np.ndarray:
-    """The last observed value carried forward over the horizon, in original units."""
-    windows = data.part(part)
-    return data.to_original(data.naive_forecast(windows).numpy(), windows)
-
-
 def level_series(data: ForecastData) -> pd.DataFrame:
     """Every target value the windows hold, in original units, one row per time stamp in order:
     the history a seasonal forecast looks back into."""
     frames = []
     for part in PARTS:
-        values = truth(data, part)  # (n, horizon, targets)
+        values = data.truth(part)  # (n, horizon, targets)
         times = data.part(part).times.reshape(-1)
         frames.append(pd.DataFrame(values.reshape(-1, values.shape[2]), index=times))
     series = pd.concat(frames)
@@ -105,7 +93,7 @@ def ridge_ar(data: ForecastData, part: str, alpha: float, refit_on_val: bool) ->
 
 def naive_scale(data: ForecastData) -> float:
     """MASE's denominator: the naive forecast's MAE on the training windows, original units."""
-    return float(np.abs(naive(data, "train") - truth(data, "train")).mean())
+    return float(np.abs(data.naive("train") - data.truth("train")).mean())
 
 
 def errors(prediction: np.ndarray, target: np.ndarray, scale: float) -> dict[str, float]:
@@ -124,11 +112,11 @@ def forecast_baselines(data: ForecastData, part: str, refit_on_val: bool) -> pd.
     and ``note``. A baseline that cannot be made (no season) gets a note instead of numbers.
     With ``refit_on_val`` the ridge learns from training and validation windows, as the final
     LSTM does; scoring the validation part itself, it must not."""
-    target, scale = truth(data, part), naive_scale(data)
+    target, scale = data.truth(part), naive_scale(data)
     alpha = ridge_alpha(data)
     rows: dict[str, dict[str, object]] = {}
     makers = {
-        "naive": lambda: naive(data, part),
+        "naive": lambda: data.naive(part),
         "seasonal_naive": lambda: seasonal_naive(data, part),
         "ridge_ar": lambda: ridge_ar(data, part, alpha, refit_on_val),
     }

@@ -121,6 +121,16 @@ class ForecastData:
             last = windows.x[:, -1, :targets]
         return last[:, None, :].expand(n, horizon, targets).clone()
 
+    def truth(self, part: str) -> np.ndarray:
+        """The targets of a part in original units: (n, horizon, targets)."""
+        windows = self.part(part)
+        return self.to_original(windows.y.numpy(), windows)
+
+    def naive(self, part: str) -> np.ndarray:
+        """The last observed value carried forward over the horizon, in original units."""
+        windows = self.part(part)
+        return self.to_original(self.naive_forecast(windows).numpy(), windows)
+
 
 def check_data_file(path: Path) -> None:
     """ConfigError unless ``path`` is a file this project can read."""

@@ -22,6 +22,7 @@ from lstm_sweep import metrics as m
 from lstm_sweep import plots
 from lstm_sweep.config import Config, flatten
 from lstm_sweep.data import describe
+from lstm_sweep.evidence import evidence_for
 from lstm_sweep.model import LSTMNet
 from lstm_sweep.tasks import Task
 from lstm_sweep.tracking import RunRecorder, Tracker, run_name
@@ -84,7 +85,7 @@ def write_files(folder: Path, task: Task, outcome: Outcome, k_worst: int, draw: 
     diagnostics = folder / m.DIAGNOSTICS_DIR
     diagnostics.mkdir(parents=True, exist_ok=True)
     history = outcome.history
-    task.worst_samples(outcome.val_output, k_worst).to_csv(
+    evidence_for(task).worst_samples(outcome.val_output, k_worst).to_csv(
         diagnostics / m.WORST_SAMPLES, index=False
     )
     snapshots = {
@@ -133,7 +134,7 @@ def draw_pictures(
     plots.loss_curves(rows, best_epoch, onset, folder / "loss_curves.png")
     if snapshots:
         plots.weight_histograms(snapshots, folder / "weight_histograms.png")
-    task.prediction_figure(val_output, "val", folder / "val_predictions.png")
+    evidence_for(task).prediction_figure(val_output, "val", folder / "val_predictions.png")
 
 
 def setting_run(

@@ -32,11 +32,12 @@ from tqdm import tqdm
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, plain
 from lstm_sweep.data import TrainingData
+from lstm_sweep.evidence import evidence_for
 from lstm_sweep.model import Ensemble
 from lstm_sweep.progress import Ticker, step
 from lstm_sweep.record import draw_recorded, load_weights, setting_run, train_in_run
 from lstm_sweep.sweep import JobContext
-from lstm_sweep.tasks import Classification, Task, make_task
+from lstm_sweep.tasks import Task, make_task
 from lstm_sweep.tracking import Tracker
 from lstm_sweep.train import (
     Callback,
@@ -216,11 +217,8 @@ def write_model_files(cfg: Config, task: Task, folder: Path) -> list[Path]:
     input names (and class names), and the data section of the config (columns, window,
     transform)."""
     folder.mkdir(parents=True, exist_ok=True)
-    preprocessing = {**task.data.scaler.to_dict(), "inputs": task.data.inputs, "task": task.name}
-    if isinstance(task, Classification):
-        preprocessing["classes"] = task.data.classes
     scaler = folder / "scaler.json"
-    scaler.write_text(json.dumps(preprocessing))
+    scaler.write_text(json.dumps(task.preprocessing()))
     data_config = folder / "data_config.yaml"
     data_config.write_text(yaml.safe_dump(cfg.data.model_dump(mode="json"), sort_keys=False))
     return [scaler, data_config]
@@ -229,9 +227,10 @@ def write_model_files(cfg: Config, task: Task, folder: Path) -> list[Path]:
 def score(task: Task, model: torch.nn.Module, monitor: str) -> tuple[dict, dict, float]:
     """A trained model's errors on the validation and the test part, and its monitored
     metric's value on the test part."""
-    val = task.errors(predict(model, task.data.val.x).cpu().numpy(), "val")
+    evidence = evidence_for(task)
+    val = evidence.errors(predict(model, task.data.val.x).cpu().numpy(), "val")
     output = predict(model, task.data.test.x).cpu()
-    test = task.errors(output.numpy(), "test")
+    test = evidence.errors(output.numpy(), "test")
     test_value = scores(task, "test", output, task.data.test.y)[m.on_part(monitor, "test")]
     return val, test, test_value
 
@@ -355,12 +354,12 @@ class Selector:
         final = self.final_model(setting, task, mine, epochs) if cfg.report.final_model else None
         if cfg.report.ensemble:
             output = predict(self.ensemble(task, mine), task.data.val.x).cpu().numpy()
-            lstm_val = task.errors(output, "val")
+            lstm_val = evidence_for(task).errors(output, "val")
         else:
             lstm_val = {k: float(np.mean([s.val[k] for s in mine])) for k in mine[0].val}
-        baselines_val = task.baselines("val", refit_on_val=False)
+        baselines_val = evidence_for(task).baselines("val", refit_on_val=False)
         retrained = final is not None and final.kind == "retrained"
-        baselines_test = task.baselines("test", refit_on_val=retrained)
+        baselines_test = evidence_for(task).baselines("test", refit_on_val=retrained)
         return Selection(
             settings=settings,
             seeds=seeds,
@@ -507,7 +506,7 @@ class Selector:
 
     def ensemble(self, task: Task, mine: list[SeedResult]) -> Ensemble:
         members = [self.models[(s.number, s.seed)].cpu() for s in mine]
-        return Ensemble(members, classification=isinstance(task, Classification)).eval()
+        return Ensemble(members, classification=task.averages_probabilities).eval()
 
     def final_model(
         self, setting: Setting, task: Task, mine: list[SeedResult], epochs: int

@@ -1,25 +1,21 @@
-"""What differs between forecasting and classification, behind one interface.
+"""What differs between forecasting and classification while a model trains, behind one
+interface; what differs in how its results are shown is their other side, in ``evidence``.
 
-A Task holds one data setting's tensors and knows what to do with a model's output on them:
-the loss, the per-epoch scores, the naive predictor, errors in the target's own units, the
-worst samples, the baselines and the picture of its predictions. Everything else in the project
-asks its Task; this is the only module that tells the two data kinds apart.
+A Task holds one data setting's tensors and knows what training needs of them: the loss, the
+per-epoch scores, the naive predictor every model must beat, and the errors at the best epoch.
+These two modules are the only ones that tell the two data kinds apart.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from torch import nn
 
-from lstm_sweep import baselines, plots
-from lstm_sweep import diagnostics as dg
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config
 from lstm_sweep.data import ClassificationData, ForecastData, TrainingData, load_data
@@ -27,11 +23,10 @@ from lstm_sweep.data import ClassificationData, ForecastData, TrainingData, load
 
 class Task(ABC):
     name: ClassVar[str]
-    naive_name: ClassVar[str]  # the predictor every model must beat, in words
     headline: ClassVar[str]  # the error that decides "better" against the baselines
     higher_is_better: ClassVar[bool]
-    skill_column: ClassVar[str]
-    baseline_note: ClassVar[str]
+    # an ensemble averages its members' class probabilities, not their raw outputs
+    averages_probabilities: ClassVar[bool]
 
     def __init__(self, data: TrainingData) -> None:
         self.data = data
@@ -57,6 +52,11 @@ class Task(ABC):
     def better(self, value: float, than: float) -> bool:
         return value > than if self.higher_is_better else value < than
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What predict needs to turn a table into this task's inputs and back: the scaler
+        fitted on the training rows and the input names (and, to classify, the class names)."""
+        return {**self.data.scaler.to_dict(), "inputs": self.data.inputs, "task": self.name}
+
     @abstractmethod
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
@@ -74,53 +74,21 @@ class Task(ABC):
     def best_epoch_errors(self, output: np.ndarray) -> dict[str, float]:
         """Errors of a model's validation output in the target's own units (forecasting)."""
 
-    @abstractmethod
-    def errors(self, output: np.ndarray, part: str) -> dict[str, float]:
-        """A model's errors on a part, comparable with :meth:`baselines` row by row."""
-
-    @abstractmethod
-    def baselines(self, part: str, refit_on_val: bool) -> pd.DataFrame:
-        """The predictors the LSTM has to beat, scored on a part: one row per method."""
-
-    @abstractmethod
-    def worst_samples(self, output: np.ndarray, k: int) -> pd.DataFrame:
-        """The k validation samples a model gets most wrong."""
-
-    @abstractmethod
-    def prediction_figure(self, output: np.ndarray, part: str, path: Path) -> Path:
-        """A picture of a model's predictions on a part."""
-
-    def skill(self, compared: pd.DataFrame, model_row: str = "lstm") -> pd.Series:
-        """How much better the row ``model_row`` is than each other row: 1 - MSE ratio for
-        forecasting (above 0: better), the accuracy difference for classification."""
-        model = compared.loc[model_row, self.headline]
-        if self.higher_is_better:
-            gain = model - compared[self.headline]
-        else:
-            gain = 1 - model / compared[self.headline]
-        return gain.where(compared.index != model_row)
-
 
 class Forecast(Task):
     name = "forecast"
-    naive_name = "naive last-value forecast"
     headline = "mse"
     higher_is_better = False
-    skill_column = "skill_mse"
-    baseline_note = (
-        "Errors in the target's own units. MASE divides the MAE by the naive forecast's MAE on"
-        " the training windows; `skill_mse` is 1 - MSE(LSTM) / MSE(baseline): above 0 the LSTM"
-        " is better."
-    )
+    averages_probabilities = False
     data: ForecastData
 
     def __init__(self, data: ForecastData) -> None:
         super().__init__(data)
         # per held-out part: the truth in original units (n, horizon, targets), and the naive
         # forecast's MSE there, the yardstick of val_nmse
-        self._truth = {part: baselines.truth(data, part) for part in ("val", "test")}
+        self._truth = {part: data.truth(part) for part in ("val", "test")}
         self._naive_mse = {
-            part: float(((baselines.naive(data, part) - truth) ** 2).mean())
+            part: float(((data.naive(part) - truth) ** 2).mean())
             for part, truth in self._truth.items()
         }
 
@@ -149,38 +117,12 @@ class Forecast(Task):
             m.VAL_RMSE: float(np.sqrt((error**2).mean())),
         }
 
-    def errors(self, output: np.ndarray, part: str) -> dict[str, float]:
-        prediction = self.data.to_original(output, self.data.part(part))
-        truth = baselines.truth(self.data, part)
-        return baselines.errors(prediction, truth, baselines.naive_scale(self.data))
-
-    def baselines(self, part: str, refit_on_val: bool) -> pd.DataFrame:
-        return baselines.forecast_baselines(self.data, part, refit_on_val)
-
-    def worst_samples(self, output: np.ndarray, k: int) -> pd.DataFrame:
-        prediction = self.data.to_original(output, self.data.val)
-        return dg.worst_windows(
-            self._truth["val"], prediction, self.data.val.times, self.data.targets, k
-        )
-
-    def prediction_figure(self, output: np.ndarray, part: str, path: Path) -> Path:
-        windows = self.data.part(part)
-        prediction = self.data.to_original(output, windows)
-        truth = baselines.truth(self.data, part)
-        spans = {part: (windows.times[:, 0], truth[:, 0, :], prediction[:, 0, :])}
-        return plots.predictions(spans, self.data.targets, path)
-
 
 class Classification(Task):
     name = "classification"
-    naive_name = "majority-class prior"
     headline = "accuracy"
     higher_is_better = True
-    skill_column = "accuracy_gain"
-    baseline_note = (
-        "`accuracy_gain` is the LSTM's test accuracy minus the baseline's: above 0 the LSTM is"
-        " better."
-    )
+    averages_probabilities = True
     data: ClassificationData
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -207,21 +149,8 @@ class Classification(Task):
     def best_epoch_errors(self, output: np.ndarray) -> dict[str, float]:
         return {}
 
-    def errors(self, output: np.ndarray, part: str) -> dict[str, float]:
-        truth = self.data.part(part).y.numpy()
-        return baselines.classification_errors(output.argmax(axis=1), truth)
-
-    def baselines(self, part: str, refit_on_val: bool) -> pd.DataFrame:
-        return baselines.classification_baselines(self.data, part, refit_on_val)
-
-    def worst_samples(self, output: np.ndarray, k: int) -> pd.DataFrame:
-        probabilities = torch.softmax(torch.from_numpy(output), dim=1).numpy()
-        val = self.data.val
-        return dg.confidently_wrong(probabilities, val.y.numpy(), val.ids, self.data.classes, k)
-
-    def prediction_figure(self, output: np.ndarray, part: str, path: Path) -> Path:
-        truth = self.data.part(part).y.numpy()
-        return plots.confusion_matrix(truth, output.argmax(axis=1), self.data.classes, path)
+    def preprocessing(self) -> dict[str, Any]:
+        return {**super().preprocessing(), "classes": self.data.classes}
 
 
 def make_task(data: TrainingData) -> Task:

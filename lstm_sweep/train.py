@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,7 +23,9 @@ from lstm_sweep import diagnostics as dg
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, TrainConfig
 from lstm_sweep.model import LSTMNet, decay_groups
-from lstm_sweep.tasks import Task
+
+if TYPE_CHECKING:  # at run time the loop needs no more of a Task than its methods
+    from lstm_sweep.tasks import Task
 
 EVAL_BATCH = 4096  # windows per forward pass when only scoring
 

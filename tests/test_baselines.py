@@ -32,14 +32,14 @@ def test_naive_forecast_is_exact_where_the_series_stands_still(
     table = baselines.forecast_baselines(data, "test", refit_on_val=True)
     assert table.loc["naive", "mse"] == pytest.approx(0.0, abs=1e-12)
     assert table.loc["naive", "mae"] == pytest.approx(0.0, abs=1e-6)
-    np.testing.assert_allclose(baselines.naive(data, "test"), 5.0, atol=1e-5)
+    np.testing.assert_allclose(data.naive("test"), 5.0, atol=1e-5)
 
 
 def test_seasonal_naive_is_exact_on_a_pure_periodic_series(tmp_path: Path) -> None:
     # the window (8) is shorter than the season (12): the season is looked up in the series
     data = series_data(tmp_path, periodic(), season=12)
     np.testing.assert_allclose(
-        baselines.seasonal_naive(data, "test"), baselines.truth(data, "test"), atol=1e-9
+        baselines.seasonal_naive(data, "test"), data.truth("test"), atol=1e-9
     )
     table = baselines.forecast_baselines(data, "test", refit_on_val=True)
     assert table.loc["seasonal_naive", "mse"] < 1e-15 < table.loc["naive", "mse"]
@@ -49,7 +49,7 @@ def test_seasonal_naive_never_looks_past_the_forecast_origin(tmp_path: Path) -> 
     # season 2, horizon 3: step 3 must come from two seasons back, not from step 1's truth
     values = np.arange(200, dtype=float)  # a ramp: any look-ahead would show as a smaller error
     data = series_data(tmp_path, values, season=2)
-    forecast, truth = baselines.seasonal_naive(data, "test"), baselines.truth(data, "test")
+    forecast, truth = baselines.seasonal_naive(data, "test"), data.truth("test")
     expected = [[[2.0], [2.0], [4.0]]] * len(truth)  # truth went through float32 scaling
     np.testing.assert_allclose(truth - forecast, expected, atol=1e-4)
 
@@ -62,7 +62,7 @@ def test_ridge_autoregression_recovers_a_sinusoid_and_naive_mase_is_one_in_sampl
     assert table.loc["ridge_ar", "mse"] < 1e-3 * table.loc["naive", "mse"]
     assert "chosen on validation" in table.loc["ridge_ar", "note"]
     in_sample = baselines.errors(
-        baselines.naive(data, "train"), baselines.truth(data, "train"), baselines.naive_scale(data)
+        data.naive("train"), data.truth("train"), baselines.naive_scale(data)
     )
     assert in_sample["mase"] == pytest.approx(1.0)
 

@@ -35,11 +35,11 @@ from typing import Any
 
 import optuna
 import pytest
-from lstm_sweep.engines.ray import check_answers, is_loopback, other_hosts, refuse_loopback
 from mlflow.tracking import MlflowClient
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import ConfigError, load_config
+from lstm_sweep.engines.ray import check_answers, is_loopback, other_hosts, refuse_loopback
 from lstm_sweep.run import main
 from tests.helpers import (
     IN_CI,

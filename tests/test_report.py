@@ -13,6 +13,7 @@ import yaml
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import SearchParam
+from lstm_sweep.evidence import ForecastEvidence
 from lstm_sweep.report.ranges import neighbourhood, surface
 from lstm_sweep.report.render import format_summary, naive_comparison
 from lstm_sweep.report.table import hard_windows, summarise
@@ -83,7 +84,8 @@ def test_hard_windows_are_those_most_runs_get_wrong() -> None:
             {"window": windows, "start": [str(w) for w in windows], "mae": [1.0] * len(windows)}
         )
 
-    hard = hard_windows([worst(1, 2, 3), worst(1, 2), worst(1, 4), worst(1, 2, 5)])
+    lists = [worst(1, 2, 3), worst(1, 2), worst(1, 4), worst(1, 2, 5)]
+    hard = hard_windows(lists, ForecastEvidence.sample_keys, ForecastEvidence.sample_score)
     assert list(hard["window"]) == [1]  # window 2 is in 3 of 4 lists: below the 80 % mark
     assert hard.loc[0, "share"] == 1.0
 

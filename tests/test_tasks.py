@@ -1,7 +1,11 @@
-"""Forecasting and classification behind one interface: scores, naive predictors, errors in
-original units, baselines and the skill against them, on small real data."""
+"""Forecasting and classification behind one interface, both sides: while training (scores,
+naive predictors) and as evidence (errors in original units, baselines, worst samples), on small
+real data. Importing the training loop loads neither matplotlib nor scikit-learn."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from lstm_sweep import baselines
 from lstm_sweep import metrics as m
 from lstm_sweep.config import load_config
+from lstm_sweep.evidence import evidence_for
 from lstm_sweep.tasks import Classification, Forecast, Task, TaskCache
 from tests.helpers import CLASSIFY, ROOT
 
@@ -26,23 +31,27 @@ def test_forecast_errors_are_the_baselines_errors_of_the_same_numbers(tiny_task:
     assert isinstance(tiny_task, Forecast)
     data = tiny_task.data
     naive_output = data.naive_forecast(data.test).numpy()
-    errors = tiny_task.errors(naive_output, "test")
-    table = tiny_task.baselines("test", refit_on_val=False)
+    evidence = evidence_for(tiny_task)
+    errors = evidence.errors(naive_output, "test")
+    table = evidence.baselines("test", refit_on_val=False)
     assert errors["mse"] == pytest.approx(table.loc["naive", "mse"], rel=1e-5)
     assert errors["mase"] == pytest.approx(table.loc["naive", "mase"], rel=1e-5)
 
 
-def test_skill_is_one_minus_the_mse_ratio_and_the_accuracy_difference(
+def test_better_follows_each_tasks_headline_direction(
     tiny_task: Task, digits: Classification
 ) -> None:
-    table = tiny_task.baselines("test", refit_on_val=False)
-    table.loc["lstm"] = table.loc["naive"] * [0.5, 1, 1, np.nan]
-    skill = tiny_task.skill(table)
-    assert skill["naive"] == pytest.approx(0.5) and np.isnan(skill["lstm"])
-    classes = digits.baselines("test", refit_on_val=False)
-    classes.loc["lstm"] = classes.loc["majority_class"] + [0.3, 0, 0, ""]
-    assert digits.skill(classes)["majority_class"] == pytest.approx(0.3)
-    assert digits.better(0.9, 0.8) and tiny_task.better(0.8, 0.9)
+    assert digits.better(0.9, 0.8) and not digits.better(0.8, 0.9)
+    assert tiny_task.better(0.8, 0.9) and not tiny_task.better(0.9, 0.8)
+
+
+def test_importing_the_training_loop_loads_neither_matplotlib_nor_scikit_learn() -> None:
+    code = (
+        "import sys, lstm_sweep.train;"
+        " print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'sklearn'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_accuracy_metrics_equal_scikit_learns_on_fixed_predictions(digits: Classification) -> None:
@@ -70,12 +79,12 @@ def test_worst_samples_rank_the_largest_errors_and_the_surest_mistakes(
     data = tiny_task.data
     output = data.val.y.numpy().copy()
     output[5] += 3.0  # one window far off
-    worst = tiny_task.worst_samples(output, k=2)
+    worst = evidence_for(tiny_task).worst_samples(output, k=2)
     assert worst.loc[0, "window"] == 5
     logits = np.zeros((len(digits.data.val), 10), dtype=np.float32)
     wrong = (digits.data.val.y.numpy()[0] + 1) % 10
     logits[0, wrong] = 9.0  # sure and wrong
-    table = digits.worst_samples(logits, k=1)
+    table = evidence_for(digits).worst_samples(logits, k=1)
     assert table.loc[0, "id"] == digits.data.val.ids[0]
 
 

@@ -19,6 +19,7 @@ from lstm_sweep import diagnostics as dg
 from lstm_sweep import metrics as m
 from lstm_sweep import plots
 from lstm_sweep.config import Config
+from lstm_sweep.evidence import EVIDENCE
 from lstm_sweep.report.export import mask_stores, write_best_config
 from lstm_sweep.report.ranges import EDGE_TOP, PAIRS, draw_surfaces, neighbourhood
 from lstm_sweep.report.render import Report, description, format_summary, write_report
@@ -84,6 +85,7 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         for run_id in completed
     ]
     found = [w for w in worst if w is not None]
+    evidence = EVIDENCE[cfg.task]
     return Report(
         cfg=cfg,
         summary=summary,
@@ -92,7 +94,7 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         importances=importances,
         images=images,
         pages=pages,
-        hard=hard_windows(found),
+        hard=hard_windows(found, evidence.sample_keys, evidence.sample_score),
         hard_source=f"{len(found)} completed trials",
         edges=edges,
         near=near,

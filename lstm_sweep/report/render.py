@@ -13,14 +13,10 @@ import pandas as pd
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config
+from lstm_sweep.evidence import EVIDENCE
 from lstm_sweep.report.ranges import NEIGHBOURHOOD
 from lstm_sweep.report.table import HARD_SHARE, SweepSummary
 from lstm_sweep.select import Selection, optimism
-
-WHAT_TO_TRY = {
-    "forecast": "a longer window (data.window), more data, or the linear path (model.skip: linear)",
-    "classification": "more data, a larger model or the linear path (model.skip: linear)",
-}
 
 
 def settings_text(values: Mapping[str, Any]) -> str:
@@ -67,7 +63,7 @@ def honesty_lines(selection: Selection, task_name: str) -> list[str]:
     return [
         f"The LSTM does NOT beat the {beaten['method']} baseline on the validation part:"
         f" {beaten['metric']} {beaten['lstm']:.4g} for the LSTM against {beaten['baseline']:.4g}.",
-        f"Use the baseline, or try {WHAT_TO_TRY[task_name]}, before trusting the LSTM.",
+        f"Use the baseline, or try {EVIDENCE[task_name].what_to_try}, before trusting the LSTM.",
     ]
 
 
@@ -256,7 +252,7 @@ def write_report(report: Report, folder: Path) -> Path:
             "",
             "## Against the baselines",
             "",
-            BASELINE_NOTES[report.task_name],
+            EVIDENCE[report.task_name].baseline_note,
             "",
             markdown(comparison_frame(selection), index=True),
             "",
@@ -296,15 +292,6 @@ def write_report(report: Report, folder: Path) -> Path:
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-BASELINE_NOTES = {
-    "forecast": "Errors in the target's own units. MASE divides the MAE by the naive forecast's"
-    " MAE on the training windows. The ridge baseline is a linear autoregression on the LSTM's"
-    " own input windows, its penalty chosen on validation.",
-    "classification": "Accuracy, balanced accuracy and macro F1; the logistic regression reads"
-    " the flattened sequences.",
-}
 
 
 def spread_with_values(selection: Selection) -> pd.DataFrame:

@@ -5,6 +5,7 @@ closing stage and the report both read the trials through it."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,16 +101,15 @@ def summarise(
     )
 
 
-def hard_windows(worst: list[pd.DataFrame], share: float = HARD_SHARE) -> pd.DataFrame:
+def hard_windows(
+    worst: list[pd.DataFrame], names: Sequence[str], score: str, share: float = HARD_SHARE
+) -> pd.DataFrame:
     """Validation samples among the worst-k of at least ``share`` of the runs: the sample's
-    identity (window and start, or id and true class), runs (how many lists hold it), share,
-    and its score averaged over those runs (mae, or the confidence of the wrong answer)."""
+    identity (its columns ``names``: window and start, or id and true class), runs (how many
+    lists hold it), share, and its ``score`` averaged over those runs (mae, or the confidence
+    of the wrong answer)."""
     lists = [w for w in worst if w is not None and not w.empty]
-    keys, score = (
-        (["id", "true"], "confidence")
-        if lists and "id" in lists[0]
-        else (["window", "start"], "mae")
-    )
+    keys = list(names)
     if not lists:
         return pd.DataFrame(columns=[*keys, "runs", "share", score])
     stacked = pd.concat(lists)
