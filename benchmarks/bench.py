@@ -61,7 +61,7 @@ SERIES = {  # name -> the sweep file as shipped
 PYTHON = sys.executable
 # Runs that time trials only skip the closing stage's trainings: they come after the last trial
 # and would only lengthen the benchmark.
-LEAN_REPORT = ("report.top_k=1", "report.seeds=1", "report.final_model=false")
+LEAN_REPORT = ("closing.top_k=1", "closing.seeds=1", "closing.final_model=false")
 # The first optimizer a process builds imports torch._dynamo (torch 2.13: ~2 s), so the first
 # training of every process (a worker's first trial, the floor's) pays it once; the per-epoch
 # figures time it apart and leave it out of their medians.
@@ -89,9 +89,9 @@ PLANS = {
     },
     # smoke test: every figure runs, none means much (few trials, few epochs)
     "quick": {
-        "sunspots": SeriesPlan(10, 2, 1, ("study.n_trials=4", "report.top_k=2", "report.seeds=2")),
+        "sunspots": SeriesPlan(10, 2, 1, ("study.n_trials=4", "closing.top_k=2", "closing.seeds=2")),
         "co2": SeriesPlan(
-            3, 2, 1, ("study.n_trials=4", "report.top_k=2", "report.seeds=2", "train.max_epochs=3")
+            3, 2, 1, ("study.n_trials=4", "closing.top_k=2", "closing.seeds=2", "train.max_epochs=3")
         ),
     },
 }

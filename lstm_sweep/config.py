@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SEARCHABLE_SECTIONS = ("model", "train")
 SEARCHABLE_DATA = ("data.window", "data.transform", "data.scaler")  # each value: its own windows
@@ -265,16 +273,14 @@ class DiagnosticsConfig(_Section):
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
-class ReportConfig(_Section):
-    """What the sweep's closing report does beyond the table: re-evaluate, retrain, register."""
+class ClosingConfig(_Section):
+    """The closing stage, once the study holds n_trials: re-evaluate, choose, test, register."""
 
     top_k: int = Field(3, ge=1)  # best settings retrained with several seeds
     seeds: int = Field(3, ge=1)  # seeds per setting (train.seed, +1, ...); 1 gives no spread
     final_model: bool = True  # retrain the recommendation on train+val, test it, register it
     ensemble: bool = False  # final model = the mean of the recommendation's seed models
     model_name: str | None = None  # MLflow Model Registry name; default: the study name
-    edge_fraction: float = Field(0.1, ge=0, lt=0.5)  # this close to a bound is "at the edge"
-    near_best: float = Field(0.1, ge=0)  # trials within this fraction of the best are "good"
 
     @field_validator("model_name")
     @classmethod
@@ -282,6 +288,17 @@ class ReportConfig(_Section):
         if value is not None and not value.strip():
             raise ValueError("must be a non-empty name, or left out for the study name")
         return value
+
+
+class ReportConfig(_Section):
+    """How the report reads the searched ranges around the answer."""
+
+    edge_fraction: float = Field(0.1, ge=0, lt=0.5)  # this close to a bound is "at the edge"
+    near_best: float = Field(0.1, ge=0)  # trials within this fraction of the best are "good"
+
+
+# keys the closing stage's own section took over from `report:`; an old sweep file still works
+MOVED_TO_CLOSING = tuple(ClosingConfig.model_fields)
 
 
 def natural_direction(monitor: str) -> Literal["minimize", "maximize"]:
@@ -299,7 +316,14 @@ class Config(_Section):
     study: StudyConfig = StudyConfig()
     tracking: TrackingConfig = TrackingConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    closing: ClosingConfig = ClosingConfig()
     report: ReportConfig = ReportConfig()
+    # what loading said about the file itself (old key names read under their new ones)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @property
     def study_name(self) -> str:
@@ -479,6 +503,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
+    moved = move_closing_keys(raw, source)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -488,7 +513,32 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     _check_task(source, cfg)
     _check_device(source, cfg)
     _check_search_space(source, cfg)
+    if moved:
+        cfg.notes.append(
+            f"{source}: {', '.join(f'report.{k}' for k in moved)} belong(s) to the closing"
+            f" section now ({', '.join(f'closing.{k}' for k in moved)}); read as such"
+        )
     return cfg
+
+
+def move_closing_keys(raw: dict[str, Any], source: str) -> list[str]:
+    """Move the closing stage's keys an older sweep file (or --set) gave under `report:` to
+    `closing:`; their names. ConfigError when both sections give one key."""
+    report = raw.get("report")
+    if not isinstance(report, dict):
+        return []
+    moved = [key for key in MOVED_TO_CLOSING if key in report]
+    if not moved:
+        return []
+    closing = raw.setdefault("closing", {})
+    if not isinstance(closing, dict):
+        return []  # validation names the section
+    for key in moved:
+        if key in closing:
+            rule = f"given twice: keep closing.{key} only (report.{key} is its old name)"
+            raise ConfigError(source, f"report.{key}", report[key], rule)
+        closing[key] = report.pop(key)
+    return moved
 
 
 # What a study's trial values depend on. A study stores these when it is created and a rerun
@@ -539,8 +589,9 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def sanity_warnings(cfg: Config) -> list[str]:
-    """Settings that cannot do what the user probably thinks they do."""
-    warnings = []
+    """Settings that cannot do what the user probably thinks they do, and what loading the
+    file noted (old key names)."""
+    warnings = list(cfg.notes)
     layers = cfg.search.get("model.num_layers")
     can_stack = cfg.model.num_layers > 1 or (layers is not None and max(layers.bounds()) > 1)
     if not can_stack and (cfg.model.dropout > 0 or "model.dropout" in cfg.search):

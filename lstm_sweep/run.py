@@ -45,7 +45,8 @@ sweep file sections (see sweeps/forecast.yaml for every key with a comment):
   tracking     uri, flush_seconds
   diagnostics  level (full|basic|off), eval_subsample, hidden_subsample, k_worst,
                saturation, dead_std, verdict
-  report       top_k, seeds, final_model, ensemble, model_name, edge_fraction, near_best
+  closing      top_k, seeds, final_model, ensemble, model_name
+  report       edge_fraction, near_best
 
 examples:
   python -m lstm_sweep.run sweeps/forecast.yaml

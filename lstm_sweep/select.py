@@ -343,7 +343,7 @@ class Selector:
     def run(self, table: pd.DataFrame) -> Selection:
         cfg = self.cfg
         started = time.perf_counter()
-        settings = top_settings(table, list(cfg.search), cfg.report.top_k, cfg.direction)
+        settings = top_settings(table, list(cfg.search), cfg.closing.top_k, cfg.direction)
         seeds = self.reevaluate(settings, table)
         headline = self.task(settings[0], cfg.train.seed).headline
         spread, winner, within = spread_table(seeds, cfg.direction, headline)
@@ -351,8 +351,8 @@ class Selector:
         task = self.task(setting, cfg.train.seed)
         mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
         epochs = max(1, int(spread.loc[spread["number"] == winner, "epochs"].iloc[0]))
-        final = self.final_model(setting, task, mine, epochs) if cfg.report.final_model else None
-        if cfg.report.ensemble:
+        final = self.final_model(setting, task, mine, epochs) if cfg.closing.final_model else None
+        if cfg.closing.ensemble:
             output = predict(self.ensemble(task, mine), task.data.val.x).cpu().numpy()
             lstm_val = evidence_for(task).errors(output, "val")
         else:
@@ -383,7 +383,7 @@ class Selector:
         is read back; the rest are trained, each in a nested run, elsewhere when that pays
         (this process meanwhile takes up the trials' own models)."""
         cfg = self.cfg
-        seeds = range(cfg.train.seed, cfg.train.seed + cfg.report.seeds)
+        seeds = range(cfg.train.seed, cfg.train.seed + cfg.closing.seeds)
         done = self.finished_reevaluations()
         plan = [(s, seed) for s, seed in ((s, seed) for s in settings for seed in seeds)]
         reused = {(s.number, cfg.train.seed) for s in settings if self.has_weights(s.run_id)}
@@ -512,9 +512,9 @@ class Selector:
         self, setting: Setting, task: Task, mine: list[SeedResult], epochs: int
     ) -> FinalModel:
         """The registered model: found again if a previous attempt registered it; otherwise the
-        mean of the seed models (report.ensemble) or the recommendation retrained on train +
+        mean of the seed models (closing.ensemble) or the recommendation retrained on train +
         validation for ``epochs`` epochs. Scored once on the test part, logged, registered."""
-        kind = "ensemble" if self.cfg.report.ensemble else "retrained"
+        kind = "ensemble" if self.cfg.closing.ensemble else "retrained"
         registered = self.registered_final(setting.number, kind)
         if registered is not None:
             return registered
@@ -553,7 +553,7 @@ class Selector:
                     example.numpy(),
                     predict(model, example).cpu().numpy(),
                     write_model_files(self.cfg, task, Path(tmp)),
-                    self.cfg.report.model_name or self.cfg.study_name,
+                    self.cfg.closing.model_name or self.cfg.study_name,
                 )
             final = FinalModel(run.run_id, model_uri, kind, epochs, test, test_value, single)
             run.end_as(

@@ -132,7 +132,7 @@ def conclude(
         tracker.close_running(parent_id, (m.ROLE_REEVALUATION, m.ROLE_FINAL), m.LEFTOVER_REASON)
         recorded = selection_recorded(study) or {}
         # a study extended since, or asked for another closing stage, needs a new one
-        asked = {"n_trials": counted, "report": report_settings(cfg)}
+        asked = {"n_trials": counted, "closing": closing_settings(cfg)}
         current = all(recorded.get(key) == value for key, value in asked.items())
         if current and recorded.get("reported_by"):
             tracker.finish_parent(parent_id, m.COMPLETE)  # this start reopened it
@@ -154,9 +154,9 @@ def conclude(
         claim.release()
 
 
-def report_settings(cfg: Config) -> dict[str, Any]:
+def closing_settings(cfg: Config) -> dict[str, Any]:
     """What the closing stage was asked for: changed, it is done again (the trials stay)."""
-    return cfg.report.model_dump(mode="json")
+    return cfg.closing.model_dump(mode="json")
 
 
 def select_once(
@@ -188,7 +188,7 @@ def select_once(
         sweep.study,
         {
             "n_trials": counted_trials(sweep.study),
-            "report": report_settings(cfg),
+            "closing": closing_settings(cfg),
             "recommended": selection.recommended,
             "model_uri": selection.final.model_uri if selection.final else None,
         },

@@ -45,8 +45,8 @@ TINY = [
     "study.n_startup_trials=2",
     "diagnostics.eval_subsample=256",
     "study.workers=1",  # one process: the tests read exact trial sequences back
-    "report.top_k=2",
-    "report.seeds=2",
+    "closing.top_k=2",
+    "closing.seeds=2",
 ]
 
 

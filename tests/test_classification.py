@@ -29,8 +29,8 @@ TINY_CLASSIFY = [
     "study.n_startup_trials=2",
     "diagnostics.eval_subsample=256",
     "train.batch_size=128",
-    "report.top_k=2",
-    "report.seeds=2",
+    "closing.top_k=2",
+    "closing.seeds=2",
     "study.workers=1",
     "search.model.hidden_size={type: categorical, choices: [32, 64]}",  # not the file's 128
 ]

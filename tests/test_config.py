@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lstm_sweep.config import (
     ConfigError,
@@ -216,7 +217,7 @@ def test_the_fingerprint_holds_what_trial_values_depend_on_and_names_what_change
     for neutral in (
         "study.n_trials=3",
         "diagnostics.level=off",
-        "report.top_k=1",
+        "closing.top_k=1",
         "study.workers=2",
     ):
         assert study_fingerprint(load_config(QUICK, [neutral])) == base, neutral
@@ -240,3 +241,23 @@ def test_sanity_warnings_name_settings_that_do_nothing() -> None:
     assert any("num_layers = 1" in w for w in warnings)
     assert any("couples weight_decay" in w for w in warnings)
     assert sanity_warnings(load_config(QUICK)) == []
+
+
+def test_an_old_sweep_file_with_the_closing_keys_under_report_still_works_and_says_so(
+    tmp_path: Path,
+) -> None:
+    old = yaml.safe_load(QUICK.read_text())
+    old["report"] = {**old.pop("closing"), "near_best": 0.2}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    data = (QUICK.parent / old["data"]["path"]).resolve()
+    cfg = load_config(path, [f"data.path={data}", "report.final_model=false"])
+    assert (cfg.closing.top_k, cfg.closing.seeds, cfg.closing.final_model) == (2, 2, False)
+    assert cfg.report.near_best == 0.2
+    (note,) = [w for w in sanity_warnings(cfg) if "closing" in w]
+    assert note.startswith(f"{path}: report.top_k, report.seeds, report.final_model belong")
+    assert "closing.top_k, closing.seeds, closing.final_model" in note
+    assert load_config(QUICK).notes == []  # a current file says nothing
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, [f"data.path={data}", "closing.seeds=3"])
+    assert caught.value.key == "report.seeds" and "keep closing.seeds only" in str(caught.value)

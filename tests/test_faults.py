@@ -58,9 +58,9 @@ COUNTED = ("COMPLETE", "PRUNED")
 # no pruning, and a closing stage of few trainings and no final model: not under test here
 CLOSED_FAST = [
     "study.pruner.type=none",
-    "report.final_model=false",
-    "report.top_k=1",
-    "report.seeds=1",
+    "closing.final_model=false",
+    "closing.top_k=1",
+    "closing.seeds=1",
 ]
 URLS = {"optuna": "sqlite:///o.db", "mlflow": "sqlite:///m.db"}
 
@@ -319,7 +319,7 @@ def test_a_killed_worker_and_an_interrupted_closing_stage_lose_nothing_and_say_s
     the last line says the closing stage stopped and will resume, the sweep's run ends FAILED
     with that reason. The rerun trains the missing re-evaluation and ends the sweep's run
     FINISHED, no failure reason left, nothing RUNNING, Optuna and MLflow in agreement."""
-    args = command(*sweep_args("study.n_trials=2", *CLOSED_FAST[:3], "report.seeds=2"))
+    args = command(*sweep_args("study.n_trials=2", *CLOSED_FAST[:3], "closing.seeds=2"))
     roles = f"{m.ROLE_TRIAL},{m.ROLE_REEVALUATION}"
     with HeldSweep([*args, "--workers=2"], roles, stores.parent) as sweep:
         (victim,) = [pid for pid in sweep.held(2, m.ROLE_TRIAL) if pid != sweep.process.pid]
@@ -418,9 +418,9 @@ def test_a_tracking_server_lost_mid_sweep_stops_cleanly_and_the_rerun_resumes(
     args = sweep_args(
         "study.n_trials=3",
         "study.pruner.type=none",
-        "report.top_k=1",  # the closing stage is not under test
-        "report.seeds=1",
-        "report.final_model=false",
+        "closing.top_k=1",  # the closing stage is not under test
+        "closing.seeds=1",
+        "closing.final_model=false",
         f"tracking.uri={server.uri}",
     )
     seen_runs: list[str] = []

@@ -208,9 +208,9 @@ def stopped_then_killed(
             "study.pruner.type=none",
             "study.heartbeat_seconds=1",  # a lost trial is failed after 3 s without a beat
             "study.grace_seconds=3",
-            "report.top_k=1",  # the closing stage reuses the best trial: one training only
-            "report.seeds=1",
-            f"report.model_name={STUDY}",
+            "closing.top_k=1",  # the closing stage reuses the best trial: one training only
+            "closing.seeds=1",
+            f"closing.model_name={STUDY}",
         )
         trials = Trials(storage)
         client = MlflowClient(cluster.tracking, registry_uri=cluster.tracking)

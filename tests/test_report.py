@@ -184,7 +184,7 @@ def test_the_recommended_yaml_reproduces_the_recorded_validation_loss(
     path = finished.report / "recommended_config.yaml"
     recommended = yaml.safe_load(path.read_text())
     assert recommended["search"] == {} and recommended["study"]["n_trials"] == 1
-    assert main([str(path), "--no-progress", "--set=report.final_model=false"]) == 0
+    assert main([str(path), "--no-progress", "--set=closing.final_model=false"]) == 0
     rerun = optuna.load_study(
         study_name="co2-quick-recommended", storage=f"sqlite:///{finished.root / 'optuna.db'}"
     )

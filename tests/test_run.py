@@ -179,7 +179,7 @@ def test_pruning_stops_poor_trials_and_their_runs_say_so(stores: Path) -> None:
         "study.pruner.n_warmup_steps=1",
         "train.learning_rate=1e-3",
         "diagnostics.level=off",
-        "report.final_model=false",
+        "closing.final_model=false",
     )
     assert main(args) == 0
     study, client = load_study(stores), mlflow_client(stores)
@@ -202,7 +202,7 @@ def test_a_blown_up_trial_is_unstable_and_the_study_goes_on(stores: Path) -> Non
         "train.optimizer=adam",
         "diagnostics.verdict.explode_grad_norm=1000",
         "search.train.learning_rate={type: float, low: 1.0e-3, high: 1.0e4, log: true}",
-        "report.final_model=false",
+        "closing.final_model=false",
     )
     study = open_study(load_config(QUICK, [a.removeprefix("--set=") for a in args[2:]]), "t")
     study.enqueue_trial({"train.learning_rate": 1e4})  # the first trial explodes
@@ -241,7 +241,7 @@ def test_the_same_seed_gives_the_same_trials_at_every_diagnostics_level_and_on_a
 ) -> None:
     from tests.conftest import new_stores
 
-    lean = ["report.top_k=1", "report.seeds=1", "report.final_model=false", "model.num_layers=2"]
+    lean = ["closing.top_k=1", "closing.seeds=1", "closing.final_model=false", "model.num_layers=2"]
     explicit = tmp_path / "explicit.db"
     runs = {
         "off": (["diagnostics.level=off"], "mlruns/optuna.db"),
@@ -311,9 +311,9 @@ def stoppable_sweep() -> list[str]:
             "train.max_epochs=6",
             "train.patience=6",
             "study.pruner.type=none",
-            "report.top_k=1",
-            "report.seeds=1",
-            "report.final_model=false",
+            "closing.top_k=1",
+            "closing.seeds=1",
+            "closing.final_model=false",
         )
     )
 
@@ -384,7 +384,7 @@ def test_the_same_command_on_a_finished_study_leaves_its_run_finished(
 def test_two_processes_on_one_study_give_one_report_and_one_model(stores: Path) -> None:
     args = command(
         *sweep_args(
-            "study.n_trials=4", "train.max_epochs=10", "train.patience=10", "report.top_k=1"
+            "study.n_trials=4", "train.max_epochs=10", "train.patience=10", "closing.top_k=1"
         )
     )
     processes = [
@@ -423,7 +423,7 @@ def test_a_password_in_the_storage_url_is_written_nowhere(stores: Path, tmp_path
                     f"study.storage={storage}",
                     "study.n_trials=2",
                     "diagnostics.level=full",
-                    "report.top_k=1",
+                    "closing.top_k=1",
                 )
             ),
             env=environment(),
@@ -462,11 +462,11 @@ def test_a_changed_closing_stage_is_done_again_on_the_same_trials(
     stores: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = sweep_args(
-        "study.n_trials=2", "report.final_model=false", "report.top_k=1", "report.seeds=1"
+        "study.n_trials=2", "closing.final_model=false", "closing.top_k=1", "closing.seeds=1"
     )
     assert main(args) == 0 and main(args) == 0
     assert "its report was written by" in capsys.readouterr().out  # unchanged: nothing redone
-    assert main([*args, "--set=report.seeds=2"]) == 0
+    assert main([*args, "--set=closing.seeds=2"]) == 0
     assert "its report was written by" not in capsys.readouterr().out
     (reevaluation,) = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_REEVALUATION)
     assert reevaluation.data.tags[m.SEED_TAG] == "1"  # seed 0 is the trial itself
@@ -479,9 +479,9 @@ def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
 ) -> None:
     # tiny trainings: spread them anyway
     monkeypatch.setattr(LocalProcesses, "start_seconds", 0.0)
-    args = sweep_args("study.n_trials=2", "report.final_model=false", "report.seeds=1")
+    args = sweep_args("study.n_trials=2", "closing.final_model=false", "closing.seeds=1")
     assert main(args) == 0  # the trials, in this process
-    assert main([*args, "--set=report.seeds=2", "--workers=2"]) == 0  # a new closing stage
+    assert main([*args, "--set=closing.seeds=2", "--workers=2"]) == 0  # a new closing stage
     spread = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_REEVALUATION)
     assert len(spread) == 2 and {r.info.status for r in spread} == {"FINISHED"}
     # the two processes take the jobs from one queue: which one takes which is a race
@@ -507,7 +507,7 @@ def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
 
 @pytest.mark.slow
 def test_a_quote_in_the_experiment_name_just_works(stores: Path) -> None:
-    args = sweep_args("study.n_trials=2", "report.final_model=false", "diagnostics.level=off")
+    args = sweep_args("study.n_trials=2", "closing.final_model=false", "diagnostics.level=off")
     assert main([*args, "--set=experiment=it's mine"]) == 0
     assert main([*args, "--set=experiment=it's mine", "--set=study.n_trials=3"]) == 0
     (parent,) = runs_of(mlflow_client(stores), "it's mine", m.ROLE_SWEEP)

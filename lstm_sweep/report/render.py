@@ -200,7 +200,7 @@ def recommendation_lines(report: Report) -> list[str]:
         lines.append("- No other re-evaluated setting is within noise of it.")
     else:
         lines.append(
-            "- One seed per setting gives no spread: set report.seeds >= 2 to judge noise."
+            "- One seed per setting gives no spread: set closing.seeds >= 2 to judge noise."
         )
     final = selection.final
     if final is not None:
