@@ -24,6 +24,13 @@ from lstm_sweep import metrics as m  # noqa: E402
 MARGINS = {"left": 0.06, "right": 0.98, "bottom": 0.16, "top": 0.88, "wspace": 0.25}
 
 
+def saved(fig: Any, path: Path, dpi: int = 80) -> Path:
+    """Write a figure to ``path`` and free it: pyplot keeps every open figure alive."""
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def loss_curves(
     rows: Sequence[dict[str, float]], best_epoch: int, onset: int | None, path: Path
 ) -> Path:
@@ -40,9 +47,7 @@ def loss_curves(
     ax.set(xlabel="epoch", ylabel="loss (model space)", yscale="log", title="Loss curves")
     ax.legend()
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.9)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return saved(fig, path, dpi=90)
 
 
 def weight_histograms(snapshots: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path:
@@ -56,9 +61,7 @@ def weight_histograms(snapshots: Mapping[str, Mapping[str, np.ndarray]], path: P
             ax.stairs(counts, edges, label=moment)
         ax.set(title=group, xlabel="weight")
     axes[0, 0].legend()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return saved(fig, path, dpi=80)
 
 
 def predictions(
@@ -78,9 +81,7 @@ def predictions(
         ax.legend()
     fig.autofmt_xdate()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return saved(fig, path, dpi=80)
 
 
 def confusion_matrix(
@@ -97,9 +98,7 @@ def confusion_matrix(
     )
     ax.set(title="Validation confusion matrix (best epoch)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return saved(fig, path, dpi=80)
 
 
 def heatmaps(
@@ -132,9 +131,7 @@ def heatmaps(
         ax.set(xlabel=x_key, ylabel=y_key, title=f"{metric} (median per cell)")
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return saved(fig, path, dpi=80)
 
 
 def importance_chart(importances: Mapping[str, float], path: Path) -> Path:
@@ -144,9 +141,7 @@ def importance_chart(importances: Mapping[str, float], path: Path) -> Path:
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
     ax.set(xlabel="share of the validation loss's variance (fANOVA)", xlim=(0, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return saved(fig, path, dpi=80)
 
 
 def study_pages(figures: Mapping[str, Any], folder: Path) -> list[Path]:

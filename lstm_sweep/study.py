@@ -147,13 +147,16 @@ def make_storage(
         fast_sqlite_commits()  # write-ahead, and a writer waits for another (SQLITE_BUSY_MS)
     elif url.startswith("postgresql"):
         engine_kwargs = {"connect_args": {"connect_timeout": 10}}  # a dead host fails fast
-    return optuna.storages.RDBStorage(
+    storage = optuna.storages.RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
         heartbeat_interval=heartbeat_seconds,
         grace_period=grace_seconds,
         heartbeat_stale_trial_callback=on_stale,
     )
+    if isinstance(on_stale, StaleTrialHandler):
+        on_stale.storage = storage  # the study wraps it in a cache and keeps it private
+    return storage
 
 
 def open_study(
@@ -256,6 +259,7 @@ class StaleTrialHandler:
         self.tracker = tracker
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         self.handled: list[int] = []  # the numbers of the trials it failed, in order
+        self.storage: optuna.storages.RDBStorage | None = None  # the one it was given to
 
     def __call__(self, study: Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get(m.RUN_ID_ATTR)
@@ -276,16 +280,22 @@ def fail_stale_trials(study: Study, grace_seconds: int, on_stale: StaleTrialHand
     """
     before = len(on_stale.handled)
     optuna.storages.fail_stale_trials(study)  # calls on_stale for each trial it fails
+    storage = on_stale.storage
+    if storage is None:
+        raise ValueError("the handler must be the study storage's (open_study(..., on_stale))")
     cutoff = datetime.now() - timedelta(seconds=grace_seconds)
-    # Optuna wraps its RDB storage in a cache; the heartbeat table is only on the RDB one
-    storage = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001
-    on_this_machine = getattr(storage, "url", "").startswith("sqlite")
+    on_this_machine = storage.url.startswith("sqlite")
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        started, trial_id = trial.datetime_start, trial._trial_id  # noqa: SLF001
+        started = trial.datetime_start
         gone = on_this_machine and process_gone(
             trial.user_attrs.get(m.WORKER_ATTR), trial.user_attrs.get(m.PID_NAMESPACE_ATTR)
         )
-        if not gone and (started is None or started > cutoff or has_heartbeat(storage, trial_id)):
+        young = started is None or started > cutoff
+        if not gone and young:
+            continue
+        study_id = storage.get_study_id_from_name(study.study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        if not gone and has_heartbeat(storage, trial_id):
             continue
         try:
             storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
@@ -313,8 +323,11 @@ def process_gone(worker: str | None, namespace: str | None) -> bool:
     return False
 
 
-def has_heartbeat(storage: Any, trial_id: int) -> bool:
-    """Whether a trial's worker ever recorded a heartbeat (Optuna has no public reader)."""
+def has_heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> bool:
+    """Whether a trial's worker ever recorded a heartbeat. Optuna's public heartbeat API
+    records beats and fails trials whose last beat is old (``fail_stale_trials``); it has no
+    reader for "never beat", which is what a worker that died in the sampler leaves, so its
+    table is read here."""
     from optuna.storages._rdb.models import TrialHeartbeatModel
 
     query = sqlalchemy.text(

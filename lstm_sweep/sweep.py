@@ -49,7 +49,13 @@ from lstm_sweep.study import (
     storage_url,
 )
 from lstm_sweep.tasks import TaskCache
-from lstm_sweep.tracking import STORE_ROOT, Tracker, TrackingUnavailable, default_tracking_uri
+from lstm_sweep.tracking import (
+    STORE_ROOT,
+    Tracker,
+    TrackingUnavailable,
+    default_tracking_uri,
+    file_lock,
+)
 from lstm_sweep.train import Interrupted
 
 EXIT_FAILED, EXIT_INTERRUPTED = m.EXIT_FAILED, m.EXIT_INTERRUPTED
@@ -246,12 +252,6 @@ class Sweep:
 
     def store_urls(self) -> dict[str, str]:
         return store_urls(self.cfg, self.tracker.uri)
-
-
-def file_lock(path: str) -> filelock.FileLock:
-    """An OS lock on ``path`` held by one open file at a time, two in one process included;
-    the file stays, so a waiter never locks a file that was just replaced."""
-    return filelock.FileLock(path, thread_local=False, preserve_lock_file=True)
 
 
 def data_variants(cfg: Config) -> list[Config]:

@@ -12,7 +12,6 @@ ordinary success nor a crash; ``tags.optuna.state = 'PRUNED'`` filters them in t
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
+import filelock
 import mlflow
 import numpy as np
 import pandas as pd
@@ -213,9 +213,14 @@ def creating(uri: str) -> Iterator[None]:
         return
     path = Path(uri.removeprefix("sqlite:///"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.create.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # closing the file releases it
+    with file_lock(f"{path}.create.lock"):
         yield
+
+
+def file_lock(path: str) -> filelock.FileLock:
+    """An OS lock on ``path`` held by one open file at a time, two in one process included;
+    the file stays, so a waiter never locks a file that was just replaced."""
+    return filelock.FileLock(path, thread_local=False, preserve_lock_file=True)
 
 
 class Tracker:

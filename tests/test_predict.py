@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lstm_sweep import predict
+from lstm_sweep.cli import EXIT_BAD_INPUT
 from lstm_sweep.config import load_config
 from lstm_sweep.model import Ensemble
 from lstm_sweep.select import write_model_files
@@ -91,5 +92,5 @@ def test_predict_command_writes_a_csv_and_refuses_a_table_without_the_target(
     assert len(pd.read_csv(out)) == cfg.data.horizon
     bad = tmp_path / "bad.csv"
     pd.read_csv(cfg.data.path).drop(columns=[cfg.data.target]).to_csv(bad, index=False)
-    assert predict.main([logged.uri, str(bad), *store]) == predict.EXIT_BAD_INPUT
+    assert predict.main([logged.uri, str(bad), *store]) == EXIT_BAD_INPUT
     assert "no such column" in capsys.readouterr().err
