@@ -6,16 +6,20 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lstm_sweep import engines
-from lstm_sweep.engines import processes
+from lstm_sweep import metrics as m
+from lstm_sweep.engines import Engine, Registration, processes
 from lstm_sweep.engines.local import LocalProcesses, running, serve
 from lstm_sweep.faults import EXIT_STORE, StoreFailed
-from lstm_sweep.sweep import GracefulStop, WorkerExit
+from lstm_sweep.run import main
+from lstm_sweep.sweep import GracefulStop, Sweep, WorkerExit, work
+from tests.helpers import load_study, mlflow_client, runs_of, sweep_args
 
 
 def test_every_registered_engine_is_an_engine_that_names_itself_once() -> None:
@@ -24,6 +28,35 @@ def test_every_registered_engine_is_an_engine_that_names_itself_once() -> None:
     assert isinstance(local, LocalProcesses) and local.start_seconds > 0
     with pytest.raises(KeyError):
         engines.create("nowhere")
+
+
+class OneProcess(Engine):
+    """A third engine, as a user would write one: every trial in the driver's process, and
+    the closing stage's jobs too (no job runner)."""
+
+    def run_trials(
+        self, sweep: Sweep, parent_id: str, stop: GracefulStop, progress: Callable[..., None]
+    ) -> None:
+        work(sweep, parent_id, stop, [progress])
+
+
+@pytest.mark.slow
+def test_a_third_engine_is_one_class_and_one_registration(
+    stores: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(engines.ENGINES, "one", Registration(f"{__name__}:OneProcess"))
+    args = sweep_args("study.n_trials=3", "closing.final_model=false", "closing.seeds=2")
+    assert main([*args, "--engine", "one", "--workers", "2"]) == 0
+    study = load_study(stores)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    client = mlflow_client(stores)
+    (parent,) = runs_of(client, "co2-quick", m.ROLE_SWEEP)
+    assert parent.info.status == "FINISHED"
+    reevaluations = runs_of(client, "co2-quick", m.ROLE_REEVALUATION)
+    # the closing stage trained here, whatever study.workers says: this engine runs no jobs
+    assert reevaluations and {r.data.tags[m.WORKER_TAG] for r in reevaluations} == {
+        m.this_process()
+    }
 
 
 def fail_with(line: str, reports: Any) -> None:
