@@ -385,7 +385,7 @@ class Selector:
         cfg = self.cfg
         seeds = range(cfg.train.seed, cfg.train.seed + cfg.closing.seeds)
         done = self.finished_reevaluations()
-        plan = [(s, seed) for s, seed in ((s, seed) for s in settings for seed in seeds)]
+        plan = [(s, seed) for s in settings for seed in seeds]
         reused = {(s.number, cfg.train.seed) for s in settings if self.has_weights(s.run_id)}
         todo = [(s, seed) for s, seed in plan if (s.number, seed) not in done.keys() | reused]
         if todo:
