@@ -15,6 +15,7 @@ import torch
 
 from lstm_sweep import baselines, plots
 from lstm_sweep import diagnostics as dg
+from lstm_sweep.predict import load_bundle, predict_classes, predict_forecast
 from lstm_sweep.tasks import Classification, Forecast, Task
 
 
@@ -46,6 +47,13 @@ class Evidence(ABC):
     @abstractmethod
     def prediction_figure(self, output: np.ndarray, part: str, path: Path) -> Path:
         """A picture of a model's predictions on a part."""
+
+    @abstractmethod
+    def registered_score(self, model_uri: str, tracking_uri: str, path: Path) -> float:
+        """A logged model's headline error on this task's test part, read as ``predict`` reads
+        the table at ``path`` (the model's own scaler, window and transform): models trained
+        on other settings compare on the same samples. ValueError when it cannot predict
+        every one of them."""
 
 
 class ForecastEvidence(Evidence):
@@ -82,6 +90,22 @@ class ForecastEvidence(Evidence):
         spans = {part: (windows.times[:, 0], truth[:, 0, :], prediction[:, 0, :])}
         return plots.predictions(spans, data.targets, path)
 
+    def registered_score(self, model_uri: str, tracking_uri: str, path: Path) -> float:
+        """The MSE over every (time, step) the test part forecasts."""
+        table = predict_forecast(load_bundle(model_uri, tracking_uri), path, last_only=False)
+        test, targets = self.task.data.test, self.task.data.targets
+        n, horizon = test.times.shape
+        steps = np.tile(np.arange(1, horizon + 1), n)
+        wanted = pd.DataFrame({"time": test.times.reshape(-1), "step": steps})
+        rows = wanted.merge(table, on=["time", "step"], how="left")
+        columns = [f"{t}_forecast" for t in targets], [f"{t}_actual" for t in targets]
+        if not set(columns[0]) <= set(rows):
+            raise ValueError(f"it forecasts {list(table.filter(like='_forecast'))}")
+        error = rows[columns[0]].to_numpy(float) - rows[columns[1]].to_numpy(float)
+        if np.isnan(error).any():
+            raise ValueError(f"it forecasts {int(np.isnan(error).any(axis=1).sum())} fewer steps")
+        return float((error**2).mean())
+
 
 class ClassificationEvidence(Evidence):
     baseline_note = (
@@ -108,6 +132,16 @@ class ClassificationEvidence(Evidence):
     def prediction_figure(self, output: np.ndarray, part: str, path: Path) -> Path:
         truth = self.task.data.part(part).y.numpy()
         return plots.confusion_matrix(truth, output.argmax(axis=1), self.task.data.classes, path)
+
+    def registered_score(self, model_uri: str, tracking_uri: str, path: Path) -> float:
+        """The accuracy over the test part's sequences."""
+        table = predict_classes(load_bundle(model_uri, tracking_uri), path)
+        test = self.task.data.test
+        truth = pd.Series([self.task.data.classes[i] for i in test.y.numpy()], index=test.ids)
+        predicted = table.set_index("id")["predicted"].reindex(truth.index)
+        if predicted.isna().any():
+            raise ValueError(f"it labels {int(predicted.isna().sum())} fewer sequences")
+        return float((predicted.astype(str) == truth.astype(str)).mean())
 
 
 # by Task.name: the report knows a study's task by its name only

@@ -53,6 +53,7 @@ STOP_REASON_TAG = "stop_reason"
 FAILURE_REASON_TAG = "failure_reason"
 MODEL_URI_TAG = "model_uri"
 FINAL_TAG = "lstm_sweep.final"  # a final run's findings (JSON), to reuse them on a rerun
+CHAMPION = "champion"  # the registered model's alias for the current answer: models:/NAME@champion
 FINAL_KIND_TAG = "lstm_sweep.final_kind"  # retrained | ensemble
 SANITY_TAG = "sanity_warnings"
 RANGE_TAG = "range_warnings"

@@ -80,6 +80,21 @@ class SeedResult:
 
 
 @dataclass(frozen=True)
+class Champion:
+    """The champion alias after a final model was registered: it moves to the new version only
+    when that scores better than the previous champion on the new study's test part, both
+    read through predict's data path (each model with its own scaler, window and transform)."""
+
+    metric: str  # the task's headline error
+    version: str  # the new version
+    score: float  # the new version's headline error there
+    previous: str | None  # the version that held the alias before, if any
+    previous_score: float | None  # its headline error on the same test part
+    crowned: bool  # the alias is on the new version now
+    note: str = ""  # why the previous champion could not be scored, if it could not
+
+
+@dataclass(frozen=True)
 class FinalModel:
     run_id: str
     model_uri: str  # models:/name/version
@@ -88,6 +103,7 @@ class FinalModel:
     test: dict[str, float]  # the task's test errors, comparable with the baselines' rows
     test_value: float  # the monitored metric on the test part, comparable to trial values
     single_seed_test: dict[str, float]  # an ensemble's first member alone, for comparison
+    champion: Champion | None = None  # whether this version took the champion alias
 
 
 @dataclass
@@ -126,8 +142,14 @@ class Selection:
         raw = dict(raw)
         raw["settings"] = [Setting(**s) for s in raw["settings"]]
         raw["seeds"] = [SeedResult(**s) for s in raw["seeds"]]
-        raw["final"] = FinalModel(**raw["final"]) if raw["final"] else None
+        raw["final"] = final_from_dict(raw["final"]) if raw["final"] else None
         return cls(**raw)
+
+
+def final_from_dict(raw: dict[str, Any]) -> FinalModel:
+    """The inverse of ``asdict(final)``."""
+    champion = raw.get("champion")
+    return FinalModel(**{**raw, "champion": Champion(**champion) if champion else None})
 
 
 def top_settings(table: pd.DataFrame, keys: list[str], k: int, direction: str) -> list[Setting]:
@@ -555,11 +577,36 @@ class Selector:
                     write_model_files(self.cfg, task, Path(tmp)),
                     self.cfg.closing.model_name or self.cfg.study_name,
                 )
-            final = FinalModel(run.run_id, model_uri, kind, epochs, test, test_value, single)
+            champion = self.crown(task, model_uri, test[task.headline])
+            final = FinalModel(
+                run.run_id, model_uri, kind, epochs, test, test_value, single, champion
+            )
             run.end_as(
                 m.COMPLETE, {m.MODEL_URI_TAG: model_uri, m.FINAL_TAG: json.dumps(asdict(final))}
             )
         return final
+
+    def crown(self, task: Task, model_uri: str, score: float) -> Champion:
+        """Give the new version (``model_uri``, whose test headline error is ``score``) the
+        champion alias if the model has none yet, or if it beats the version that has it on
+        this study's test part; otherwise the alias stays where it is."""
+        name, _, version = model_uri.removeprefix("models:/").rpartition("/")
+        previous = self.tracker.champion(name)
+        if previous is None:
+            self.tracker.crown(name, version)
+            return Champion(task.headline, version, score, None, None, crowned=True)
+        evidence, uri, path = evidence_for(task), self.tracker.uri, self.cfg.data.path
+        # the new version read back the same way as the old one, so both score alike
+        score = evidence.registered_score(model_uri, uri, path)
+        try:
+            before = evidence.registered_score(f"models:/{name}/{previous}", uri, path)
+        except ValueError as exc:  # other columns, or a horizon this part does not fill
+            note = f"version {previous} cannot be scored on this test part: {exc}"
+            return Champion(task.headline, version, score, previous, None, False, note)
+        crowned = task.better(score, before)
+        if crowned:
+            self.tracker.crown(name, version)
+        return Champion(task.headline, version, score, previous, before, crowned)
 
     def retrain(self, run_cfg: Config, task: Task, run: Callback) -> torch.nn.Module:
         final_task = make_task(with_validation_in_training(task.data))
@@ -584,7 +631,7 @@ class Selector:
             & (runs[f"tags.{m.TRIAL_TAG}"] == str(number))
             & (runs[f"tags.{m.FINAL_KIND_TAG}"] == kind)
         ]
-        return FinalModel(**json.loads(done.iloc[0][column])) if len(done) else None
+        return final_from_dict(json.loads(done.iloc[0][column])) if len(done) else None
 
 
 def reevaluation_job(context: JobContext, job: tuple[Setting, int]) -> None:

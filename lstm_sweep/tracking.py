@@ -514,6 +514,23 @@ class Tracker:
             return info.model_uri
         return f"models:/{registered_name}/{info.registered_model_version}"
 
+    def champion(self, name: str) -> str | None:
+        """The version of registered model ``name`` that carries the champion alias, if any."""
+
+        def lookup() -> str | None:
+            try:
+                return str(self.client.get_model_version_by_alias(name, m.CHAMPION).version)
+            except MlflowException as exc:  # no such model, or no such alias: an answer
+                if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    return None
+                raise
+
+        return self._call(lookup)
+
+    def crown(self, name: str, version: str) -> None:
+        """Move the champion alias of registered model ``name`` to ``version``."""
+        self._call(lambda: self.client.set_registered_model_alias(name, m.CHAMPION, version))
+
 
 class RunRecorder(Callback):
     """One open nested run, as :meth:`Tracker.child_run` hands it to its body; also a training

@@ -15,9 +15,10 @@ from lstm_sweep import metrics as m
 from lstm_sweep.config import SearchParam
 from lstm_sweep.evidence import ForecastEvidence
 from lstm_sweep.report.ranges import neighbourhood, surface
-from lstm_sweep.report.render import format_summary, naive_comparison
+from lstm_sweep.report.render import champion_line, format_summary, naive_comparison
 from lstm_sweep.report.table import hard_windows, summarise
 from lstm_sweep.run import main
+from lstm_sweep.select import Champion
 from tests.helpers import runs_of
 
 SEARCH = {
@@ -191,3 +192,17 @@ def test_the_recommended_yaml_reproduces_the_recorded_validation_loss(
     number = int(finished.parent.data.tags[m.RECOMMENDED_TRIAL_TAG])
     assert rerun.best_value == pytest.approx(finished.study.trials[number].value, rel=1e-6)
     assert not math.isnan(rerun.best_value)
+
+
+def test_the_champion_line_says_where_the_alias_is_and_on_what_evidence() -> None:
+    uri, alias = "models:/m/3", "`models:/m@champion`"
+    first = Champion("mse", "3", 0.2, None, None, crowned=True)
+    assert champion_line(first, uri).startswith(f"{alias} is this version, the first")
+    beaten = Champion("mse", "3", 0.5, "2", 0.25, crowned=False)
+    assert champion_line(beaten, uri) == (
+        f"{alias} stays on version 2: this version's mse 0.5 on this study's test part"
+        " against version 2's 0.25."
+    )
+    note = "version 2 cannot be scored on this test part: it forecasts 4 fewer steps"
+    unscored = Champion("mse", "3", 0.5, "2", None, crowned=False, note=note)
+    assert champion_line(unscored, uri) == f"{alias} stays on version 2: {note}."

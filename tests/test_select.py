@@ -4,13 +4,17 @@ the baseline that beats the LSTM, and selection.json's round trip."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from lstm_sweep import metrics as m
+from lstm_sweep import predict
+from lstm_sweep.run import main
 from lstm_sweep.select import (
+    Champion,
     FinalModel,
     SeedResult,
     Selection,
@@ -22,6 +26,7 @@ from lstm_sweep.select import (
     with_validation_in_training,
 )
 from lstm_sweep.tasks import Task
+from tests.helpers import CO2, mlflow_client, sweep_args
 
 
 def seed(number: int, value: float, epoch: int, test: float = 0.7) -> SeedResult:
@@ -79,7 +84,10 @@ def test_a_baseline_that_beats_the_lstm_on_validation_is_named(tiny_task: Task) 
 
 
 def test_selection_round_trips_through_json() -> None:
-    final = FinalModel("r", "models:/x/1", "ensemble", 5, {"mse": 0.3}, 0.8, {"mse": 0.35})
+    champion = Champion("mse", "2", 0.31, "1", 0.4, crowned=True)
+    final = FinalModel(
+        "r", "models:/x/2", "ensemble", 5, {"mse": 0.3}, 0.8, {"mse": 0.35}, champion
+    )
     selection = Selection(
         settings=[Setting(1, {"model.dropout": 0.2}, 0.4, 4, "b")],
         seeds=[seed(1, 0.4, 4)],
@@ -106,3 +114,36 @@ def test_reevaluations_are_handed_out_longest_first() -> None:
     jobs = [(short, 1), (short, 2), (long, 1), (long, 2), (unknown, 1)]
     ordered = longest_first(jobs, {4: 2.5, 7: 30.0})
     assert ordered == [(long, 1), (long, 2), (short, 1), (short, 2), (unknown, 1)]
+
+
+CRIPPLED = ["data.transform=none", "train.max_epochs=1", "train.learning_rate=1e-5"]
+
+
+@pytest.mark.slow
+def test_the_champion_alias_moves_only_to_a_version_that_beats_it_on_the_same_test_part(
+    stores: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def sweep(name: str, *extra: str) -> str:
+        shared = ["search={}", "study.n_trials=1", "closing.top_k=1", "closing.seeds=1"]
+        args = sweep_args(*shared, "closing.model_name=co2-shared", f"study.name={name}", *extra)
+        assert main(args) == 0
+        capsys.readouterr()
+        return (stores / "reports" / name / "report.md").read_text()
+
+    client = mlflow_client(stores)
+    first = sweep("untrained", *CRIPPLED)  # an untrained model on raw levels: far off
+    assert "`models:/co2-shared@champion` is this version, the first of its name" in first
+    assert client.get_model_version_by_alias("co2-shared", m.CHAMPION).version == 1
+    second = sweep("trained")
+    assert "`models:/co2-shared@champion` moved to this version: mse" in second
+    assert client.get_model_version_by_alias("co2-shared", m.CHAMPION).version == 2
+    third = sweep("untrained-again", *CRIPPLED)
+    assert "`models:/co2-shared@champion` stays on version 2: this version's mse" in third
+    assert client.get_model_version_by_alias("co2-shared", m.CHAMPION).version == 2
+
+    out = {}
+    for uri in ("models:/co2-shared@champion", "models:/co2-shared/2"):
+        out[uri] = tmp_path / f"{uri.rsplit('/', 1)[-1]}.csv"
+        assert predict.main([uri, str(CO2), "-o", str(out[uri]), "--last"]) == 0
+    champion, second_version = (pd.read_csv(path) for path in out.values())
+    pd.testing.assert_frame_equal(champion, second_version)

@@ -16,7 +16,7 @@ from lstm_sweep.config import Config
 from lstm_sweep.evidence import EVIDENCE
 from lstm_sweep.report.ranges import NEIGHBOURHOOD
 from lstm_sweep.report.table import HARD_SHARE, SweepSummary
-from lstm_sweep.select import Selection, optimism
+from lstm_sweep.select import Champion, Selection, optimism
 
 
 def settings_text(values: Mapping[str, Any]) -> str:
@@ -106,6 +106,9 @@ def format_summary(
             "Test part (see the report for units and notes):",
             comparison_frame(selection).to_string(float_format=lambda v: f"{v:.4g}"),
         ]
+        final = selection.final
+        if final is not None and final.champion is not None:
+            lines.append(champion_line(final.champion, final.model_uri).replace("`", ""))
     lines += ["", f"The answer in the MLflow UI: {ui_command}"]
     return "\n".join(lines)
 
@@ -131,6 +134,21 @@ def comparison_frame(selection: Selection) -> pd.DataFrame:
     frame = pd.DataFrame.from_dict(rows, orient="index")
     ordered = sorted((c for c in frame if c != "note"), key=lambda c: (not c.startswith("val"), c))
     return frame[[*ordered, "note"]]
+
+
+def champion_line(champion: Champion, model_uri: str) -> str:
+    """Where the champion alias is after this study, and on what evidence."""
+    name = model_uri.removeprefix("models:/").rpartition("/")[0]
+    alias = f"`models:/{name}@{m.CHAMPION}`"
+    here = f"{champion.metric} {champion.score:.4g} on this study's test part"
+    if champion.previous is None:
+        return f"{alias} is this version, the first of its name ({here})."
+    if champion.previous_score is None:
+        return f"{alias} stays on version {champion.previous}: {champion.note}."
+    there = f"version {champion.previous}'s {champion.previous_score:.4g}"
+    if champion.crowned:
+        return f"{alias} moved to this version: {here} against {there}."
+    return f"{alias} stays on version {champion.previous}: this version's {here} against {there}."
 
 
 def parent_metrics(selection: Selection) -> dict[str, float]:
@@ -219,6 +237,8 @@ def recommendation_lines(report: Report) -> list[str]:
             f"- Registered model: `{final.model_uri}`; predictions from a table:"
             f" `python -m lstm_sweep.predict {final.model_uri} data.csv`.",
         ]
+        if final.champion is not None:
+            lines.append(f"- {champion_line(final.champion, final.model_uri)}")
     lines.append(
         f"- The closing stage trained {selection.trainings} model(s) in {selection.seconds:.0f} s."
     )
