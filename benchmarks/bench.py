@@ -89,9 +89,14 @@ PLANS = {
     },
     # smoke test: every figure runs, none means much (few trials, few epochs)
     "quick": {
-        "sunspots": SeriesPlan(10, 2, 1, ("study.n_trials=4", "closing.top_k=2", "closing.seeds=2")),
+        "sunspots": SeriesPlan(
+            10, 2, 1, ("study.n_trials=4", "closing.top_k=2", "closing.seeds=2")
+        ),
         "co2": SeriesPlan(
-            3, 2, 1, ("study.n_trials=4", "closing.top_k=2", "closing.seeds=2", "train.max_epochs=3")
+            3,
+            2,
+            1,
+            ("study.n_trials=4", "closing.top_k=2", "closing.seeds=2", "train.max_epochs=3"),
         ),
     },
 }

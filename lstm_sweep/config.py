@@ -245,6 +245,9 @@ class StudyConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = None  # MLflow tracking URI; default: sqlite under mlruns/, artifacts beside
     flush_seconds: float = Field(10.0, ge=0)  # buffer per-epoch metrics at most this long
+    # every trained run samples CPU, memory, disk, network (and GPUs, with pynvml) this often
+    # into MLflow's System metrics tab; 0 disables
+    system_metrics_seconds: float = Field(1.0, ge=0)
 
 
 class VerdictRules(_Section):

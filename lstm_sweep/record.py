@@ -165,6 +165,7 @@ def setting_run(
         flatten(cfg.model_dump(mode="json")),
         cfg.tracking.flush_seconds,
         describe(cfg.data.path, task.data),
+        cfg.tracking.system_metrics_seconds,
     )
 
 

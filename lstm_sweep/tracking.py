@@ -347,11 +347,12 @@ class Tracker:
         params: Mapping[str, Any],
         flush_seconds: float,
         dataset: DataDescription | None = None,
+        system_seconds: float = 0.0,
     ) -> Iterator[RunRecorder]:
         """The one lifecycle of a nested run (trial, re-evaluation, final model): open it with
-        its tags, params and the dataset it trains on, hand the body a :class:`RunRecorder`,
-        and on every way out flush
-        the buffered metrics and close it: as the body's ``end_as`` state (FINISHED, or KILLED
+        its tags, params and the dataset it trains on, sample system metrics every
+        ``system_seconds`` while it runs, hand the body a :class:`RunRecorder`, and on every
+        way out flush the buffered metrics and close it: as the body's ``end_as`` state (FINISHED, or KILLED
         when pruned) on a normal exit, FAILED with the reason on an exception, Ctrl-C or
         SIGTERM. A tracking store that stays down leaves the run open; the next start of the
         sweep closes it."""
@@ -366,7 +367,8 @@ class Tracker:
             self.log_params(recorder.run_id, params)
             if dataset is not None:
                 self.log_dataset(recorder.run_id, dataset, m.DATASET_CONTEXT_TRAINING)
-            yield recorder
+            with recorder.system_metrics(system_seconds):
+                yield recorder
             recorder.flush()
         except TrackingUnavailable:
             raise
@@ -546,6 +548,30 @@ class RunRecorder(Callback):
     def end_as(self, state: str, tags: Mapping[str, Any]) -> None:
         """How the run is to be closed when its block ends normally."""
         self.state, self.end_tags = state, dict(tags)
+
+    @contextmanager
+    def system_metrics(self, seconds: float) -> Iterator[None]:
+        """MLflow's own system metrics (``system/*``: CPU, memory, disk, network; GPUs where
+        pynvml is installed) sampled every ``seconds`` on a thread while the block runs, in
+        the run's System metrics tab; nothing when ``seconds`` is 0."""
+        if not seconds:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        uri = self.tracker.uri
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=seconds, tracking_uri=uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            # The monitor drops the samples of its last, unfinished interval (a run shorter
+            # than one interval would show none): they join this run's own last batch.
+            if leftover := monitor.aggregate_metrics():
+                monitor.publish_metrics(leftover)
+                self.pending += monitor.mlflow_logger.data
+                monitor.mlflow_logger.data = []
 
     def on_epoch_end(self, epoch: int, row: dict[str, float], history: History) -> None:
         self.log_step(epoch, row)

@@ -56,6 +56,20 @@ def test_a_finished_run_is_closed_finished_with_its_buffered_metrics(tracker: Tr
     assert found.data.metrics[m.VAL_LOSS] == pytest.approx(0.9)
 
 
+def test_a_run_records_system_metrics_when_asked_even_one_shorter_than_an_interval(
+    tracker: Tracker,
+) -> None:
+    parent = tracker.open_parent("s", {})
+    tags, params = {m.ROLE_TAG: m.ROLE_TRIAL, m.TRIAL_TAG: 1}, {"model.dropout": 0.1}
+    with tracker.child_run(parent, "on", tags, params, 3600, system_seconds=10) as run:
+        time.sleep(0.05)  # far shorter than the interval: its one sample is kept all the same
+    system = {k for k in read(tracker, run.run_id).data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    with tracker.child_run(parent, "off", tags, params, 3600, system_seconds=0) as quiet:
+        time.sleep(0.05)
+    assert not [k for k in read(tracker, quiet.run_id).data.metrics if k.startswith("system/")]
+
+
 def test_a_pruned_run_is_closed_killed(tracker: Tracker) -> None:
     parent = tracker.open_parent("s", {})
     with open_child(tracker, parent) as run:
