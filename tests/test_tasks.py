@@ -45,6 +45,7 @@ def test_better_follows_each_tasks_headline_direction(
     assert tiny_task.better(0.8, 0.9) and not tiny_task.better(0.9, 0.8)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
 def test_importing_the_training_loop_loads_neither_matplotlib_nor_scikit_learn() -> None:
     code = (
         "import sys, lstm_sweep.train;"
