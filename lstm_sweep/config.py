@@ -227,6 +227,9 @@ class StudyConfig(_Section):
     # worker processes on this machine, one torch thread each; default: one per core (a tiny
     # LSTM keeps one core busy, a second thread in the same process mostly waits on the first)
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    # on GPUs: local workers per visible device (each pinned to one), at most `workers` in all;
+    # the default spreads one per device, more pack several small models on each
+    workers_per_device: int = Field(1, ge=1)
     heartbeat_seconds: int = Field(5, ge=1)  # a running trial's worker beats this often
     grace_seconds: int = Field(20, ge=1)  # no beat for this long: the worker is lost, retry
     lock_timeout: float = Field(300.0, gt=0)  # seconds to wait for the study lock, then stop

@@ -352,10 +352,10 @@ class Tracker:
         """The one lifecycle of a nested run (trial, re-evaluation, final model): open it with
         its tags, params and the dataset it trains on, sample system metrics every
         ``system_seconds`` while it runs, hand the body a :class:`RunRecorder`, and on every
-        way out flush the buffered metrics and close it: as the body's ``end_as`` state (FINISHED, or KILLED
-        when pruned) on a normal exit, FAILED with the reason on an exception, Ctrl-C or
-        SIGTERM. A tracking store that stays down leaves the run open; the next start of the
-        sweep closes it."""
+        way out flush the buffered metrics and close it: as the body's ``end_as`` state
+        (FINISHED, or KILLED when pruned) on a normal exit, FAILED with the reason on an
+        exception, Ctrl-C or SIGTERM. A tracking store that stays down leaves the run open;
+        the next start of the sweep closes it."""
         all_tags = {MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: name, **tags}
         run = self._call(
             lambda: self.client.create_run(

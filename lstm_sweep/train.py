@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -102,9 +103,23 @@ class StopWhen(Callback):
 
 
 def resolve_device(name: str) -> torch.device:
+    """train.device as torch's: auto takes CUDA where present. On CUDA, torch's deterministic
+    settings are switched on first (README: where the same seed still differs on a GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        deterministic_cuda()
     return torch.device(name)
+
+
+def deterministic_cuda() -> None:
+    """What torch asks for the same seed to give the same numbers on one GPU, run to run: a
+    fixed cuBLAS workspace (read when cuBLAS starts in this process), cuDNN's deterministic
+    kernels without autotuning, and a warning from any op that has no deterministic kernel."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def build_model(task: Task, cfg: Config) -> LSTMNet:

@@ -11,11 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from lstm_sweep import engines
 from lstm_sweep import metrics as m
+from lstm_sweep.config import Config, StudyConfig
 from lstm_sweep.engines import Engine, Registration, processes
-from lstm_sweep.engines.local import LocalProcesses, running, serve
+from lstm_sweep.engines.local import (
+    LocalProcesses,
+    describe_plan,
+    device_plan,
+    gpus_for,
+    pin,
+    running,
+    serve,
+)
 from lstm_sweep.faults import EXIT_STORE, StoreFailed
 from lstm_sweep.run import main
 from lstm_sweep.sweep import GracefulStop, Sweep, WorkerExit, work
@@ -99,3 +109,52 @@ def test_a_worker_starts_with_the_preloaded_modules_in_the_callers_directory(
     worker.join()
     assert worker.exitcode == 0
     assert answers.get() == (processes.PRELOAD, str(tmp_path), True)
+
+
+def test_local_workers_spread_over_the_gpus_one_per_device_unless_asked_to_pack() -> None:
+    study = StudyConfig(workers=16)
+    assert device_plan(3, [], study) == [None, None, None]  # the CPU: as many as asked
+    assert device_plan(16, ["0", "1"], study) == ["0", "1"]
+    packed = StudyConfig(workers=5, workers_per_device=4)
+    assert device_plan(5, ["0", "1"], packed) == ["0", "1", "0", "1", "0"]
+    assert device_plan(1, ["0", "1"], packed) == ["0"]  # one trial missing: one worker
+    assert describe_plan(["0", "1", "0"]) == "2 on GPU 0, 1 on GPU 1"
+
+
+def test_the_gpus_are_those_cuda_would_show_and_none_for_a_cpu_sweep(
+    tiny_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    auto = tiny_cfg.with_values({"train.device": "auto"})
+    assert gpus_for(auto) == ["0", "1", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-5fa1")
+    assert gpus_for(auto) == ["2", "GPU-5fa1"]
+    assert gpus_for(tiny_cfg.with_values({"train.device": "cpu"})) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpus_for(auto) == []
+
+
+def pinned(device: str, answers: Any) -> None:
+    """Run in a process forked from the server: pin it, then say what CUDA will see."""
+    started_before = torch.cuda.is_initialized()
+    pin(device)
+    answers.put((started_before, os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+@pytest.mark.slow
+def test_a_worker_is_pinned_to_its_gpu_before_cuda_starts_in_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    context = processes.process_context()
+    answers = context.SimpleQueue()
+    worker = context.Process(target=pinned, args=("1", answers))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == 0
+    assert answers.get() == (False, "1")  # the fork server had not started CUDA
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="before it was pinned to GPU 3"):
+        pin("3")
+    pin(None)  # a CPU worker: nothing to pin

@@ -38,8 +38,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import ConfigError, load_config
-from lstm_sweep.engines.ray import check_answers, is_loopback, other_hosts, refuse_loopback
+from lstm_sweep.config import Config, ConfigError, load_config
+from lstm_sweep.engines.ray import (
+    check_answers,
+    is_loopback,
+    other_hosts,
+    refuse_loopback,
+    start_workers,
+)
 from lstm_sweep.run import main
 from tests.helpers import (
     IN_CI,
@@ -410,3 +416,25 @@ def test_a_loopback_store_is_refused_once_ray_nodes_run_on_other_hosts() -> None
         {"NodeManagerHostname": "node-c", "Alive": False},
     ]
     assert other_hosts(nodes) == ["node-b"]
+
+
+def test_ray_workers_ask_for_the_gpu_share_and_cpus_of_study_ray(tiny_cfg: Config) -> None:
+    class FakeActor:
+        """Stands in for ``ray.remote(SweepWorker)``: records what the actors ask for."""
+
+        def options(self, **asked: Any) -> FakeActor:
+            self.asked = asked
+            return self
+
+        def remote(self, *args: Any) -> tuple[Any, ...]:
+            return args
+
+    actor = FakeActor()
+    fake_ray = SimpleNamespace(remote=lambda cls: actor)
+    cfg = tiny_cfg.with_values(
+        {"study.workers": 4, "study.ray.num_gpus": 0.25, "study.ray.num_cpus": 2.0}
+    )
+    sweep = SimpleNamespace(cfg=cfg, path="sweep.yaml", overrides=["a=1"])
+    started = start_workers(fake_ray, sweep, "parent")  # type: ignore[arg-type]
+    assert actor.asked["num_gpus"] == 0.25 and actor.asked["num_cpus"] == 2.0  # 4 on one GPU
+    assert started == [(os.path.abspath("sweep.yaml"), ["a=1"], "parent", 2)] * 4

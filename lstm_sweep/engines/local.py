@@ -10,6 +10,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lstm_sweep.config import load_config
+from lstm_sweep.config import Config, StudyConfig, load_config
 from lstm_sweep.engines import Engine, JobRunner
 from lstm_sweep.engines.processes import process_context, start_seconds
 from lstm_sweep.faults import EXIT_STORE, StoreFailed
@@ -50,10 +51,14 @@ class LocalProcesses(Engine):
         self, sweep: Sweep, parent_id: str, stop: GracefulStop, progress: Callable[..., None]
     ) -> None:
         """This process works as one worker and starts up to ``study.workers - 1`` more: no
-        more processes than trials are missing (each costs its data, its stores and a core)."""
-        missing = sweep.cfg.study.n_trials - counted_trials(sweep.study)
-        extra_workers = max(0, min(sweep.cfg.study.workers, missing) - 1)
-        args = [(sweep.path, sweep.overrides, parent_id)] * extra_workers
+        more processes than trials are missing (each costs its data, its stores and a core);
+        on GPUs, spread over them as :func:`device_plan` says, this process on the first."""
+        cfg = sweep.cfg
+        missing = cfg.study.n_trials - counted_trials(sweep.study)
+        plan = device_plan(max(1, min(cfg.study.workers, missing)), gpus_for(cfg), cfg.study)
+        if plan[0] is not None:
+            print(f"workers on GPUs: {describe_plan(plan)}", file=sys.stderr)
+        args = [(sweep.path, sweep.overrides, parent_id, device) for device in plan[1:]]
         with running(trial_process, args, stop) as extra:
             try:
                 work(sweep, parent_id, stop, [progress])
@@ -67,9 +72,49 @@ class LocalProcesses(Engine):
         return partial(run_jobs, sweep, parent_id, stop)
 
 
-def trial_process(path: str, overrides: list[str], parent_id: str, reports: Reports) -> None:
-    """Entry point of a worker process of this machine: trials until the study holds
-    n_trials."""
+def gpus_for(cfg: Config) -> list[str]:
+    """The GPUs the sweep's workers share: every visible one when the sweep trains on CUDA
+    (train.device cuda, or auto where CUDA is present), none otherwise."""
+    device = cfg.train.device
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:  # indices or UUIDs, as CUDA reads them
+        return [name.strip() for name in listed.split(",") if name.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def device_plan(workers: int, gpus: Sequence[str], study: StudyConfig) -> list[str | None]:
+    """The GPU of each local worker (None: the CPU): without GPUs, ``workers`` on the CPU;
+    with them, at most ``study.workers_per_device`` per GPU and ``workers`` in all, dealt
+    round-robin so that the first workers go one to a device."""
+    if not gpus:
+        return [None] * workers
+    count = min(workers, len(gpus) * study.workers_per_device)
+    return [gpus[i % len(gpus)] for i in range(count)]
+
+
+def describe_plan(plan: Sequence[str | None]) -> str:
+    counts = Counter(plan)
+    return ", ".join(f"{n} on GPU {device}" for device, n in counts.items())
+
+
+def pin(device: str | None) -> None:
+    """Make ``device`` the one GPU this process sees (its ``cuda``), before CUDA starts here:
+    set after, it would be ignored, and every worker would share the first GPU."""
+    if device is None:
+        return
+    if torch.cuda.is_initialized():
+        raise RuntimeError(f"CUDA started in this process before it was pinned to GPU {device}")
+    os.environ["CUDA_VISIBLE_DEVICES"] = device
+
+
+def trial_process(
+    path: str, overrides: list[str], parent_id: str, device: str | None, reports: Reports
+) -> None:
+    """Entry point of a worker process of this machine, pinned to ``device`` (a GPU, or None
+    for the CPU): trials until the study holds n_trials."""
+    pin(device)
     serve(reports, lambda stop: work(prepare(path, overrides), parent_id, stop, []))
 
 
@@ -79,11 +124,13 @@ def job_process(
     parent_id: str,
     function: JobFunction,
     jobs: SimpleQueue[Any],
+    device: str | None,
     reports: Reports,
 ) -> None:
-    """Entry point of a process of the closing stage: ``function`` on each job from the queue
-    until its end mark. A job that fails otherwise than by a store leaves its run FAILED: the
-    closing stage trains it again itself."""
+    """Entry point of a process of the closing stage, pinned to ``device`` as a trial worker
+    is: ``function`` on each job from the queue until its end mark. A job that fails otherwise
+    than by a store leaves its run FAILED: the closing stage trains it again itself."""
+    pin(device)
 
     def life(stop: GracefulStop) -> None:
         torch.set_num_threads(1)  # as the trial workers: processes use the cores
@@ -124,11 +171,13 @@ def run_jobs(
     The processes take the jobs one at a time from a queue, in the order given (the closing
     stage gives the longest first, so they finish close together): a fixed share each left
     one process idle while the other trained a seed that patience stopped late."""
-    n = min(sweep.cfg.study.workers, len(jobs))
+    plan = device_plan(
+        min(sweep.cfg.study.workers, len(jobs)), gpus_for(sweep.cfg), sweep.cfg.study
+    )
     queue = process_context().SimpleQueue()
-    for job in [*jobs, *[None] * n]:  # one end mark per process
+    for job in [*jobs, *[None] * len(plan)]:  # one end mark per process
         queue.put(job)
-    args = [(sweep.path, sweep.overrides, parent_id, function, queue)] * n
+    args = [(sweep.path, sweep.overrides, parent_id, function, queue, d) for d in plan]
     with running(job_process, args, stop) as processes:
         yield
         wait_for(processes.processes, on_progress)
