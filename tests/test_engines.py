@@ -4,6 +4,7 @@ server and send back how they ended, so the driver says each line once. (Ray: te
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -158,3 +159,16 @@ def test_a_worker_is_pinned_to_its_gpu_before_cuda_starts_in_it(
     with pytest.raises(RuntimeError, match="before it was pinned to GPU 3"):
         pin("3")
     pin(None)  # a CPU worker: nothing to pin
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_every_step_quickly_on_the_cpu(tmp_path: Path) -> None:
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--quick", "--json", str(out)]) == 0
+    found = json.loads(out.read_text())
+    assert [row["series"] for row in found["epochs"]] == ["co2", "synthetic (2,000 rows)"]
+    assert all(row["cpu s/epoch"] > 0 for row in found["epochs"])
+    rates = {row["workers"]: row["trials/min"] for row in found["rates"]}
+    assert set(rates) == {1, 2} and all(rate > 0 for rate in rates.values())
