@@ -65,8 +65,17 @@ PLANS = {
         ("model.hidden_size=8",),
         ("model.hidden_size=8", "diagnostics.level=off"),
         (1, 2),
-        3.0,
-        ("data.window=8", "model.hidden_size=8", "model.num_layers=1", "train.max_epochs=3"),
+        2.0,
+        (
+            "data.window=8",
+            "model.hidden_size=8",
+            "model.num_layers=1",
+            "train.max_epochs=3",
+            "diagnostics.level=off",
+            "tracking.system_metrics_seconds=0",
+            "closing.top_k=1",
+            "closing.seeds=1",
+        ),
     ),
 }
 

@@ -89,7 +89,12 @@ def finished(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) ->
 
     folder = tmp_path_factory.mktemp("finished")
     root = new_stores(folder, mlflow_template)
-    args = sweep_args("closing.model_name=co2-tiny", "study.n_trials=5", "diagnostics.level=full")
+    args = sweep_args(
+        "closing.model_name=co2-tiny",
+        "study.n_trials=5",
+        "diagnostics.level=full",
+        "tracking.system_metrics_seconds=1",
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         assert main(args) == 0

@@ -47,6 +47,8 @@ TINY = [
     "study.workers=1",  # one process: the tests read exact trial sequences back
     "closing.top_k=2",
     "closing.seeds=2",
+    # a monitor thread per run: the finished sweep below and test_tracking check them
+    "tracking.system_metrics_seconds=0",
 ]
 
 

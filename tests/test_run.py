@@ -131,6 +131,15 @@ def test_every_trained_run_and_the_sweep_name_their_dataset_for_the_ui(finished)
 
 
 @pytest.mark.slow
+def test_every_trained_run_shows_its_system_metrics(finished) -> None:
+    roles = (m.ROLE_TRIAL, m.ROLE_REEVALUATION, m.ROLE_FINAL)
+    runs = [run for role in roles for run in runs_of(finished.client, "co2-quick", role)]
+    assert {r.data.tags[m.ROLE_TAG] for r in runs} == set(roles)
+    for run in runs:
+        assert "system/cpu_utilization_percentage" in run.data.metrics, run.info.run_name
+
+
+@pytest.mark.slow
 def test_every_optuna_trial_has_one_nested_mlflow_run_with_its_metrics(finished) -> None:
     parent = finished.parent.info.run_id
     reevaluated = runs_of(finished.client, "co2-quick", m.ROLE_REEVALUATION)

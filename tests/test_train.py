@@ -41,6 +41,20 @@ def test_same_seed_gives_the_same_numbers_twice(tiny_cfg: Config, tiny_task: Tas
     assert other.rows[0][m.VAL_LOSS] != first.rows[0][m.VAL_LOSS]
 
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@NEEDS_CUDA
+def test_on_a_gpu_the_same_seed_gives_the_same_numbers_twice(
+    tiny_cfg: Config, tiny_task: Task
+) -> None:
+    setting = {"train.device": "cuda", "model.dropout": 0.2, "model.num_layers": 2}
+    model, first = train(tiny_cfg, tiny_task, **setting, **{"diagnostics.level": "full"})
+    _, second = train(tiny_cfg, tiny_task, **setting, **{"diagnostics.level": "full"})
+    assert next(model.parameters()).device.type == "cuda"
+    assert first.rows == second.rows and torch.backends.cudnn.deterministic
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_diagnostics_observe_without_changing_the_training(
     tiny_cfg: Config, tiny_task: Task, layers: int
