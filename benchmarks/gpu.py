@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,7 @@ PLANS = {
             "tracking.system_metrics_seconds=0",
             "closing.top_k=1",
             "closing.seeds=1",
+            "train.device=cpu",
         ),
     ),
 }
@@ -150,7 +152,9 @@ def trials_per_minute(sweep: Path, folder: Path, workers: int, plan: Plan) -> fl
     ]
     command = [sys.executable, "-m", "lstm_sweep.run", str(sweep), "--workers", str(workers)]
     command += ["--no-progress", *(f"--set={o}" for o in overrides)]
-    subprocess.run(command, cwd=folder, check=True, capture_output=True)
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    one_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": first}  # every worker on the same device
+    subprocess.run(command, cwd=folder, check=True, capture_output=True, env=one_gpu)
     storage = f"sqlite:///{folder / 'mlruns' / 'optuna.db'}"
     study = optuna.load_study(study_name=name, storage=storage)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

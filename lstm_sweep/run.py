@@ -17,6 +17,7 @@ from lstm_sweep import engines
 from lstm_sweep import metrics as m
 from lstm_sweep.cli import REFUSED, refuse
 from lstm_sweep.config import load_config, mask_secrets
+from lstm_sweep.faults import StoreFailed
 from lstm_sweep.progress import step
 
 RESUME_HINT = "every finished trial is kept: run the same command again to resume"
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as exc:
             print(f"\n{INTERRUPTED[getattr(exc, 'stage', m.STAGE_TRIALS)]}", file=sys.stderr)
             return m.EXIT_INTERRUPTED
-        except REFUSED as exc:  # a store failed under the sweep
+        except StoreFailed as exc:  # a store failed under the sweep
             return refuse(exc)
         except TrackingUnavailable as exc:
             print(

@@ -33,12 +33,13 @@ from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, plain
 from lstm_sweep.data import TrainingData
 from lstm_sweep.evidence import evidence_for
+from lstm_sweep.faults import classify
 from lstm_sweep.model import Ensemble
 from lstm_sweep.progress import Ticker, step
 from lstm_sweep.record import draw_recorded, load_weights, setting_run, train_in_run
 from lstm_sweep.sweep import JobContext
 from lstm_sweep.tasks import Task, make_task
-from lstm_sweep.tracking import Tracker
+from lstm_sweep.tracking import Tracker, TrackingUnavailable
 from lstm_sweep.train import (
     Callback,
     Interrupted,
@@ -596,12 +597,16 @@ class Selector:
             self.tracker.crown(name, version)
             return Champion(task.headline, version, score, None, None, crowned=True)
         evidence, uri, path = evidence_for(task), self.tracker.uri, self.cfg.data.path
-        # the new version read back the same way as the old one, so both score alike
-        score = evidence.registered_score(model_uri, uri, path)
         try:
+            # the new version read back the same way as the old one, so both score alike
+            score = evidence.registered_score(model_uri, uri, path)
             before = evidence.registered_score(f"models:/{name}/{previous}", uri, path)
-        except ValueError as exc:  # other columns, or a horizon this part does not fill
-            note = f"version {previous} cannot be scored on this test part: {exc}"
+        except Exception as exc:  # other columns, a horizon this part does not fill, another
+            # task or torch: the alias stays, and the registered version with it
+            if isinstance(exc, TrackingUnavailable) or classify(exc) is not None:
+                raise  # a store fault stops the sweep as anywhere else
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            note = f"version {previous} cannot be compared on this test part ({reason})"
             return Champion(task.headline, version, score, previous, None, False, note)
         crowned = task.better(score, before)
         if crowned:

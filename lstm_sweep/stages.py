@@ -16,7 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import Config
+from lstm_sweep.config import MOVED_TO_CLOSING, Config
 from lstm_sweep.engines import Engine
 from lstm_sweep.faults import classify, store_failure
 from lstm_sweep.progress import Ticker, step
@@ -130,7 +130,7 @@ def conclude(
     try:
         # runs of an earlier attempt whose process died; none of this attempt's has started
         tracker.close_running(parent_id, (m.ROLE_REEVALUATION, m.ROLE_FINAL), m.LEFTOVER_REASON)
-        recorded = selection_recorded(study) or {}
+        recorded = with_closing_named(selection_recorded(study) or {})
         # a study extended since, or asked for another closing stage, needs a new one
         asked = {"n_trials": counted, "closing": closing_settings(cfg)}
         current = all(recorded.get(key) == value for key, value in asked.items())
@@ -152,6 +152,16 @@ def conclude(
         return text
     finally:
         claim.release()
+
+
+def with_closing_named(recorded: dict[str, Any]) -> dict[str, Any]:
+    """What a study recorded of its closing stage, its settings under ``closing`` even when
+    they were recorded under ``report`` (before the section had its own name): a finished
+    study stays finished."""
+    if "closing" in recorded or "report" not in recorded:
+        return recorded
+    old = recorded["report"]
+    return {**recorded, "closing": {k: old[k] for k in MOVED_TO_CLOSING if k in old}}
 
 
 def closing_settings(cfg: Config) -> dict[str, Any]:

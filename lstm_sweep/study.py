@@ -285,6 +285,7 @@ def fail_stale_trials(study: Study, grace_seconds: int, on_stale: StaleTrialHand
         raise ValueError("the handler must be the study storage's (open_study(..., on_stale))")
     cutoff = datetime.now() - timedelta(seconds=grace_seconds)
     on_this_machine = storage.url.startswith("sqlite")
+    study_id = None  # looked up once, for the first trial that is not young
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started = trial.datetime_start
         gone = on_this_machine and process_gone(
@@ -293,7 +294,7 @@ def fail_stale_trials(study: Study, grace_seconds: int, on_stale: StaleTrialHand
         young = started is None or started > cutoff
         if not gone and young:
             continue
-        study_id = storage.get_study_id_from_name(study.study_name)
+        study_id = study_id or storage.get_study_id_from_name(study.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         if not gone and has_heartbeat(storage, trial_id):
             continue

@@ -534,6 +534,9 @@ class Tracker:
         self._call(lambda: self.client.set_registered_model_alias(name, m.CHAMPION, version))
 
 
+SYSTEM_PREFIX = "system/"  # MLflow's own, which its UI reads for the System metrics tab
+
+
 class RunRecorder(Callback):
     """One open nested run, as :meth:`Tracker.child_run` hands it to its body; also a training
     callback that buffers each epoch's row and writes rows in few batched calls."""
@@ -561,17 +564,18 @@ class RunRecorder(Callback):
 
         uri = self.tracker.uri
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=seconds, tracking_uri=uri)
+        started = time.monotonic()
         monitor.start()
         try:
             yield
         finally:
             monitor.finish()
             # The monitor drops the samples of its last, unfinished interval (a run shorter
-            # than one interval would show none): they join this run's own last batch.
-            if leftover := monitor.aggregate_metrics():
-                monitor.publish_metrics(leftover)
-                self.pending += monitor.mlflow_logger.data
-                monitor.mlflow_logger.data = []
+            # than one interval would show none): they join this run's own last batch, at the
+            # step the monitor would have given them (one per interval).
+            step = int((time.monotonic() - started) // seconds)
+            leftover = monitor.aggregate_metrics()
+            self.log_step(step, {f"{SYSTEM_PREFIX}{k}": v for k, v in leftover.items()})
 
     def on_epoch_end(self, epoch: int, row: dict[str, float], history: History) -> None:
         self.log_step(epoch, row)

@@ -132,6 +132,9 @@ def test_the_gpus_are_those_cuda_would_show_and_none_for_a_cpu_sweep(
     assert gpus_for(auto) == ["0", "1", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-5fa1")
     assert gpus_for(auto) == ["2", "GPU-5fa1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA stops at one it lacks
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,9")
+    assert gpus_for(auto) == ["2"]
     assert gpus_for(tiny_cfg.with_values({"train.device": "cpu"})) == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpus_for(auto) == []

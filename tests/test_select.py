@@ -4,6 +4,7 @@ the baseline that beats the LSTM, and selection.json's round trip."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from lstm_sweep import metrics as m
-from lstm_sweep import predict
+from lstm_sweep import predict, select
+from lstm_sweep.config import Config
 from lstm_sweep.run import main
 from lstm_sweep.select import (
     Champion,
@@ -25,7 +27,8 @@ from lstm_sweep.select import (
     top_settings,
     with_validation_in_training,
 )
-from lstm_sweep.tasks import Task
+from lstm_sweep.sweep import JobContext
+from lstm_sweep.tasks import Task, TaskCache
 from tests.helpers import CO2, mlflow_client, sweep_args
 
 
@@ -147,3 +150,39 @@ def test_the_champion_alias_moves_only_to_a_version_that_beats_it_on_the_same_te
         assert predict.main([uri, str(CO2), "-o", str(out[uri]), "--last"]) == 0
     champion, second_version = (pd.read_csv(path) for path in out.values())
     pd.testing.assert_frame_equal(champion, second_version)
+
+
+def test_a_champion_that_cannot_be_compared_keeps_the_alias_and_the_new_version(
+    tiny_cfg: Config, tiny_task: Task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Registry:
+        """The tracker's alias calls: version 1 holds the alias."""
+
+        uri = "sqlite:///unused.db"
+
+        def __init__(self) -> None:
+            self.crowned: list[str] = []
+
+        def champion(self, name: str) -> str:
+            return "1"
+
+        def crown(self, name: str, version: str) -> None:
+            self.crowned.append(version)
+
+    failure: list[Exception] = [RuntimeError("saved by another torch")]
+
+    class Scores:
+        def registered_score(self, model_uri: str, uri: str, path: Path) -> float:
+            if model_uri.endswith("/1"):
+                raise failure[0]
+            return 0.5
+
+    monkeypatch.setattr(select, "evidence_for", lambda task: Scores())
+    registry = Registry()
+    context = JobContext(tiny_cfg, TaskCache(), registry, "parent", lambda: False)  # type: ignore[arg-type]
+    champion = select.Selector(context).crown(tiny_task, "models:/m/2", 0.4)
+    assert not champion.crowned and registry.crowned == []
+    assert "(RuntimeError: saved by another torch)" in champion.note
+    failure[0] = sqlite3.OperationalError("database or disk is full")  # a store fault, not a
+    with pytest.raises(sqlite3.OperationalError):  # comparison: it stops the sweep
+        select.Selector(context).crown(tiny_task, "models:/m/2", 0.4)

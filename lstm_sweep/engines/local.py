@@ -78,10 +78,11 @@ def gpus_for(cfg: Config) -> list[str]:
     device = cfg.train.device
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return []
+    count = torch.cuda.device_count()
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:  # indices or UUIDs, as CUDA reads them
-        return [name.strip() for name in listed.split(",") if name.strip()]
-    return [str(index) for index in range(torch.cuda.device_count())]
+    if listed is not None:  # indices or UUIDs; CUDA reads them up to the first it cannot use
+        return [name.strip() for name in listed.split(",")][:count]
+    return [str(index) for index in range(count)]
 
 
 def device_plan(workers: int, gpus: Sequence[str], study: StudyConfig) -> list[str | None]:
@@ -182,6 +183,8 @@ def run_jobs(
         yield
         wait_for(processes.processes, on_progress)
     exits = processes.exits()
+    for said in [e.message for e in exits if e.message and e.code != EXIT_STORE]:
+        print(said, file=sys.stderr)  # its jobs are trained here instead
     failed = [e.message for e in exits if e.code == EXIT_STORE]
     if failed:
         raise StoreFailed(failed[0])
