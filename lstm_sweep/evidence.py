@@ -28,6 +28,7 @@ class Evidence(ABC):
     # the columns that name a sample in worst_samples, and the one that scores it
     sample_keys: ClassVar[tuple[str, ...]]
     sample_score: ClassVar[str]
+    naive_row: ClassVar[str]  # the baselines' row of the predictor every model must beat
 
     def __init__(self, task: Task) -> None:
         self.task = task
@@ -67,6 +68,7 @@ class ForecastEvidence(Evidence):
     )
     sample_keys = ("window", "start")
     sample_score = "mae"
+    naive_row = "naive"
     task: Forecast
 
     def errors(self, output: np.ndarray, part: str) -> dict[str, float]:
@@ -115,6 +117,7 @@ class ClassificationEvidence(Evidence):
     what_to_try = "more data, a larger model or the linear path (model.skip: linear)"
     sample_keys = ("id", "true")
     sample_score = "confidence"
+    naive_row = "majority_class"
     task: Classification
 
     def errors(self, output: np.ndarray, part: str) -> dict[str, float]:

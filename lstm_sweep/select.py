@@ -105,6 +105,7 @@ class FinalModel:
     test_value: float  # the monitored metric on the test part, comparable to trial values
     single_seed_test: dict[str, float]  # an ensemble's first member alone, for comparison
     champion: Champion | None = None  # whether this version took the champion alias
+    collapsed: str = ""  # why a retrained model was not registered (the seed mean was)
 
 
 @dataclass
@@ -302,6 +303,28 @@ def scored(
         test_value=test_value,
         reused=run.reused,
     )
+
+
+def collapse(task: Task, final: float, seeds: list[float], naive: float, naive_name: str) -> str:
+    """Why a retrained final model, which nothing validated, is not to be registered; "" when
+    it holds up. It collapsed when it scores worse on the test part (its task's headline
+    error ``final``) than its own seed models by more than their spread and than the worst
+    of them, or no better than the naive predictor there."""
+    mean = float(np.mean(seeds))
+    spread = float(np.std(seeds, ddof=1)) if len(seeds) > 1 else 0.0
+    sign = -1.0 if task.higher_is_better else 1.0  # toward worse
+    worst = max(seeds) if sign > 0 else min(seeds)
+    if task.better(mean + sign * spread, final) and task.better(worst, final):
+        return (
+            f"{task.headline} {final:.4g} on the test part against its {len(seeds)} seed"
+            f" models' {mean:.4g} ± {spread:.2g}"
+        )
+    if not task.better(final, naive):
+        return (
+            f"{task.headline} {final:.4g} on the test part, no better than the {naive_name}'s"
+            f" {naive:.4g}"
+        )
+    return ""
 
 
 def beaten_by(
@@ -561,13 +584,23 @@ class Selector:
             ) as run,
         ):
             single: dict[str, float] = {}
+            collapsed = ""
+            if kind == "retrained":
+                model: torch.nn.Module = self.retrain(run_cfg, task, run)
+                _, test, test_value = score(task, model, self.cfg.train.monitor)
+                run.log_summary({m.error("test", k): v for k, v in test.items()})
+                collapsed = self.collapsed(task, test, mine)
+            if collapsed:
+                self.say(
+                    f"final model: the retrain collapsed ({collapsed}); registering the"
+                    f" mean of its {len(mine)} seed models instead"
+                )
+                kind = "ensemble"
             if kind == "ensemble":
-                model: torch.nn.Module = self.ensemble(task, mine)
+                model = self.ensemble(task, mine)
                 single = mine[0].test
-            else:
-                model = self.retrain(run_cfg, task, run)
-            _, test, test_value = score(task, model, self.cfg.train.monitor)
-            run.log_summary({m.error("test", k): v for k, v in test.items()})
+                _, test, test_value = score(task, model, self.cfg.train.monitor)
+                run.log_summary({m.error("test", k): v for k, v in test.items()})
             with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
                 example = task.data.train.x[:5]
                 model_uri = self.tracker.log_model(
@@ -580,12 +613,24 @@ class Selector:
                 )
             champion = self.crown(task, model_uri, test[task.headline])
             final = FinalModel(
-                run.run_id, model_uri, kind, epochs, test, test_value, single, champion
+                run.run_id, model_uri, kind, epochs, test, test_value, single, champion, collapsed
             )
             run.end_as(
                 m.COMPLETE, {m.MODEL_URI_TAG: model_uri, m.FINAL_TAG: json.dumps(asdict(final))}
             )
         return final
+
+    def collapsed(self, task: Task, test: dict[str, float], mine: list[SeedResult]) -> str:
+        """:func:`collapse` for a retrained model against its seeds and the naive predictor."""
+        evidence = evidence_for(task)
+        naive = evidence.baselines("test", refit_on_val=True).loc[evidence.naive_row]
+        return collapse(
+            task,
+            test[task.headline],
+            [s.test[task.headline] for s in mine],
+            float(naive[task.headline]),
+            evidence.naive_row.replace("_", " "),
+        )
 
     def crown(self, task: Task, model_uri: str, score: float) -> Champion:
         """Give the new version (``model_uri``, whose test headline error is ``score``) the

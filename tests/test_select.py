@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -29,7 +30,8 @@ from lstm_sweep.select import (
 )
 from lstm_sweep.sweep import JobContext
 from lstm_sweep.tasks import Task, TaskCache
-from tests.helpers import CO2, mlflow_client, sweep_args
+from lstm_sweep.train import build_model
+from tests.helpers import CO2, mlflow_client, runs_of, sweep_args
 
 
 def seed(number: int, value: float, epoch: int, test: float = 0.7) -> SeedResult:
@@ -186,3 +188,52 @@ def test_a_champion_that_cannot_be_compared_keeps_the_alias_and_the_new_version(
     failure[0] = sqlite3.OperationalError("database or disk is full")  # a store fault, not a
     with pytest.raises(sqlite3.OperationalError):  # comparison: it stops the sweep
         select.Selector(context).crown(tiny_task, "models:/m/2", 0.4)
+
+
+def test_a_retrain_collapses_when_worse_than_its_seeds_beyond_their_spread_or_than_naive(
+    tiny_task: Task,
+) -> None:
+    seeds, naive = [0.30, 0.34, 0.32], 0.9  # mse: mean 0.32, spread 0.02
+    assert select.collapse(tiny_task, 0.33, seeds, naive, "naive") == ""  # within the spread
+    assert select.collapse(tiny_task, 0.20, seeds, naive, "naive") == ""  # better: fine
+    assert select.collapse(tiny_task, 0.345, seeds, naive, "naive") == (
+        "mse 0.345 on the test part against its 3 seed models' 0.32 ± 0.02"
+    )
+    above_naive = select.collapse(tiny_task, 0.29, [0.3], 0.28, "naive")  # its seed: fine
+    assert above_naive == "mse 0.29 on the test part, no better than the naive's 0.28"
+
+    class Accuracy:  # a classification task's direction: higher is better
+        headline, higher_is_better = "accuracy", True
+
+        def better(self, value: float, than: float) -> bool:
+            return value > than
+
+    seeds = [0.94, 0.95, 0.93]
+    assert select.collapse(Accuracy(), 0.93, seeds, 0.25, "majority class") == ""  # type: ignore[arg-type]
+    assert "seed models' 0.94" in select.collapse(Accuracy(), 0.25, seeds, 0.1, "majority class")  # type: ignore[arg-type]
+    assert "majority class's 0.25" in select.collapse(
+        Accuracy(), 0.25, [0.2], 0.25, "majority class"
+    )  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_a_retrain_that_collapses_is_not_registered_and_says_so_first(
+    stores: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def ruined(self: select.Selector, run_cfg: Config, task: Task, run: Any) -> torch.nn.Module:
+        model = build_model(task, run_cfg)  # a retrain gone wrong: weights far off
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.mul_(50.0)
+        return model.eval()
+
+    monkeypatch.setattr(select.Selector, "retrain", ruined)
+    args = sweep_args("study.n_trials=2", "closing.ensemble=false", "closing.top_k=1")
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("The retrained final model COLLAPSED (mse ")
+    (final,) = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_FINAL)
+    found = json.loads(final.data.tags[m.FINAL_TAG])
+    assert found["kind"] == "ensemble" and found["collapsed"].startswith("mse ")
+    report = (stores / "reports" / "co2-quick" / "report.md").read_text()
+    assert "The retrained final model COLLAPSED" in report

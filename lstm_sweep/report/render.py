@@ -53,14 +53,24 @@ def ratio_text(value: float, reference: float) -> str:
 
 
 def honesty_lines(selection: Selection, task_name: str) -> list[str]:
-    """The first lines of every summary: whether the LSTM is the answer at all."""
+    """The first lines of every summary: whether the LSTM is the answer at all, and, first of
+    all, a retrained final model that collapsed."""
+    final = selection.final
+    lines = []
+    if final is not None and final.collapsed:
+        lines.append(
+            f"The retrained final model COLLAPSED ({final.collapsed}): it was not registered;"
+            " the registered model is the mean of its seed models."
+        )
     beaten = selection.beaten_by
     if beaten is None:
         return [
+            *lines,
             "The LSTM beats every baseline on the validation part"
-            f" ({selection.headline} {selection.lstm_val[selection.headline]:.4g})."
+            f" ({selection.headline} {selection.lstm_val[selection.headline]:.4g}).",
         ]
     return [
+        *lines,
         f"The LSTM does NOT beat the {beaten['method']} baseline on the validation part:"
         f" {beaten['metric']} {beaten['lstm']:.4g} for the LSTM against {beaten['baseline']:.4g}.",
         f"Use the baseline, or try {EVIDENCE[task_name].what_to_try}, before trusting the LSTM.",
