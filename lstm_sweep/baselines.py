@@ -1,8 +1,11 @@
 """Predictors an LSTM has to beat, made on the very samples it is scored on.
 
 Forecasting: the last value carried forward (naive), the value one season back (seasonal
-naive), and a linear autoregression (scikit-learn Ridge on the same scaled input windows the LSTM
-reads). All errors are in the target's own units; MASE divides the MAE by the naive forecast's
+naive), a linear autoregression on the same scaled input windows the LSTM reads (scikit-learn
+Ridge), the same on the target's untransformed levels (what a practitioner fits first on a
+stationary series, whatever transform the LSTM searched), and a nonlinear model that is not
+recurrent (scikit-learn's MLP on the LSTM's input windows: whether the recurrence earns its
+cost). All errors are in the target's own units; MASE divides the MAE by the naive forecast's
 MAE on the training windows, so 1.0 means "as good as carrying the last value forward in-sample".
 
 Classification: the majority class, and scikit-learn's logistic regression on the flattened
@@ -23,6 +26,7 @@ from sklearn.metrics import (
     mean_absolute_error,
     mean_squared_error,
 )
+from sklearn.neural_network import MLPRegressor
 
 from lstm_sweep.data import PARTS, ClassificationData, ForecastData, Windows
 
@@ -91,6 +95,57 @@ def ridge_ar(data: ForecastData, part: str, alpha: float, refit_on_val: bool) ->
     return data.to_original(prediction.reshape(windows.y.shape), windows)
 
 
+def level_lags(data: ForecastData, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each window of a part as the target's last ``window`` levels before its first step, in
+    original units (n, window * targets), and which windows have that much known history
+    (training windows at the very start of the series may not)."""
+    series = level_series(data)
+    windows = data.part(part)
+    steps = windows.x.shape[1]
+    origin = series.index.get_indexer(windows.times[:, 0]) - 1  # the last input row
+    rows = origin[:, None] - np.arange(steps)[::-1][None, :]  # (n, window), oldest first
+    known = rows.min(axis=1) >= 0
+    lags = series.to_numpy()[np.clip(rows, 0, None)]  # (n, window, targets)
+    return lags.reshape(len(rows), -1), known
+
+
+def ridge_levels(
+    data: ForecastData, part: str, refit_on_val: bool, alphas: tuple[float, ...] = RIDGE_ALPHAS
+) -> np.ndarray:
+    """A linear autoregression on the target's untransformed levels (lags = the window), its
+    penalty chosen on the validation windows, in original units."""
+
+    def fitted(alpha: float, parts: tuple[str, ...]) -> Ridge:
+        pairs = [(level_lags(data, p), data.truth(p)) for p in parts]
+        x = np.concatenate([lags[known] for (lags, known), _ in pairs])
+        y = np.concatenate([truth[known].reshape(known.sum(), -1) for (_, known), truth in pairs])
+        return Ridge(alpha=alpha).fit(x, y)
+
+    x_val, _ = level_lags(data, "val")
+    val_truth = data.truth("val").reshape(len(x_val), -1)
+
+    def val_mse(alpha: float) -> float:
+        return float(((fitted(alpha, ("train",)).predict(x_val) - val_truth) ** 2).mean())
+
+    alpha = min(alphas, key=val_mse)
+    model = fitted(alpha, ("train", "val") if refit_on_val else ("train",))
+    x, _ = level_lags(data, part)
+    return model.predict(x).reshape(data.truth(part).shape)
+
+
+def mlp(data: ForecastData, part: str, refit_on_val: bool, seed: int = 0) -> np.ndarray:
+    """scikit-learn's MLP (one hidden layer of 64, early stopping on a held-out tenth) on the
+    LSTM's own scaled input windows, in original units."""
+    x, y = _join(data.train, data.val) if refit_on_val else _flat(data.train)
+    y = y.ravel() if y.shape[1] == 1 else y  # one output: the 1-D target scikit-learn expects
+    model = MLPRegressor(
+        hidden_layer_sizes=(64,), early_stopping=True, max_iter=500, random_state=seed
+    )
+    windows = data.part(part)
+    prediction = model.fit(x, y).predict(_flat(windows)[0])
+    return data.to_original(prediction.reshape(windows.y.shape), windows)
+
+
 def naive_scale(data: ForecastData) -> float:
     """MASE's denominator: the naive forecast's MAE on the training windows, original units."""
     return float(np.abs(data.naive("train") - data.truth("train")).mean())
@@ -119,6 +174,8 @@ def forecast_baselines(data: ForecastData, part: str, refit_on_val: bool) -> pd.
         "naive": lambda: data.naive(part),
         "seasonal_naive": lambda: seasonal_naive(data, part),
         "ridge_ar": lambda: ridge_ar(data, part, alpha, refit_on_val),
+        "ridge_levels": lambda: ridge_levels(data, part, refit_on_val),
+        "mlp": lambda: mlp(data, part, refit_on_val),
     }
     for name, make in makers.items():
         try:
@@ -127,6 +184,8 @@ def forecast_baselines(data: ForecastData, part: str, refit_on_val: bool) -> pd.
             rows[name] = {**dict.fromkeys(METRICS, math.nan), "note": str(exc)}
     rows["seasonal_naive"]["note"] = rows["seasonal_naive"]["note"] or f"season {data.season}"
     rows["ridge_ar"]["note"] = f"alpha {alpha:g} chosen on validation"
+    rows["ridge_levels"]["note"] = "on untransformed levels, penalty chosen on validation"
+    rows["mlp"]["note"] = "64 hidden units on the LSTM's input windows"
     return pd.DataFrame.from_dict(rows, orient="index")[[*METRICS, "note"]]
 
 

@@ -60,8 +60,10 @@ class Evidence(ABC):
 class ForecastEvidence(Evidence):
     baseline_note = (
         "Errors in the target's own units. MASE divides the MAE by the naive forecast's MAE on"
-        " the training windows. The ridge baseline is a linear autoregression on the LSTM's own"
-        " input windows, its penalty chosen on validation."
+        " the training windows. `ridge_ar` is a linear autoregression on the LSTM's own input"
+        " windows, `ridge_levels` the same on the target's untransformed levels (lags = the"
+        " window), each penalty chosen on validation; `mlp` is a small scikit-learn MLP on the"
+        " LSTM's input windows: not recurrent, it says whether the recurrence earns its cost."
     )
     what_to_try = (
         "a longer window (data.window), more data, or the linear path (model.skip: linear)"

@@ -72,3 +72,38 @@ def test_without_a_season_the_seasonal_baseline_is_a_note_not_a_number(tmp_path:
     assert np.isnan(table.loc["seasonal_naive", "mse"])
     assert "season" in table.loc["seasonal_naive", "note"]
     assert np.isfinite(table.loc["naive", "mase"]) and np.isfinite(table.loc["ridge_ar", "mse"])
+
+
+def test_the_level_lags_are_the_targets_last_window_values_before_each_forecast(
+    tmp_path: Path,
+) -> None:
+    values = np.arange(200, dtype=float) * 3.0  # the value of row t is 3t
+    data = series_data(tmp_path, values, transform="diff")  # the LSTM reads differences
+    lags, known = baselines.level_lags(data, "test")
+    first_target_row = np.flatnonzero(np.isclose(values, data.truth("test")[0, 0, 0]))[0]
+    expected = values[first_target_row - 8 : first_target_row]  # window 8, oldest first
+    np.testing.assert_allclose(lags[0], expected, atol=1e-3)
+    assert known.all()
+    _, train_known = baselines.level_lags(data, "train")
+    assert not train_known.all() and train_known[-1]  # the first windows lack 8 known levels
+
+
+def test_a_ridge_on_levels_forecasts_a_straight_line_whatever_the_lstms_transform(
+    tmp_path: Path,
+) -> None:
+    line = 10.0 + 0.5 * np.arange(160)
+    data = series_data(tmp_path, line, transform="diff", scaler="standard")
+    forecast = baselines.ridge_levels(data, "test", refit_on_val=True)
+    np.testing.assert_allclose(forecast, data.truth("test"), atol=0.05)  # by hand: next = +0.5
+    table = baselines.forecast_baselines(data, "test", refit_on_val=True)
+    assert table.loc["ridge_levels", "mae"] < 0.05 < table.loc["naive", "mae"]
+
+
+def test_the_mlp_on_the_lstms_windows_learns_a_periodic_series_better_than_naive(
+    tmp_path: Path,
+) -> None:
+    data = series_data(tmp_path, periodic())
+    table = baselines.forecast_baselines(data, "test", refit_on_val=False)
+    assert table.loc["mlp", "mse"] < table.loc["naive", "mse"]
+    again = baselines.forecast_baselines(data, "test", refit_on_val=False)  # seeded: the same
+    assert again.loc["mlp", "mse"] == table.loc["mlp", "mse"]
