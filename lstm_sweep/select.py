@@ -126,6 +126,7 @@ class Selection:
     trainings: int  # models this stage trained (not counting the trials it reused)
     seconds: float
     headline: str  # the error that decides "better" (Task.headline)
+    sizes: dict[int, int] = field(default_factory=dict)  # trial number -> model parameters
 
     @property
     def winner(self) -> Setting:
@@ -145,6 +146,7 @@ class Selection:
         raw["settings"] = [Setting(**s) for s in raw["settings"]]
         raw["seeds"] = [SeedResult(**s) for s in raw["seeds"]]
         raw["final"] = final_from_dict(raw["final"]) if raw["final"] else None
+        raw["sizes"] = {int(k): v for k, v in raw.get("sizes", {}).items()}  # JSON keys: str
         return cls(**raw)
 
 
@@ -421,6 +423,14 @@ class Selector:
             trainings=self.trainings,
             seconds=time.perf_counter() - started,
             headline=headline,
+            sizes={s.number: self.size(s) for s in settings},
+        )
+
+    def size(self, setting: Setting) -> int:
+        """A setting's model parameters: how big "the smallest of the indistinguishable" is."""
+        run_cfg = self.setting_config(setting, self.cfg.train.seed)
+        return sum(
+            p.numel() for p in build_model(self.context.tasks.get(run_cfg), run_cfg).parameters()
         )
 
     def reevaluate(self, settings: list[Setting], table: pd.DataFrame) -> list[SeedResult]:

@@ -5,6 +5,7 @@ run's description, the ready-to-train file)."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import optuna
 import pandas as pd
@@ -14,11 +15,17 @@ import yaml
 from lstm_sweep import metrics as m
 from lstm_sweep.config import SearchParam
 from lstm_sweep.evidence import ForecastEvidence
-from lstm_sweep.report.ranges import neighbourhood, surface
-from lstm_sweep.report.render import champion_line, format_summary, naive_comparison
+from lstm_sweep.report.ranges import more_regularised, neighbourhood, surface
+from lstm_sweep.report.render import (
+    champion_line,
+    format_summary,
+    indistinguishable,
+    naive_comparison,
+    overfitting_line,
+)
 from lstm_sweep.report.table import hard_windows, summarise
 from lstm_sweep.run import main
-from lstm_sweep.select import Champion
+from lstm_sweep.select import Champion, Setting
 from tests.helpers import runs_of
 
 SEARCH = {
@@ -206,3 +213,39 @@ def test_the_champion_line_says_where_the_alias_is_and_on_what_evidence() -> Non
     note = "version 2 cannot be scored on this test part: it forecasts 4 fewer steps"
     unscored = Champion("mse", "3", 0.5, "2", None, crowned=False, note=note)
     assert champion_line(unscored, uri) == f"{alias} stays on version 2: {note}."
+
+
+def test_more_regularised_trials_are_at_least_as_regularised_on_every_searched_key() -> None:
+    table = pd.DataFrame(
+        {
+            "state": [m.COMPLETE] * 4 + [m.PRUNED],
+            "model.dropout": [0.2, 0.3, 0.3, 0.1, 0.4],
+            "train.weight_decay": [1e-3, 1e-3, 1e-2, 1e-2, 1e-2],
+            "value": [0.5, 0.6, 0.4, 0.3, 0.1],
+        }
+    )
+    stronger = more_regularised(table, SEARCH, {"model.dropout": 0.2, "train.weight_decay": 1e-3})
+    assert list(stronger["value"]) == [0.6, 0.4]  # not itself, not less dropout, not pruned
+    assert more_regularised(table, {}, {}).empty  # no regulariser searched
+
+
+def test_the_report_says_plainly_which_settings_tie_and_what_overfitting_means() -> None:
+    settings = [Setting(n, {"model.hidden_size": h}, 0.4, 5, "r") for n, h in ((3, 64), (7, 16))]
+    selection = SimpleNamespace(
+        recommended=3, within_noise=[7], sizes={3: 17_000, 7: 1_400}, settings=settings
+    )
+    assert indistinguishable(selection) == (  # type: ignore[arg-type]
+        "Indistinguishable from it (mean difference below the two seed standard deviations"
+        " added): any of trials #3, #7 will do; the smallest is #7 (1,400 parameters:"
+        " model.hidden_size=16)."
+    )
+    cfg = SimpleNamespace(direction="minimize", train=SimpleNamespace(monitor="val_loss"))
+    report = SimpleNamespace(cfg=cfg, onset=12, stronger=(4, 0.45))
+    line = overfitting_line(report, 0.40, 9)  # type: ignore[arg-type]
+    assert "rises from epoch 12" in line and "weights of epoch 9, before that" in line
+    assert line.endswith(
+        "4 completed trial(s) regularised it more in the searched ranges and"
+        " scored worse at best (val_loss 0.45 against its 0.4)."
+    )
+    report.stronger = (0, None)
+    assert "widen dropout or weight decay upward" in overfitting_line(report, 0.4, 9)  # type: ignore[arg-type]

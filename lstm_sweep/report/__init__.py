@@ -21,7 +21,13 @@ from lstm_sweep import plots
 from lstm_sweep.config import Config
 from lstm_sweep.evidence import EVIDENCE
 from lstm_sweep.report.export import mask_stores, write_best_config
-from lstm_sweep.report.ranges import EDGE_TOP, PAIRS, draw_surfaces, neighbourhood
+from lstm_sweep.report.ranges import (
+    EDGE_TOP,
+    PAIRS,
+    draw_surfaces,
+    more_regularised,
+    neighbourhood,
+)
 from lstm_sweep.report.render import Report, description, format_summary, write_report
 from lstm_sweep.report.table import comparison_table, hard_windows, summarise
 from lstm_sweep.select import Selection
@@ -56,6 +62,8 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
     images: dict[str, Path] = {}
     edges: list[str] = []
     near = (0, 0)
+    onset = None
+    regularised: tuple[int, float | None] = (0, None)
     recommended = selection.winner.values if selection else summary.best_values
     if selection is not None:
         seed_run = next(s for s in selection.seeds if s.number == selection.recommended)
@@ -71,6 +79,10 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
             folder / "winner_loss_curves.png",
         )
         edges = dg.edge_warnings([recommended], cfg.search, cfg.report.edge_fraction)
+        stronger = more_regularised(table, cfg.search, recommended)["value"]
+        if len(stronger):
+            best = stronger.min() if cfg.direction == "minimize" else stronger.max()
+            regularised = (len(stronger), float(best))
         near = neighbourhood(table, cfg.search, recommended, cfg.report.near_best, cfg.direction)
     if importances:
         images["Parameter importances (fANOVA)"] = plots.importance_chart(
@@ -99,6 +111,8 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         edges=edges,
         near=near,
         task_name=cfg.task,
+        onset=None if onset is None else int(onset),
+        stronger=regularised,
     )
 
 

@@ -70,6 +70,24 @@ def draw_surfaces(
     return written
 
 
+REGULARISERS = ("model.dropout", "model.head_dropout", "train.weight_decay")
+
+
+def more_regularised(
+    table: pd.DataFrame, search: Mapping[str, SearchParam], recommended: Mapping[str, Any]
+) -> pd.DataFrame:
+    """Completed trials regularised at least as much as the recommendation on every searched
+    regulariser (dropout, head dropout, weight decay) and more on one: what "more
+    regularisation" scored in the searched range. Empty when none of them is searched."""
+    keys = [k for k in REGULARISERS if k in search]
+    done = table[table["state"] == m.COMPLETE]
+    if not keys or done.empty:
+        return done.iloc[:0]
+    values = done[keys].astype(float)
+    here = pd.Series({k: float(recommended[k]) for k in keys})
+    return done[(values >= here).all(axis=1) & (values > here).any(axis=1)]
+
+
 def neighbourhood(
     table: pd.DataFrame,
     search: Mapping[str, SearchParam],

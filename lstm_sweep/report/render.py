@@ -199,6 +199,9 @@ class Report:
     edges: list[str]
     near: tuple[int, int]
     task_name: str
+    onset: int | None = None  # the epoch the recommendation's first seed began to overfit
+    # completed trials regularised more than the recommendation, and the best value among them
+    stronger: tuple[int, float | None] = (0, None)
 
 
 def recommendation_lines(report: Report) -> list[str]:
@@ -219,17 +222,15 @@ def recommendation_lines(report: Report) -> list[str]:
         f"- Verdicts of its seeds: {', '.join(s.verdict or '?' for s in seeds)}.",
     ]
     if selection.within_noise:
-        numbers = ", ".join(f"#{n}" for n in selection.within_noise)
-        lines.append(
-            f"- Within noise of it (mean difference below the two seed standard deviations"
-            f" added): trial(s) {numbers}. Prefer the simpler or cheaper one if it matters."
-        )
+        lines.append(f"- {indistinguishable(selection)}")
     elif len(seeds) > 1:
         lines.append("- No other re-evaluated setting is within noise of it.")
     else:
         lines.append(
             "- One seed per setting gives no spread: set closing.seeds >= 2 to judge noise."
         )
+    if any(s.verdict == "overfitting" for s in seeds):
+        lines.append(f"- {overfitting_line(report, winner.value, seeds[0].best_epoch)}")
     final = selection.final
     if final is not None:
         opt = optimism(final, selection)
@@ -253,6 +254,49 @@ def recommendation_lines(report: Report) -> list[str]:
         f"- The closing stage trained {selection.trainings} model(s) in {selection.seconds:.0f} s."
     )
     return lines
+
+
+def indistinguishable(selection: Selection) -> str:
+    """The settings within noise of the winner, said plainly, the smallest named."""
+    tied = [selection.recommended, *selection.within_noise]
+    numbers = ", ".join(f"#{n}" for n in tied)
+    line = (
+        f"Indistinguishable from it (mean difference below the two seed standard deviations"
+        f" added): any of trials {numbers} will do"
+    )
+    sizes = {n: selection.sizes[n] for n in tied if n in selection.sizes}
+    if not sizes:
+        return f"{line}; prefer the simpler or cheaper one."
+    smallest = min(sizes, key=lambda n: (sizes[n], n))
+    values = next(s.values for s in selection.settings if s.number == smallest)
+    return (
+        f"{line}; the smallest is #{smallest} ({sizes[smallest]:,} parameters:"
+        f" {settings_text(values)})."
+    )
+
+
+def overfitting_line(report: Report, winner: float, best_epoch: int) -> str:
+    """What an overfitting verdict means for the recommendation (whose trial scored
+    ``winner``): when it starts, that early stopping kept the weights from before it, and what
+    more regularisation scored."""
+    cfg, (count, best) = report.cfg, report.stronger
+    when = f" from epoch {report.onset}" if report.onset is not None else ""
+    line = (
+        f"Overfitting: its validation loss rises{when} while the training loss falls; early"
+        f" stopping kept the weights of epoch {best_epoch}, before that."
+    )
+    if count == 0 or best is None:
+        return (
+            f"{line} No completed trial regularised it more within the searched ranges:"
+            " widen dropout or weight decay upward to see whether more helps."
+        )
+    minimize = cfg.direction == "minimize"
+    better = best < winner if minimize else best > winner
+    return (
+        f"{line} {count} completed trial(s) regularised it more in the searched ranges and"
+        f" scored {'better' if better else 'worse'} at best ({cfg.train.monitor} {best:.4g}"
+        f" against its {winner:.4g})."
+    )
 
 
 def write_report(report: Report, folder: Path) -> Path:
