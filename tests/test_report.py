@@ -15,6 +15,7 @@ import yaml
 from lstm_sweep import metrics as m
 from lstm_sweep.config import SearchParam
 from lstm_sweep.evidence import ForecastEvidence
+from lstm_sweep.report.__main__ import main as report_main
 from lstm_sweep.report.ranges import more_regularised, neighbourhood, surface
 from lstm_sweep.report.render import (
     champion_line,
@@ -249,3 +250,17 @@ def test_the_report_says_plainly_which_settings_tie_and_what_overfitting_means()
     )
     report.stronger = (0, None)
     assert "widen dropout or weight decay upward" in overfitting_line(report, 0.4, 9)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_the_report_command_writes_it_again_and_leaves_the_sweeps_run_as_it_was(
+    finished, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(finished.folder)
+    before = finished.client.get_run(finished.parent.info.run_id).info
+    overrides = [a for a in finished.args if a.startswith("--set=")]
+    assert report_main([finished.args[0], *overrides]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The LSTM ") and "Report: mlruns/reports/co2-quick/report.md" in out
+    after = finished.client.get_run(finished.parent.info.run_id).info
+    assert after.status == before.status == "FINISHED" and after.end_time == before.end_time
