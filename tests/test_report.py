@@ -26,7 +26,7 @@ from lstm_sweep.report.render import (
 )
 from lstm_sweep.report.table import hard_windows, summarise
 from lstm_sweep.run import main
-from lstm_sweep.select import Champion, Setting
+from lstm_sweep.selection import Champion, Setting
 from tests.helpers import runs_of
 
 SEARCH = {

@@ -24,6 +24,7 @@ from lstm_sweep import study as study_module
 from lstm_sweep.config import load_config
 from lstm_sweep.engines.local import LocalProcesses
 from lstm_sweep.run import INTERRUPTED, main
+from lstm_sweep.selection import Setting
 from lstm_sweep.study import open_study
 from lstm_sweep.sweep import JobContext
 from lstm_sweep.tasks import TaskCache
@@ -500,7 +501,7 @@ def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
     cfg = load_config(QUICK, [a.removeprefix("--set=") for a in args if a.startswith("--set=")])
     run = spread[0]
     trial = load_study(stores).trials[int(run.data.tags[m.TRIAL_TAG])]
-    setting = select.Setting(trial.number, trial.params, trial.value or 0.0, 0, "")
+    setting = Setting(trial.number, trial.params, trial.value or 0.0, 0, "")
     parent_id = run.data.tags["mlflow.parentRunId"]
     context = JobContext(cfg, TaskCache(), Tracker(None, cfg.experiment), parent_id, lambda: False)
     selector = select.Selector(context)

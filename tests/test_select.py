@@ -17,17 +17,13 @@ from lstm_sweep import predict, select
 from lstm_sweep.config import Config
 from lstm_sweep.run import main
 from lstm_sweep.select import (
-    Champion,
-    FinalModel,
-    SeedResult,
-    Selection,
-    Setting,
     beaten_by,
     longest_first,
     spread_table,
     top_settings,
     with_validation_in_training,
 )
+from lstm_sweep.selection import Champion, FinalModel, SeedResult, Selection, Setting
 from lstm_sweep.sweep import JobContext
 from lstm_sweep.tasks import Task, TaskCache
 from lstm_sweep.train import build_model

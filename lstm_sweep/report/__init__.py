@@ -30,7 +30,7 @@ from lstm_sweep.report.ranges import (
 )
 from lstm_sweep.report.render import Report, description, format_summary, write_report
 from lstm_sweep.report.table import comparison_table, hard_windows, summarise
-from lstm_sweep.select import Selection
+from lstm_sweep.selection import Selection
 from lstm_sweep.study import Study, param_importances, study_figures, trials_frame
 from lstm_sweep.tracking import STORE_ROOT, Tracker
 

@@ -16,7 +16,7 @@ from lstm_sweep.config import Config
 from lstm_sweep.evidence import EVIDENCE
 from lstm_sweep.report.ranges import NEIGHBOURHOOD
 from lstm_sweep.report.table import HARD_SHARE, SweepSummary
-from lstm_sweep.select import Champion, Selection, optimism
+from lstm_sweep.selection import Champion, Selection, optimism
 
 
 def settings_text(values: Mapping[str, Any]) -> str:
