@@ -371,6 +371,8 @@ class Selector:
                     if (s.number, seed) in reused
                 }
             done = self.finished_reevaluations()  # what failed elsewhere is trained below
+            # what was to do and is done now was trained elsewhere, by this stage
+            self.trainings += len({(s.number, seed) for s, seed in todo} & done.keys())
             results = []
             for setting, seed in plan:
                 key = (setting.number, seed)

@@ -80,7 +80,7 @@ class Selection:
     lstm_val: dict[str, float]  # the recommendation's validation errors (seed mean or ensemble)
     beaten_by: dict[str, Any] | None  # the best baseline, when it beats the LSTM on validation
     final: FinalModel | None
-    trainings: int  # models this stage trained (not counting the trials it reused)
+    trainings: int  # models this stage trained, here or elsewhere (not the trials it reused)
     seconds: float
     headline: str  # the error that decides "better" (Task.headline)
     sizes: dict[int, int] = field(default_factory=dict)  # trial number -> model parameters

@@ -497,6 +497,8 @@ def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
     # the two processes take the jobs from one queue: which one takes which is a race
     workers = {r.data.tags[m.WORKER_TAG] for r in spread}
     assert 1 <= len(workers) <= 2 and m.this_process() not in workers
+    report = (stores / "reports" / "co2-quick" / "report.md").read_text()
+    assert "The closing stage trained 2 model(s) in" in report  # wherever they trained
 
     cfg = load_config(QUICK, [a.removeprefix("--set=") for a in args if a.startswith("--set=")])
     run = spread[0]
