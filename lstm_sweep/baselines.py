@@ -74,14 +74,15 @@ def _join(first: Windows, second: Windows) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([x1, x2]), np.concatenate([y1, y2])
 
 
-def ridge_alpha(data: ForecastData, alphas: tuple[float, ...] = RIDGE_ALPHAS) -> float:
-    """The Ridge penalty with the lowest validation MSE when fitted on the training windows."""
-    x_train, y_train = _flat(data.train)
-    x_val, y_val = _flat(data.val)
+Pairs = tuple[np.ndarray, np.ndarray]  # inputs (n, features) and targets (n, outputs)
+
+
+def ridge_alpha(train: Pairs, val: Pairs, alphas: tuple[float, ...] = RIDGE_ALPHAS) -> float:
+    """The Ridge penalty with the lowest validation MSE when fitted on the training pairs."""
 
     def val_mse(alpha: float) -> float:
-        fitted = Ridge(alpha=alpha).fit(x_train, y_train)
-        return float(((fitted.predict(x_val) - y_val) ** 2).mean())
+        fitted = Ridge(alpha=alpha).fit(*train)
+        return float(((fitted.predict(val[0]) - val[1]) ** 2).mean())
 
     return min(alphas, key=val_mse)
 
@@ -109,26 +110,18 @@ def level_lags(data: ForecastData, part: str) -> tuple[np.ndarray, np.ndarray]:
     return lags.reshape(len(rows), -1), known
 
 
-def ridge_levels(
-    data: ForecastData, part: str, refit_on_val: bool, alphas: tuple[float, ...] = RIDGE_ALPHAS
-) -> np.ndarray:
+def ridge_levels(data: ForecastData, part: str, refit_on_val: bool) -> np.ndarray:
     """A linear autoregression on the target's untransformed levels (lags = the window), its
     penalty chosen on the validation windows, in original units."""
 
-    def fitted(alpha: float, parts: tuple[str, ...]) -> Ridge:
-        pairs = [(level_lags(data, p), data.truth(p)) for p in parts]
-        x = np.concatenate([lags[known] for (lags, known), _ in pairs])
-        y = np.concatenate([truth[known].reshape(known.sum(), -1) for (_, known), truth in pairs])
-        return Ridge(alpha=alpha).fit(x, y)
+    def known(name: str) -> Pairs:
+        lags, ok = level_lags(data, name)
+        return lags[ok], data.truth(name)[ok].reshape(int(ok.sum()), -1)
 
-    x_val, _ = level_lags(data, "val")
-    val_truth = data.truth("val").reshape(len(x_val), -1)
-
-    def val_mse(alpha: float) -> float:
-        return float(((fitted(alpha, ("train",)).predict(x_val) - val_truth) ** 2).mean())
-
-    alpha = min(alphas, key=val_mse)
-    model = fitted(alpha, ("train", "val") if refit_on_val else ("train",))
+    train, val = known("train"), known("val")
+    alpha = ridge_alpha(train, val)
+    fitting = [train, val] if refit_on_val else [train]
+    model = Ridge(alpha=alpha).fit(*(np.concatenate(side) for side in zip(*fitting, strict=True)))
     x, _ = level_lags(data, part)
     return model.predict(x).reshape(data.truth(part).shape)
 
@@ -168,7 +161,7 @@ def forecast_baselines(data: ForecastData, part: str, refit_on_val: bool) -> pd.
     With ``refit_on_val`` the ridge learns from training and validation windows, as the final
     LSTM does; scoring the validation part itself, it must not."""
     target, scale = data.truth(part), naive_scale(data)
-    alpha = ridge_alpha(data)
+    alpha = ridge_alpha(_flat(data.train), _flat(data.val))
     rows: dict[str, dict[str, object]] = {}
     makers = {
         "naive": lambda: data.naive(part),

@@ -269,6 +269,8 @@ class Selector:
     start_seconds: float = 0.0  # what handing a job elsewhere costs before it trains
     trainings: int = 0
     models: dict[tuple[int, int], torch.nn.Module] = field(default_factory=dict)
+    # (part, refit_on_val) -> the winner's baselines there: the only task they are asked for
+    baseline_tables: dict[tuple[str, bool], pd.DataFrame] = field(default_factory=dict)
 
     @property
     def cfg(self) -> Config:
@@ -301,9 +303,9 @@ class Selector:
             lstm_val = evidence_for(task).errors(output, "val")
         else:
             lstm_val = {k: float(np.mean([s.val[k] for s in mine])) for k in mine[0].val}
-        baselines_val = evidence_for(task).baselines("val", refit_on_val=False)
+        baselines_val = self.baselines(task, "val", refit_on_val=False)
         retrained = final is not None and final.kind == "retrained"
-        baselines_test = evidence_for(task).baselines("test", refit_on_val=retrained)
+        baselines_test = self.baselines(task, "test", refit_on_val=retrained)
         return Selection(
             settings=settings,
             seeds=seeds,
@@ -531,7 +533,7 @@ class Selector:
     def collapsed(self, task: Task, test: dict[str, float], mine: list[SeedResult]) -> str:
         """:func:`collapse` for a retrained model against its seeds and the naive predictor."""
         evidence = evidence_for(task)
-        naive = evidence.baselines("test", refit_on_val=True).loc[evidence.naive_row]
+        naive = self.baselines(task, "test", refit_on_val=True).loc[evidence.naive_row]
         return collapse(
             task,
             test[task.headline],
@@ -539,6 +541,14 @@ class Selector:
             float(naive[task.headline]),
             evidence.naive_row.replace("_", " "),
         )
+
+    def baselines(self, task: Task, part: str, refit_on_val: bool) -> pd.DataFrame:
+        """The winner's baselines on a part, fitted once (the collapse check and the
+        comparison both ask for the test part's)."""
+        key = (part, refit_on_val)
+        if key not in self.baseline_tables:
+            self.baseline_tables[key] = evidence_for(task).baselines(part, refit_on_val)
+        return self.baseline_tables[key]
 
     def crown(self, task: Task, model_uri: str, score: float) -> Champion:
         """Give the new version (``model_uri``, whose test headline error is ``score``) the

@@ -462,12 +462,9 @@ class JobContext:
     stop_requested: Callable[[], bool]
 
     @classmethod
-    def open(
-        cls, path: str, overrides: list[str], parent_id: str, stop: Callable[[], bool]
-    ) -> JobContext:
+    def open(cls, cfg: Config, source: str, parent_id: str, stop: Callable[[], bool]) -> JobContext:
         """Connected afresh, for a process of its own: the tracker only, no study."""
-        cfg = load_config(path, overrides)
-        tracker = Tracker(cfg.tracking.uri, cfg.experiment, path)
+        tracker = Tracker(cfg.tracking.uri, cfg.experiment, source)
         return cls(cfg, TaskCache(), tracker, parent_id, stop)
 
 

@@ -132,15 +132,16 @@ def job_process(
     is: ``function`` on each job from the queue until its end mark. A job that fails otherwise
     than by a store leaves its run FAILED: the closing stage trains it again itself."""
     pin(device)
+    cfg = load_config(path, overrides)
 
     def life(stop: GracefulStop) -> None:
         torch.set_num_threads(1)  # as the trial workers: processes use the cores
-        context = JobContext.open(path, overrides, parent_id, stop)
+        context = JobContext.open(cfg, path, parent_id, stop)
         gc.freeze()  # as a trial worker does once started: the collector skips what is here
         for job in iter(jobs.get, None):
             function(context, job)
 
-    serve(reports, life, store_urls(load_config(path, overrides)))
+    serve(reports, life, store_urls(cfg))
 
 
 def serve(
