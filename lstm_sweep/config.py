@@ -227,6 +227,10 @@ class StudyConfig(_Section):
     # worker processes on this machine, one torch thread each; default: one per core (a tiny
     # LSTM keeps one core busy, a second thread in the same process mostly waits on the first)
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    # trials proposed together: each sees only the trials of earlier batches, so the study is
+    # the same with any number of workers, and at most this many train at once. 1 (each trial
+    # sees every one before it) gave the best answers on sunspots (benchmarks/README.md)
+    batch: int = Field(1, ge=1)
     # on GPUs: local workers per visible device (each pinned to one), at most `workers` in all;
     # the default spreads one per device, more pack several small models on each
     workers_per_device: int = Field(1, ge=1)
@@ -234,6 +238,11 @@ class StudyConfig(_Section):
     grace_seconds: int = Field(20, ge=1)  # no beat for this long: the worker is lost, retry
     lock_timeout: float = Field(300.0, gt=0)  # seconds to wait for the study lock, then stop
     ray: RayConfig = RayConfig()
+
+    @property
+    def trainers(self) -> int:
+        """Workers that can train at once: a batch's trials are all there is to run."""
+        return min(self.workers, self.batch)
 
     @model_validator(mode="after")
     def _grace_outlasts_heartbeats(self) -> StudyConfig:
@@ -552,7 +561,7 @@ def move_closing_keys(raw: dict[str, Any], source: str) -> list[str]:
 # budgets of this invocation (n_trials, timeout, workers), where things are stored, how much
 # is logged (diagnostics.level changes no value), and the closing report's settings.
 FINGERPRINT_SECTIONS = ("task", "data", "model", "train", "search")
-FINGERPRINT_STUDY_KEYS = ("sampler", "n_startup_trials", "pruner")
+FINGERPRINT_STUDY_KEYS = ("sampler", "n_startup_trials", "pruner", "batch")
 FINGERPRINT_IGNORED = ("train.device",)  # results move by rounding only; a GPU may join later
 
 

@@ -11,6 +11,7 @@ import socket
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -63,35 +64,124 @@ def storage_url(cfg: Config) -> str:
 
 
 def trial_seed(seed: int, number: int) -> int:
-    """A sampler seed for one trial, from the study's seed and the trial's number only."""
+    """A sampler seed for one proposal, from the study's seed and the proposal's index only."""
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
-class SeedPerTrial(optuna.samplers.BaseSampler):
-    """Delegates to a sampler made afresh for each trial and seeded from the study's seed and
-    the trial's number: trial 7 proposes alike in any process and on any storage, and workers
-    sharing a study, holding different numbers, explore instead of repeating each other."""
+RETRY_HISTORY = "retry_history"  # Optuna's retry callback: the trials a retry repeats, in order
 
-    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
-        self._make, self._seed = make, seed
-        self._base = make(seed)
+
+def proposals(trials: Sequence[FrozenTrial]) -> list[list[FrozenTrial]]:
+    """The settings the sampler proposed, in the order it proposed them, each as the trials
+    that ran it: the trial that proposed it, then its retries (each names that first trial at
+    the head of its retry history). Retries take trial numbers but propose nothing, so a
+    setting's index is the same whether or not a worker was lost before it."""
+    chains: dict[int, list[FrozenTrial]] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
+        first = trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0]
+        chains.setdefault(first, []).append(trial)
+    return [chains[first] for first in sorted(chains)]
+
+
+def settled(chain: Sequence[FrozenTrial]) -> bool:
+    """Whether a setting's trials have all ended (a lost trial's retry still to run is not)."""
+    return all(t.state.is_finished() for t in chain)
+
+
+def outcome(chain: Sequence[FrozenTrial]) -> FrozenTrial | None:
+    """The trial of a setting that completed or was pruned; None while none has."""
+    return next((t for t in chain if t.state in COUNTED), None)
+
+
+def may_propose(trials: Sequence[FrozenTrial], batch: int) -> bool:
+    """Whether a worker may ask for a trial now: a queued retry (its settings fixed) always;
+    a new setting once every batch before its own has settled, since the sampler proposing it
+    must see exactly those trials, whoever finished first."""
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True
+    chains = proposals(trials)
+    start = len(chains) - len(chains) % batch
+    return all(settled(chain) for chain in chains[:start])
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the sampler and the pruner see for one trial: the index of its setting, a study
+    in memory holding the outcomes of the batches before its own, in order, and that study's
+    stand-in for the trial (samplers record their proposals on it)."""
+
+    index: int
+    study: Study
+    trial: FrozenTrial
+
+
+class Batches:
+    """Trials proposed in batches of ``size``: a trial's sampler and pruner see only the
+    settings of earlier batches, all ended, in the order they were proposed, so the study is
+    the same with any number of workers on any storage (Optuna's parallel samplers see
+    whatever happened to finish first). :func:`may_propose` holds a worker back until a batch
+    has settled. One trial's view is kept: a process trains one trial at a time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._last: tuple[tuple[str, int], Seen] | None = None
+
+    def seen(self, study: Study, trial: FrozenTrial) -> Seen:
+        key = (study.study_name, trial.number)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._build(study, trial))
+        return self._last[1]
+
+    def _build(self, study: Study, trial: FrozenTrial) -> Seen:
+        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        first = trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0]
+        chains = proposals(others)
+        index = sum(chain[0].number < first for chain in chains)
+        start = index - index % self.size
+        view = optuna.create_study(directions=study.directions)
+        view.add_trials([t for t in map(outcome, chains[:start]) if t is not None])
+        view.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING))
+        return Seen(index, view, view.trials[-1])
+
+
+class SeedPerSetting(optuna.samplers.BaseSampler):
+    """Delegates to a sampler made afresh for each trial, seeded from the study's seed and
+    the index of the setting it proposes: setting 7 is proposed alike in any process and on
+    any storage, and workers sharing a study explore instead of repeating each other. The
+    study is shown as it is (:class:`BatchSampler` shows the earlier batches only)."""
+
+    def __init__(
+        self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int, batches: Batches
+    ) -> None:
+        self._make, self._seed, self._batches = make, seed, batches
+        self._asked: dict[int, optuna.samplers.BaseSampler] = {}  # by trial number, until told
+
+    def _shown(self, study: Study, trial: FrozenTrial) -> tuple[Study, FrozenTrial]:
+        return study, trial
+
+    def _base(self, study: Study, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._asked:
+            index = self._batches.seen(study, trial).index
+            self._asked[trial.number] = self._make(trial_seed(self._seed, index))
+        return self._asked[trial.number]
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        self._base = self._make(trial_seed(self._seed, trial.number))
-        self._base.before_trial(study, trial)
+        self._base(study, trial).before_trial(*self._shown(study, trial))
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
-        return self._base.infer_relative_search_space(study, trial)
+        return self._base(study, trial).infer_relative_search_space(*self._shown(study, trial))
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, Any]
     ) -> dict[str, Any]:
-        return self._base.sample_relative(study, trial, search_space)
+        shown = self._shown(study, trial)
+        return self._base(study, trial).sample_relative(*shown, search_space)
 
     def sample_independent(
         self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: Any
     ) -> Any:
-        return self._base.sample_independent(study, trial, param_name, param_distribution)
+        shown = self._shown(study, trial)
+        return self._base(study, trial).sample_independent(*shown, param_name, param_distribution)
 
     def after_trial(
         self,
@@ -100,15 +190,37 @@ class SeedPerTrial(optuna.samplers.BaseSampler):
         state: TrialState,
         values: Sequence[float] | None,
     ) -> None:
-        self._base.after_trial(study, trial, state, values)
+        self._base(study, trial).after_trial(*self._shown(study, trial), state, values)
+        self._asked.pop(trial.number, None)
 
     def reseed_rng(self) -> None:
-        """Nothing to do: every trial is seeded by its number already."""
+        """Nothing to do: every proposal is seeded by its index already."""
 
 
-def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded per trial from train.seed (QMC walks one seeded sequence
-    indexed by the trial count, so it keeps a single seed)."""
+class BatchSampler(SeedPerSetting):
+    """A :class:`SeedPerSetting` that shows its sampler the earlier batches only
+    (:class:`Batches`), in a study of their own with a stand-in for the trial."""
+
+    def _shown(self, study: Study, trial: FrozenTrial) -> tuple[Study, FrozenTrial]:
+        seen = self._batches.seen(study, trial)
+        return seen.study, seen.trial
+
+
+class BatchPruner(optuna.pruners.BasePruner):
+    """A pruner that compares a trial with the earlier batches only (:class:`Batches`), so
+    whether it is pruned does not hang on which trials of its own batch finished first."""
+
+    def __init__(self, base: optuna.pruners.BasePruner, batches: Batches) -> None:
+        self._base, self._batches = base, batches
+
+    def prune(self, study: Study, trial: FrozenTrial) -> bool:
+        return self._base.prune(self._batches.seen(study, trial).study, trial)
+
+
+def make_sampler(cfg: Config, batches: Batches) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded per proposal from train.seed and shown the earlier
+    batches only (QMC walks one seeded sequence indexed by a counter in the study, and CMA-ES
+    keeps its state in the study's trials: both see the study as it is)."""
     startup = cfg.study.n_startup_trials
     makers: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
         "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
@@ -118,14 +230,18 @@ def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     }
     if cfg.study.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=cfg.train.seed)
-    return SeedPerTrial(makers[cfg.study.sampler], cfg.train.seed)
+    kind = SeedPerSetting if cfg.study.sampler == "cmaes" else BatchSampler
+    return kind(makers[cfg.study.sampler], cfg.train.seed, batches)
 
 
-def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+def make_pruner(cfg: Config, batches: Batches) -> optuna.pruners.BasePruner:
+    """The configured pruner; the median pruner sees the earlier batches only (hyperband and
+    successive halving record rungs on the trials themselves: they see the study as it is)."""
     p = cfg.study.pruner
     match p.type:
         case "median":
-            return optuna.pruners.MedianPruner(p.n_startup_trials, p.n_warmup_steps)
+            median = optuna.pruners.MedianPruner(p.n_startup_trials, p.n_warmup_steps)
+            return BatchPruner(median, batches)
         case "hyperband":
             return optuna.pruners.HyperbandPruner(
                 p.min_resource, cfg.train.max_epochs, p.reduction_factor
@@ -176,13 +292,15 @@ def open_study(
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     fingerprint = study_fingerprint(cfg)
 
+    batches = Batches(cfg.study.batch)
+
     def create() -> Study:
         heartbeat, grace = cfg.study.heartbeat_seconds, cfg.study.grace_seconds
         return optuna.create_study(
             study_name=cfg.study_name,
             storage=make_storage(url, on_stale, heartbeat, grace),
-            sampler=make_sampler(cfg),
-            pruner=make_pruner(cfg),
+            sampler=make_sampler(cfg, batches),
+            pruner=make_pruner(cfg, batches),
             direction=cfg.direction,
             load_if_exists=True,
         )

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
@@ -41,11 +42,11 @@ from lstm_sweep.study import (
     Study,
     counted_trials,
     fail_stale_trials,
+    may_propose,
     open_study,
     reconcile_runs,
     retry_failed,
     run_one_trial,
-    state_counts,
     storage_url,
 )
 from lstm_sweep.tasks import TaskCache
@@ -60,6 +61,8 @@ from lstm_sweep.train import Interrupted
 
 EXIT_FAILED, EXIT_INTERRUPTED = m.EXIT_FAILED, m.EXIT_INTERRUPTED
 LOCK_POLL = 0.2  # seconds between two tries of a busy study lock
+# seconds between two looks at a running batch: a small series' trial can end in a second
+BATCH_POLL_SECONDS = 0.05
 LOCK_NOTICE = 10.0  # say what we wait for after this long, and again this often
 
 
@@ -336,7 +339,9 @@ def optimize(
 
     Counting and starting a trial happen under the study lock, and trials that other workers
     are running count as taken, so the study ends with exactly ``n_trials``; a worker that
-    finds all remaining trials taken waits, in case one of them is lost and comes back.
+    finds all remaining trials taken waits, in case one of them is lost and comes back. A
+    worker also waits while the batch before its next trial's runs (``study.batch``): the
+    sampler proposes from finished batches only, so any number of workers gives one study.
     """
     cfg, study, lock = sweep.cfg, sweep.study, sweep.lock
     # Start-up's objects (torch, MLflow, SQLAlchemy, the data) live as long as the process:
@@ -349,13 +354,18 @@ def optimize(
         lock.acquire()
         try:
             fail_stale_trials(study, cfg.study.grace_seconds, sweep.on_stale)
-            counts = state_counts(study)
+            trials = study.get_trials(deepcopy=False)
+            counts = Counter(t.state.name for t in trials)
             finished = counts[m.COMPLETE] + counts[m.PRUNED]
             if finished >= cfg.study.n_trials:
                 return
             if finished + counts["RUNNING"] >= cfg.study.n_trials:
                 lock.release()
                 time.sleep(poll_seconds)
+                continue
+            if not may_propose(trials, cfg.study.batch):  # the batch before is still running
+                lock.release()
+                time.sleep(BATCH_POLL_SECONDS)
                 continue
 
             def run_released(trial: Any) -> float:

@@ -31,6 +31,7 @@ from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
 from tests.helpers import (
     CO2,
+    POSTGRES,
     QUICK,
     HeldSweep,
     command,
@@ -245,29 +246,70 @@ def trial_values(root: Path, name: str = "co2-quick") -> list[tuple[str, float |
     return [(t.state.name, t.value) for t in load_study(root, name).trials]
 
 
-@pytest.mark.slow
-def test_the_same_seed_gives_the_same_trials_at_every_diagnostics_level_and_on_any_storage(
-    tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+# six trials in batches of two, the model-based sampler and the pruner at work from the third
+DETERMINISTIC = [
+    "closing.top_k=1",
+    "closing.seeds=1",
+    "closing.final_model=false",
+    "model.num_layers=2",
+    "model.dropout=0.3",
+    "study.n_trials=6",
+    "study.batch=2",
+    "study.pruner.n_startup_trials=2",
+    "study.pruner.n_warmup_steps=1",
+]
+
+
+def same_seed_study(
+    folder: Path, mlflow_template: Path, storage: str | None, *extra: str
+) -> list[tuple[dict, float | None]]:
+    """The tiny sweep in ``folder`` with ``extra`` arguments; its trials' settings and values."""
     from tests.conftest import new_stores
 
-    lean = ["closing.top_k=1", "closing.seeds=1", "closing.final_model=false", "model.num_layers=2"]
-    explicit = tmp_path / "explicit.db"
-    runs = {
-        "off": (["diagnostics.level=off"], "mlruns/optuna.db"),
-        "full": (["diagnostics.level=full"], "mlruns/optuna.db"),
-        "explicit": (["diagnostics.level=off", f"study.storage=sqlite:///{explicit}"], explicit),
-    }
-    results = {}
-    for name, (extra, storage) in runs.items():
-        folder = tmp_path / name
-        new_stores(folder, mlflow_template)
-        monkeypatch.chdir(folder)
-        assert main(sweep_args(*lean, *extra, "model.dropout=0.3")) == 0
-        study = optuna.load_study(study_name="co2-quick", storage=f"sqlite:///{folder / storage}")
-        results[name] = [(t.params, t.value) for t in study.trials]
-    assert results["off"] == results["full"] == results["explicit"]
-    assert len({tuple(params.values()) for params, _ in results["off"]}) == 4
+    new_stores(folder, mlflow_template)
+    os.chdir(folder)
+    overrides = [f"study.storage={storage}"] if storage else []
+    sets, flags = [e for e in extra if "=" in e], [e for e in extra if "=" not in e]
+    assert main([*sweep_args(*DETERMINISTIC, *overrides, *sets), *flags]) == 0
+    url = storage or f"sqlite:///{folder / 'mlruns' / 'optuna.db'}"
+    study = optuna.load_study(study_name="co2-quick", storage=url)
+    return [(t.params, t.value) for t in study.trials]
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_trials_at_every_diagnostics_level_with_any_workers(
+    tmp_path: Path,
+    mlflow_template: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    explicit = f"sqlite:///{tmp_path / 'explicit.db'}"
+    one = same_seed_study(
+        tmp_path / "one", mlflow_template, None, "diagnostics.level=off", "--workers", "1"
+    )
+    assert "workers train trials" not in capsys.readouterr().err
+    two = same_seed_study(
+        tmp_path / "two", mlflow_template, explicit, "diagnostics.level=full", "--workers", "3"
+    )
+    assert "study.batch = 2: 2 of 3 workers train trials" in capsys.readouterr().err
+    assert one == two
+    assert len({tuple(params.values()) for params, _ in one}) == 6
+    # the batches decide what the sampler saw: in batches of three the third trial sees two
+    three = same_seed_study(tmp_path / "three", mlflow_template, None, "study.batch=3")
+    assert three[:2] == one[:2] and three[2] != one[2]
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql_give_the_study_one_worker_gives_on_sqlite(
+    tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with fresh_database(postgres_or_skip()) as name:
+        postgres = f"{POSTGRES}/{name}"
+        two = same_seed_study(tmp_path / "two", mlflow_template, postgres, "--workers", "2")
+    one = same_seed_study(tmp_path / "one", mlflow_template, None, "--workers", "1")
+    assert one == two
 
 
 @pytest.mark.slow

@@ -16,11 +16,13 @@ from typing import Any
 import optuna
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, ConfigError
 from lstm_sweep.study import (
+    Batches,
+    BatchPruner,
     Objective,
     Pruning,
     StaleTrialHandler,
@@ -28,9 +30,13 @@ from lstm_sweep.study import (
     first_prunable_epoch,
     make_pruner,
     make_sampler,
+    may_propose,
     open_study,
+    outcome,
+    proposals,
     reconcile_runs,
     retry_failed,
+    settled,
     suggest_params,
 )
 from lstm_sweep.tasks import TaskCache
@@ -76,8 +82,8 @@ def test_a_pruned_trial_is_pruned_in_optuna_killed_in_mlflow_and_undecided(
     assert run.data.tags[m.VERDICT_TAG] == "undecided"
 
 
-def proposals(cfg: Config, storage: str | None, n: int) -> list[dict]:
-    study = optuna.create_study(storage=storage, sampler=make_sampler(cfg))
+def proposed_by(cfg: Config, storage: str | None, n: int) -> list[dict]:
+    study = optuna.create_study(storage=storage, sampler=make_sampler(cfg, Batches(4)))
     study.optimize(lambda t: sum(map(float, suggest_params(t, cfg.search).values())), n_trials=n)
     return [t.params for t in study.trials]
 
@@ -86,9 +92,9 @@ def test_the_same_seed_proposes_the_same_trials_on_any_storage(
     tiny_cfg: Config, tmp_path: Path
 ) -> None:
     cfg = tiny_cfg.with_values({"study.n_startup_trials": 3})
-    in_memory = proposals(cfg, None, 6)
-    assert proposals(cfg, f"sqlite:///{tmp_path / 'a.db'}", 6) == in_memory
-    assert proposals(cfg.with_values({"train.seed": 1}), None, 6) != in_memory
+    in_memory = proposed_by(cfg, None, 6)
+    assert proposed_by(cfg, f"sqlite:///{tmp_path / 'a.db'}", 6) == in_memory
+    assert proposed_by(cfg.with_values({"train.seed": 1}), None, 6) != in_memory
 
 
 def test_workers_sharing_a_study_explore_instead_of_repeating_each_other(
@@ -98,13 +104,90 @@ def test_workers_sharing_a_study_explore_instead_of_repeating_each_other(
     name = "shared"
     first, second = (
         optuna.create_study(
-            study_name=name, storage=storage, sampler=make_sampler(tiny_cfg), load_if_exists=True
+            study_name=name,
+            storage=storage,
+            sampler=make_sampler(tiny_cfg, Batches(4)),
+            load_if_exists=True,
         )
         for _ in range(2)
     )
     asked = [study.ask() for study in (first, second, first, second)]  # as two processes would
     params = [tuple(suggest_params(t, tiny_cfg.search).values()) for t in asked]
     assert len(set(params)) == 4
+
+
+def ended(number: int, state: TrialState = TrialState.COMPLETE, **system: Any) -> FrozenTrial:
+    """A trial as the storage holds it: ``number`` in ``state``, with system attributes."""
+    trial = optuna.trial.create_trial(
+        state=state, value=float(number) if state == TrialState.COMPLETE else None
+    )
+    trial.number, trial.system_attrs = number, system
+    return trial
+
+
+def test_a_retry_belongs_to_the_setting_it_repeats_and_a_batch_waits_for_the_one_before() -> None:
+    fail, running, waiting = TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING
+    # setting 1 (trial 1) failed, its retry (trial 3) failed, the retry of that (4) runs
+    trials = [
+        ended(0),
+        ended(1, fail),
+        ended(2),
+        ended(3, fail, retry_history=[1]),
+        ended(4, running, retry_history=[1, 3]),
+        ended(5, TrialState.PRUNED),
+    ]
+    chains = proposals(trials)
+    assert [[t.number for t in chain] for chain in chains] == [[0], [1, 3, 4], [2], [5]]
+    assert [settled(chain) for chain in chains] == [True, False, True, True]
+    assert [getattr(outcome(chain), "number", None) for chain in chains] == [0, None, 2, 5]
+    # four settings proposed: the fifth opens batch 2 of two, which needs settings 0-3 ended
+    assert not may_propose(trials, batch=2)
+    assert not may_propose(trials, batch=3)  # batch 1 (settings 3-5) needs settings 0-2
+    assert may_propose(trials, batch=5)  # still in batch 0
+    assert not may_propose(trials, batch=1)
+    trials[4] = ended(4, retry_history=[1, 3])
+    assert may_propose(trials, batch=1) and may_propose(trials, batch=2)
+    assert may_propose([*trials[:4], ended(4, running), ended(6, waiting, retry_history=[4])], 1)
+
+
+def test_a_batch_is_proposed_alike_whichever_of_the_batch_before_finished_first(
+    tiny_cfg: Config,
+) -> None:
+    cfg = tiny_cfg.with_values({"study.n_startup_trials": 2})
+
+    def study_finishing(order: list[int]) -> list[dict[str, Any]]:
+        """Six trials in batches of two, each batch told in ``order`` (as workers would)."""
+        study = optuna.create_study(sampler=make_sampler(cfg, Batches(2)))
+        for _ in range(3):
+            batch = [study.ask() for _ in range(2)]
+            for trial in batch:
+                suggest_params(trial, cfg.search)
+            for index in order:
+                study.tell(batch[index], sum(map(float, batch[index].params.values())))
+        return [t.params for t in study.trials]
+
+    in_order = study_finishing([0, 1])
+    assert study_finishing([1, 0]) == in_order
+    # sequential proposals (batches of one) differ from the fourth on: it sees three trials
+    study = optuna.create_study(sampler=make_sampler(cfg, Batches(1)))
+    study.optimize(lambda t: sum(map(float, suggest_params(t, cfg.search).values())), n_trials=4)
+    assert [t.params for t in study.trials][:3] == in_order[:3]
+    assert study.trials[3].params != in_order[3]
+
+
+def test_the_median_pruner_compares_a_trial_with_the_batches_before_its_own_only() -> None:
+    pruner = BatchPruner(optuna.pruners.MedianPruner(n_startup_trials=1), Batches(2))
+    study = optuna.create_study(pruner=pruner)
+    first = study.ask()
+    first.report(1.0, 0)
+    study.tell(first, 1.0)
+    second = study.ask()  # the same batch as the first: nothing to compare with
+    second.report(5.0, 0)
+    assert not second.should_prune()
+    study.tell(second, 5.0)
+    third = study.ask()  # batch 1: compared with both
+    third.report(5.0, 0)
+    assert third.should_prune()
 
 
 def test_a_changed_sweep_file_is_refused_with_the_changed_key_and_a_way_out(
@@ -257,7 +340,7 @@ def test_the_pruner_is_asked_only_from_its_first_prunable_epoch_with_the_same_de
     def pruned_at(first_epoch: float) -> tuple[list[int | None], list[int]]:
         """Four good trials, then four worse ones; when each stopped, and when it asked."""
         # one name: hyperband puts a trial in a bracket by a hash of study name and number
-        study = optuna.create_study(study_name="pruning", pruner=make_pruner(cfg))
+        study = optuna.create_study(study_name="pruning", pruner=make_pruner(cfg, Batches(1)))
         stops: list[int | None] = []
         asked: list[int] = []
         for number in range(8):

@@ -51,13 +51,16 @@ class LocalProcesses(Engine):
         self, sweep: Sweep, parent_id: str, stop: GracefulStop, progress: Callable[..., None]
     ) -> None:
         """This process works as one worker and starts up to ``study.workers - 1`` more: no
-        more processes than trials are missing (each costs its data, its stores and a core);
-        on GPUs, spread over them as :func:`device_plan` says, this process on the first."""
+        more processes than a batch has trials or than trials are missing (each costs its
+        data, its stores and a core); on GPUs, spread over them as :func:`device_plan` says,
+        this process on the first."""
         cfg = sweep.cfg
         missing = cfg.study.n_trials - counted_trials(sweep.study)
-        plan = device_plan(max(1, min(cfg.study.workers, missing)), gpus_for(cfg), cfg.study)
+        plan = device_plan(max(1, min(cfg.study.trainers, missing)), gpus_for(cfg), cfg.study)
         if plan[0] is not None:
             print(f"workers on GPUs: {describe_plan(plan)}", file=sys.stderr)
+        if cfg.study.workers > len(plan) and missing > len(plan):
+            print(batch_note(cfg.study), file=sys.stderr)
         args = [(sweep.path, sweep.overrides, parent_id, device) for device in plan[1:]]
         with running(trial_process, args, stop) as extra:
             try:
@@ -70,6 +73,14 @@ class LocalProcesses(Engine):
         if sweep.cfg.study.workers < 2:
             return None
         return partial(run_jobs, sweep, parent_id, stop)
+
+
+def batch_note(study: StudyConfig) -> str:
+    """Why fewer workers train than study.workers asks for."""
+    return (
+        f"study.batch = {study.batch}: {study.trainers} of {study.workers} workers train trials"
+        " (each batch is proposed from the trials before it); all of them run the closing stage"
+    )
 
 
 def gpus_for(cfg: Config) -> list[str]:

@@ -226,9 +226,9 @@ def run_ray_workers(
     progress: Callable[[], None],
     address: str,
 ) -> None:
-    """Run ``study.workers`` workers on the Ray cluster at ``address`` until the study holds
-    n_trials; Interrupted if the driver was asked to stop, SweepIncomplete if the workers were
-    all lost short of n_trials."""
+    """Run ``study.workers`` workers (at most a batch's) on the Ray cluster at ``address``
+    until the study holds n_trials; Interrupted if the driver was asked to stop,
+    SweepIncomplete if the workers were all lost short of n_trials."""
     ray = import_ray()
     # the closing stage trains here once the workers are done: one thread, as a local worker
     # has (see sweep.work: a second thread mostly waits, and slows a busy machine down)
@@ -248,7 +248,7 @@ def describe_cluster(ray: Any, context: Any, cfg: Config, address: str) -> None:
     """One line on the cluster and the workers it gets, one on where its dashboard is, and a
     warning when the workers do not all fit now (an autoscaling cluster may add nodes)."""
     per = cfg.study.ray
-    workers = cfg.study.workers
+    workers = cfg.study.trainers
     nodes = [n for n in ray.nodes() if n["Alive"]]
     free = ray.available_resources()
     cpus, gpus = free.get("CPU", 0.0), free.get("GPU", 0.0)
@@ -292,7 +292,7 @@ def start_workers(ray: Any, sweep: Sweep, parent_id: str) -> list[Any]:
     threads = max(1, int(per.num_cpus))
     return [
         actor.remote(path, sweep.overrides, parent_id, threads)
-        for _ in range(sweep.cfg.study.workers)
+        for _ in range(sweep.cfg.study.trainers)
     ]
 
 
