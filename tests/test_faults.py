@@ -289,7 +289,7 @@ def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_finishes_in_agree
     and the way out, exit status EXIT_STORE, no traceback. Space freed, the same command
     repairs whatever the fault left and finishes the study with both stores in agreement."""
     root = new_stores(small_disk, mlflow_template)
-    args = command(*sweep_args("study.n_trials=4", *CLOSED_FAST), "--workers=2")
+    args = command(*sweep_args("study.n_trials=4", "study.batch=2", *CLOSED_FAST), "--workers=2")
     with HeldSweep(args, m.ROLE_TRIAL, tmp_path, cwd=small_disk) as sweep:
         sweep.held(2)
         filler = fill(small_disk)
@@ -319,7 +319,9 @@ def test_a_killed_worker_and_an_interrupted_closing_stage_lose_nothing_and_say_s
     the last line says the closing stage stopped and will resume, the sweep's run ends FAILED
     with that reason. The rerun trains the missing re-evaluation and ends the sweep's run
     FINISHED, no failure reason left, nothing RUNNING, Optuna and MLflow in agreement."""
-    args = command(*sweep_args("study.n_trials=2", *CLOSED_FAST[:3], "closing.seeds=2"))
+    args = command(
+        *sweep_args("study.n_trials=2", "study.batch=2", *CLOSED_FAST[:3], "closing.seeds=2")
+    )
     roles = f"{m.ROLE_TRIAL},{m.ROLE_REEVALUATION}"
     with HeldSweep([*args, "--workers=2"], roles, stores.parent) as sweep:
         (victim,) = [pid for pid in sweep.held(2, m.ROLE_TRIAL) if pid != sweep.process.pid]

@@ -209,6 +209,7 @@ def stopped_then_killed(
             f"study.storage={storage}",
             f"tracking.uri={cluster.tracking}",
             f"study.n_trials={N_TRIALS}",
+            "study.batch=2",  # both workers train at once
             f"train.max_epochs={EPOCHS}",
             f"train.patience={EPOCHS}",
             "study.pruner.type=none",
@@ -435,10 +436,12 @@ def test_ray_workers_ask_for_the_gpu_share_and_cpus_of_study_ray(tiny_cfg: Confi
 
     actor = FakeActor()
     fake_ray = SimpleNamespace(remote=lambda cls: actor)
-    cfg = tiny_cfg.with_values(
-        {"study.workers": 4, "study.ray.num_gpus": 0.25, "study.ray.num_cpus": 2.0}
-    )
+    asked = {"study.workers": 4, "study.ray.num_gpus": 0.25, "study.ray.num_cpus": 2.0}
+    cfg = tiny_cfg.with_values({**asked, "study.batch": 4})
     sweep = SimpleNamespace(cfg=cfg, path="sweep.yaml", overrides=["a=1"])
     started = start_workers(fake_ray, sweep, "parent")  # type: ignore[arg-type]
     assert actor.asked["num_gpus"] == 0.25 and actor.asked["num_cpus"] == 2.0  # 4 on one GPU
     assert started == [(os.path.abspath("sweep.yaml"), ["a=1"], "parent", 2)] * 4
+    # no more actors than a batch has trials to train
+    sweep.cfg = tiny_cfg.with_values({**asked, "study.batch": 3})
+    assert len(start_workers(fake_ray, sweep, "parent")) == 3  # type: ignore[arg-type]

@@ -360,6 +360,7 @@ def stoppable_sweep() -> list[str]:
     return command(
         *sweep_args(
             "study.n_trials=2",
+            "study.batch=2",  # both trials train at once
             "train.max_epochs=6",
             "train.patience=6",
             "study.pruner.type=none",
