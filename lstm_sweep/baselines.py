@@ -15,6 +15,9 @@ sequences; scored by accuracy, balanced accuracy and macro F1.
 from __future__ import annotations
 
 import math
+import warnings
+from functools import cache
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -139,6 +142,75 @@ def mlp(data: ForecastData, part: str, refit_on_val: bool, seed: int = 0) -> np.
     return data.to_original(prediction.reshape(windows.y.shape), windows)
 
 
+ARIMA_HISTORY = 300  # values an ARIMA is fitted on at most: its few parameters settle well
+# before that, and on a long series (CO2's 1,800 training weeks) the fits would cost seconds
+
+
+def arima_order(levels: np.ndarray) -> tuple[int, int, int]:
+    """An ARIMA order for one target's training values, as auto-ARIMA chooses one, kept small:
+    d = 1 where the KPSS test rejects a stationary level at 5 %, else 0; then p <= 3 and
+    q <= 2 by the lowest AIC."""
+    from statsmodels.tsa.stattools import kpss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # KPSS's p-value is read off a table: clipped, said
+        d = int(kpss(levels, regression="c", nlags="auto")[1] < 0.05)
+        orders = [(p, d, q) for p in range(4) for q in range(3) if p or q]
+        return min(orders, key=lambda order: float(_arima(levels, order).fit().aic))
+
+
+@cache
+def _order_of(levels: tuple[float, ...]) -> tuple[int, int, int]:
+    """:func:`arima_order`, once per training series a process scores (every part and refit
+    of a sweep share one)."""
+    return arima_order(np.asarray(levels))
+
+
+def _arima(levels: np.ndarray, order: tuple[int, int, int]) -> Any:
+    from statsmodels.tsa.arima.model import ARIMA  # a second of imports: only where fitted
+
+    trend = "c" if order[1] == 0 else "n"  # a mean for the levels; none for their differences
+    return ARIMA(levels, order=order, trend=trend)
+
+
+def arima_forecasts(
+    levels: np.ndarray,
+    order: tuple[int, int, int],
+    fit_end: int,
+    origins: np.ndarray,
+    horizon: int,
+) -> np.ndarray:
+    """Forecasts (len(origins), horizon) of ``levels`` from each origin (the index of the last
+    value known there) by an ARIMA of ``order`` fitted on ``levels[:fit_end]`` (its last
+    :data:`ARIMA_HISTORY`); its parameters then stay fixed while the filter reads the whole
+    series, as that model would forecast at each origin."""
+    start = max(0, fit_end - ARIMA_HISTORY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence notes on short or flat stretches
+        fitted = _arima(levels[start:fit_end], order).fit().apply(levels)
+    return np.stack([fitted.predict(start=o + 1, end=o + horizon, dynamic=True) for o in origins])
+
+
+def arima(data: ForecastData, part: str, refit_on_val: bool) -> tuple[np.ndarray, str]:
+    """statsmodels' ARIMA on each target's untransformed levels, its order chosen on the
+    training part (:func:`arima_order`) and fitted there (on training and validation with
+    ``refit_on_val``), forecasting each window of ``part`` from its origin, in original units;
+    and the orders, in words."""
+    series = level_series(data)
+    windows = data.part(part)
+    origins = series.index.get_indexer(windows.times[:, 0]) - 1
+    ends = {name: series.index.get_loc(data.part(name).times[-1, -1]) + 1 for name in PARTS}
+    fit_end = ends["val" if refit_on_val else "train"]
+    forecasts, orders = [], []
+    for column in series.columns:
+        levels = series[column].to_numpy(dtype=float)
+        train = levels[max(0, ends["train"] - ARIMA_HISTORY) : ends["train"]]
+        orders.append(_order_of(tuple(train)))
+        forecasts.append(arima_forecasts(levels, orders[-1], fit_end, origins, windows.y.shape[1]))
+    chosen = ", ".join(f"ARIMA{order}" for order in orders)
+    return np.stack(forecasts, axis=-1), f"{chosen}, order chosen on training"
+
+
 def naive_scale(data: ForecastData) -> float:
     """MASE's denominator: the naive forecast's MAE on the training windows, original units."""
     return float(np.abs(data.naive("train") - data.truth("train")).mean())
@@ -155,30 +227,48 @@ def errors(prediction: np.ndarray, target: np.ndarray, scale: float) -> dict[str
     }
 
 
-def forecast_baselines(data: ForecastData, part: str, refit_on_val: bool) -> pd.DataFrame:
+FORECAST_BASELINES = ("naive", "seasonal_naive", "ridge_ar", "ridge_levels", "mlp", "arima")
+
+
+def forecast_baselines(
+    data: ForecastData,
+    part: str,
+    refit_on_val: bool,
+    methods: tuple[str, ...] = FORECAST_BASELINES,
+) -> pd.DataFrame:
     """Each baseline's errors on a part: one row per method (index), columns :data:`METRICS`
     and ``note``. A baseline that cannot be made (no season) gets a note instead of numbers.
-    With ``refit_on_val`` the ridge learns from training and validation windows, as the final
-    LSTM does; scoring the validation part itself, it must not."""
+    With ``refit_on_val`` the models learn from training and validation, as the final LSTM
+    does; scoring the validation part itself, they must not."""
     target, scale = data.truth(part), naive_scale(data)
     alpha = ridge_alpha(_flat(data.train), _flat(data.val))
-    rows: dict[str, dict[str, object]] = {}
+    notes = {  # what each one is; where one cannot be made, why instead
+        "seasonal_naive": f"season {data.season}",
+        "ridge_ar": f"alpha {alpha:g} chosen on validation",
+        "ridge_levels": "on untransformed levels, penalty chosen on validation",
+        "mlp": "64 hidden units on the LSTM's input windows",
+    }
+
+    def fitted_arima() -> np.ndarray:
+        forecast, notes["arima"] = arima(data, part, refit_on_val)
+        return forecast
+
     makers = {
         "naive": lambda: data.naive(part),
         "seasonal_naive": lambda: seasonal_naive(data, part),
         "ridge_ar": lambda: ridge_ar(data, part, alpha, refit_on_val),
         "ridge_levels": lambda: ridge_levels(data, part, refit_on_val),
         "mlp": lambda: mlp(data, part, refit_on_val),
+        "arima": fitted_arima,
     }
-    for name, make in makers.items():
+    rows: dict[str, dict[str, object]] = {}
+    for name in methods:
+        make = makers[name]
         try:
             rows[name] = {**errors(make(), target, scale), "note": ""}
         except ValueError as exc:
             rows[name] = {**dict.fromkeys(METRICS, math.nan), "note": str(exc)}
-    rows["seasonal_naive"]["note"] = rows["seasonal_naive"]["note"] or f"season {data.season}"
-    rows["ridge_ar"]["note"] = f"alpha {alpha:g} chosen on validation"
-    rows["ridge_levels"]["note"] = "on untransformed levels, penalty chosen on validation"
-    rows["mlp"]["note"] = "64 hidden units on the LSTM's input windows"
+        rows[name]["note"] = rows[name]["note"] or notes.get(name, "")
     return pd.DataFrame.from_dict(rows, orient="index")[[*METRICS, "note"]]
 
 

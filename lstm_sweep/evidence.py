@@ -63,7 +63,9 @@ class ForecastEvidence(Evidence):
         " the training windows. `ridge_ar` is a linear autoregression on the LSTM's own input"
         " windows, `ridge_levels` the same on the target's untransformed levels (lags = the"
         " window), each penalty chosen on validation; `mlp` is a small scikit-learn MLP on the"
-        " LSTM's input windows: not recurrent, it says whether the recurrence earns its cost."
+        " LSTM's input windows: not recurrent, it says whether the recurrence earns its cost;"
+        " `arima` is statsmodels' ARIMA on the levels, its order chosen on the training part"
+        " (d by the KPSS test, p and q by AIC), forecasting from each window's origin."
     )
     what_to_try = (
         "a longer window (data.window), more data, or the linear path (model.skip: linear)"

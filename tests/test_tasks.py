@@ -48,8 +48,8 @@ def test_better_follows_each_tasks_headline_direction(
 @pytest.mark.slow  # a fresh interpreter importing torch: seconds
 def test_importing_the_training_loop_loads_neither_matplotlib_nor_scikit_learn() -> None:
     code = (
-        "import sys, lstm_sweep.train;"
-        " print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'sklearn'}))"
+        "import sys, lstm_sweep.train; print(sorted({m.split('.')[0] for m in sys.modules}"
+        " & {'matplotlib', 'sklearn', 'statsmodels'}))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -90,6 +90,6 @@ def test_worst_samples_rank_the_largest_errors_and_the_surest_mistakes(
 
 
 def test_seasonal_naive_baseline_uses_the_configured_season(tiny_task: Task) -> None:
-    table = baselines.forecast_baselines(tiny_task.data, "test", refit_on_val=True)
+    table = baselines.forecast_baselines(tiny_task.data, "test", True, methods=("seasonal_naive",))
     assert table.loc["seasonal_naive", "note"] == "season 52"
     assert (ROOT / "sweeps" / "data" / "co2_weekly.csv").is_file()
