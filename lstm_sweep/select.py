@@ -236,7 +236,7 @@ def collapse(task: Task, final: float, seeds: list[float], naive: float, naive_n
 def beaten_by(
     task: Task, lstm_val: dict[str, float], baselines_val: pd.DataFrame
 ) -> dict[str, Any] | None:
-    """The best baseline on the validation part, if it beats the LSTM there."""
+    """The best baseline on a part (validation, or test), if it beats the LSTM there."""
     scored = baselines_val[task.headline].dropna()
     if scored.empty:
         return None
@@ -322,6 +322,7 @@ class Selector:
             seconds=time.perf_counter() - started,
             headline=headline,
             sizes={s.number: self.size(s) for s in settings},
+            beaten_on_test=beaten_by(task, final.test, baselines_test) if final else None,
         )
 
     def size(self, setting: Setting) -> int:

@@ -84,6 +84,8 @@ class Selection:
     seconds: float
     headline: str  # the error that decides "better" (Task.headline)
     sizes: dict[int, int] = field(default_factory=dict)  # trial number -> model parameters
+    # the best baseline, when it beats the registered model on the test part
+    beaten_on_test: dict[str, Any] | None = None
 
     @property
     def winner(self) -> Setting:

@@ -3,6 +3,7 @@ the baseline that beats the LSTM, and selection.json's round trip."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from lstm_sweep import metrics as m
 from lstm_sweep import predict, select
 from lstm_sweep.config import Config
+from lstm_sweep.report.render import honesty_lines
 from lstm_sweep.run import main
 from lstm_sweep.select import (
     beaten_by,
@@ -84,7 +86,8 @@ def test_a_baseline_that_beats_the_lstm_on_validation_is_named(tiny_task: Task) 
     assert beaten_by(tiny_task, {"mse": 0.1}, table) is None
 
 
-def test_selection_round_trips_through_json() -> None:
+def a_selection(**changes: Any) -> Selection:
+    """A small Selection, as the closing stage would save it, with ``changes``."""
     champion = Champion("mse", "2", 0.31, "1", 0.4, crowned=True)
     final = FinalModel(
         "r", "models:/x/2", "ensemble", 5, {"mse": 0.3}, 0.8, {"mse": 0.35}, champion
@@ -105,9 +108,37 @@ def test_selection_round_trips_through_json() -> None:
         seconds=1.5,
         headline="mse",
     )
+    return dataclasses.replace(selection, **changes)
+
+
+def test_selection_round_trips_through_json() -> None:
+    beaten = {"method": "arima", "metric": "mse", "baseline": 0.2, "lstm": 0.3}
+    selection = a_selection(beaten_on_test=beaten)
     again = Selection.from_dict(json.loads(selection.to_json()))
     assert again == selection
     assert again.winner.number == 1 and again.winner_spread["val_mean"] == pytest.approx(0.4)
+
+
+def test_the_first_lines_say_which_baseline_beats_the_lstm_on_validation_and_on_test() -> None:
+    arima = {"method": "arima", "metric": "mse", "baseline": 0.25, "lstm": 0.3}
+    ridge = {"method": "ridge_ar", "metric": "mse", "baseline": 0.2, "lstm": 0.3}
+    (alone,) = honesty_lines(a_selection(), "forecast")
+    assert alone == "The LSTM beats every baseline on the validation part (mse 0.3)."
+    first, advice = honesty_lines(a_selection(beaten_on_test=arima), "forecast")
+    assert first == (
+        "The LSTM beats every baseline on the validation part (mse 0.3); on the test part it"
+        " does NOT: arima mse 0.25 against the LSTM's 0.3."
+    )
+    assert advice.startswith("Use the baseline, or try a longer window")
+    first, _ = honesty_lines(a_selection(beaten_by=ridge, beaten_on_test=arima), "forecast")
+    assert first == (
+        "The LSTM does NOT beat the ridge_ar baseline on the validation part: ridge_ar mse 0.2"
+        " against the LSTM's 0.3; on the test part: arima mse 0.25 against the LSTM's 0.3."
+    )
+    # an older selection.json, written before the test part was compared, still reads
+    raw = json.loads(a_selection().to_json())
+    del raw["beaten_on_test"]
+    assert Selection.from_dict(raw).beaten_on_test is None
 
 
 def test_reevaluations_are_handed_out_longest_first() -> None:

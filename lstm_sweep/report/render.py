@@ -53,8 +53,9 @@ def ratio_text(value: float, reference: float) -> str:
 
 
 def honesty_lines(selection: Selection, task_name: str) -> list[str]:
-    """The first lines of every summary: whether the LSTM is the answer at all, and, first of
-    all, a retrained final model that collapsed."""
+    """The first lines of every summary: whether the LSTM is the answer at all, on the part
+    that chose it and on the test part; first of all, a retrained final model that
+    collapsed."""
     final = selection.final
     lines = []
     if final is not None and final.collapsed:
@@ -62,19 +63,31 @@ def honesty_lines(selection: Selection, task_name: str) -> list[str]:
             f"The retrained final model COLLAPSED ({final.collapsed}): it was not registered;"
             " the registered model is the mean of its seed models."
         )
-    beaten = selection.beaten_by
+    beaten, on_test = selection.beaten_by, selection.beaten_on_test
     if beaten is None:
-        return [
-            *lines,
+        lines.append(
             "The LSTM beats every baseline on the validation part"
-            f" ({selection.headline} {selection.lstm_val[selection.headline]:.4g}).",
-        ]
-    return [
-        *lines,
-        f"The LSTM does NOT beat the {beaten['method']} baseline on the validation part:"
-        f" {beaten['metric']} {beaten['lstm']:.4g} for the LSTM against {beaten['baseline']:.4g}.",
-        f"Use the baseline, or try {EVIDENCE[task_name].what_to_try}, before trusting the LSTM.",
-    ]
+            f" ({selection.headline} {selection.lstm_val[selection.headline]:.4g})"
+            + (f"; on the test part it does NOT: {lost(on_test)}." if on_test else ".")
+        )
+    else:
+        lines.append(
+            f"The LSTM does NOT beat the {beaten['method']} baseline on the validation part:"
+            f" {lost(beaten)}" + (f"; on the test part: {lost(on_test)}." if on_test else ".")
+        )
+    if beaten or on_test:
+        lines.append(
+            f"Use the baseline, or try {EVIDENCE[task_name].what_to_try}, before trusting the LSTM."
+        )
+    return lines
+
+
+def lost(beaten: dict[str, Any]) -> str:
+    """A baseline that beats the LSTM, in numbers."""
+    return (
+        f"{beaten['method']} {beaten['metric']} {beaten['baseline']:.4g} against the LSTM's"
+        f" {beaten['lstm']:.4g}"
+    )
 
 
 def naive_comparison(monitor: str, value: float, naive_val_loss: float) -> str:
