@@ -71,6 +71,12 @@ def trial_seed(seed: int, number: int) -> int:
 RETRY_HISTORY = "retry_history"  # Optuna's retry callback: the trials a retry repeats, in order
 
 
+def proposer(trial: FrozenTrial) -> int:
+    """The number of the trial that proposed ``trial``'s setting: its own, or for a retry the
+    first of the trials it repeats."""
+    return int(trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0])
+
+
 def proposals(trials: Sequence[FrozenTrial]) -> list[list[FrozenTrial]]:
     """The settings the sampler proposed, in the order it proposed them, each as the trials
     that ran it: the trial that proposed it, then its retries (each names that first trial at
@@ -78,8 +84,7 @@ def proposals(trials: Sequence[FrozenTrial]) -> list[list[FrozenTrial]]:
     setting's index is the same whether or not a worker was lost before it."""
     chains: dict[int, list[FrozenTrial]] = {}
     for trial in sorted(trials, key=lambda t: t.number):
-        first = trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0]
-        chains.setdefault(first, []).append(trial)
+        chains.setdefault(proposer(trial), []).append(trial)
     return [chains[first] for first in sorted(chains)]
 
 
@@ -134,9 +139,8 @@ class Batches:
 
     def _build(self, study: Study, trial: FrozenTrial) -> Seen:
         others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
-        first = trial.system_attrs.get(RETRY_HISTORY, [trial.number])[0]
         chains = proposals(others)
-        index = sum(chain[0].number < first for chain in chains)
+        index = sum(chain[0].number < proposer(trial) for chain in chains)
         start = index - index % self.size
         view = optuna.create_study(directions=study.directions)
         view.add_trials([t for t in map(outcome, chains[:start]) if t is not None])
@@ -461,7 +465,7 @@ def retry_failed(study: Study, max_retry: int = MAX_RETRY) -> int:
     retried, so a resumed sweep finishes exactly what was lost; Optuna's own retry callback
     records which trial each retry replaces."""
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, [])}
     lost = [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     for trial in lost:
