@@ -548,6 +548,7 @@ class Selector:
         comparison both ask for the test part's)."""
         key = (part, refit_on_val)
         if key not in self.baseline_tables:
+            self.say(f"baselines: fitting and scoring them on the {part} part")
             self.baseline_tables[key] = evidence_for(task).baselines(part, refit_on_val)
         return self.baseline_tables[key]
 
