@@ -11,10 +11,10 @@
    kernels' and the allocator's warm-up. Each epoch ends with a host read of its numbers, so
    its wall includes the GPU's work.
 2. Trials per minute on one GPU with 1, 2, 4 and 8 local workers (``--workers K --set
-   study.workers_per_device=K --set study.batch=K``): the real command on CO2's sweep for a fixed time
-   (``study.timeout``), each on a fresh study; the rate is the trials finished (complete or
-   pruned) over the span from the first trial's start to the last one's end, read back from
-   the study.
+   study.workers_per_device=K --set study.batch=K``): the real command on CO2's sweep for a
+   fixed time (``study.timeout``), each on a fresh study; the rate is the trials finished
+   (complete or pruned) over the span from the first trial's start to the last one's end,
+   read back from the study.
 """
 
 from __future__ import annotations
