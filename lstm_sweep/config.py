@@ -91,6 +91,9 @@ class DataConfig(_Section):
     horizon: int = Field(1, ge=1)  # steps ahead, predicted jointly
     split: list[float] = [0.7, 0.15, 0.15]  # train/val/test: chronological for forecasting
     split_seed: int = 0  # classification's stratified split: fixed, so every seed sees one split
+    # forecasting: score every setting on this many validation stretches of the validation
+    # part's length, each after all rows before it (rolling origin); the last is the split's own
+    folds: int = Field(1, ge=1)
     scaler: Literal["standard", "minmax", "robust", "none"] = "standard"  # fit on train only
     missing: Literal["error", "drop", "ffill", "interpolate"] = "error"  # what to do with gaps
     transform: Literal["none", "log", "diff"] = "none"  # undone before metrics in original units
@@ -476,6 +479,10 @@ def _check_task(source: str, cfg: Config) -> None:
                 raise ConfigError(source, f"data.{key}", None, f"required for task {cfg.task}")
     if cfg.task == "forecast" and is_npz:
         raise ConfigError(source, "data.path", str(cfg.data.path), "forecast reads CSV or Parquet")
+    if cfg.task == "classification" and cfg.data.folds > 1:
+        raise ConfigError(
+            source, "data.folds", cfg.data.folds, "rolling-origin folds are for forecasting only"
+        )
     if cfg.train.monitor not in TASK_MONITORS[cfg.task]:
         allowed = " or ".join(TASK_MONITORS[cfg.task])
         raise ConfigError(

@@ -244,6 +244,17 @@ def split_bounds(n_rows: int, fractions: list[float]) -> tuple[int, int]:
     return val_start, test_start
 
 
+def fold_bounds(val_start: int, test_start: int, folds: int) -> list[tuple[int, int]]:
+    """The rows [start, stop) each fold validates on, oldest first: stretches of the validation
+    part's length ending where the next begins, the last the validation part itself; each fold
+    trains on every row before its stretch (scikit-learn's TimeSeriesSplit with a fixed
+    test_size, inside training + validation: the test part is never touched)."""
+    length = test_start - val_start
+    return [
+        (val_start - back * length, test_start - back * length) for back in reversed(range(folds))
+    ]
+
+
 def cut_windows(
     values: np.ndarray, targets: int, window: int, horizon: int, start: int, stop: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -294,13 +305,27 @@ def prepare_table(frame: pd.DataFrame, cfg: DataConfig, source: str) -> Table:
     return Table(times, levels, values, columns)
 
 
-def load_forecast_data(cfg: DataConfig) -> ForecastData:
-    """Read ``cfg.path`` and build the train/val/test windows; ConfigError on any data fault."""
+def load_forecast_data(cfg: DataConfig, fold: int | None = None) -> ForecastData:
+    """Read ``cfg.path`` and build the train/val/test windows; ConfigError on any data fault.
+    With ``fold`` (of ``data.folds``), its training and validation parts instead: rows before
+    its stretch and the stretch (:func:`fold_bounds`); the test part stays the split's."""
     source = str(cfg.path)
     table = prepare_table(read_table(cfg.path), cfg, source)
     times, levels, values, columns = table.times, table.levels, table.values, table.inputs
     n_rows = len(values)
-    val_start, test_start = split_bounds(n_rows, cfg.split)
+    split_val, test_start = split_bounds(n_rows, cfg.split)
+    stretches = fold_bounds(split_val, test_start, cfg.folds)
+    first_fold = stretches[0][0]
+    if cfg.folds > 1 and first_fold - cfg.window - cfg.horizon < test_start - split_val:
+        raise ConfigError(
+            source,
+            "data.folds",
+            cfg.folds,
+            f"too few rows: the first fold trains on {max(first_fold, 0)} rows, fewer than window"
+            f" {cfg.window} + horizon {cfg.horizon} + one validation stretch"
+            f" ({test_start - split_val} rows)",
+        )
+    val_start, val_stop = stretches[cfg.folds - 1 if fold is None else fold]
     for t, name in enumerate(cfg.targets):
         if np.ptp(levels[:val_start, t]) == 0:
             rule = "constant over the training part: there is nothing to learn"
@@ -308,7 +333,7 @@ def load_forecast_data(cfg: DataConfig) -> ForecastData:
     scaler = fit_scaler(cfg.scaler, values[:val_start])
     scaled = scaler.transform(values).astype(np.float32)
 
-    bounds = {"train": (0, val_start), "val": (val_start, test_start), "test": (test_start, n_rows)}
+    bounds = {"train": (0, val_start), "val": (val_start, val_stop), "test": (test_start, n_rows)}
     parts: dict[str, Windows] = {}
     for name, (start, stop) in bounds.items():
         x, y, first = cut_windows(scaled, len(cfg.targets), cfg.window, cfg.horizon, start, stop)
@@ -502,11 +527,11 @@ def load_classification_data(cfg: DataConfig) -> ClassificationData:
 TrainingData = ForecastData | ClassificationData
 
 
-def load_data(cfg: Config) -> TrainingData:
-    """The task's data for one data setting."""
+def load_data(cfg: Config, fold: int | None = None) -> TrainingData:
+    """The task's data for one data setting (forecasting: for one of its folds)."""
     if cfg.task == "classification":
         return load_classification_data(cfg.data)
-    return load_forecast_data(cfg.data)
+    return load_forecast_data(cfg.data, fold)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ VAL_RMSE = "val_rmse"
 # Metrics a run also records at its best epoch, as best_<name>
 AT_BEST_EPOCH = (VAL_LOSS, VAL_NMSE, TRAIN_EVAL_LOSS, GAP, VAL_ACCURACY, ACCURACY_GAP)
 BEST_VAL_LOSS = "best_val_loss"
+FOLDS_MEAN = "folds_mean"  # data.folds > 1: the mean of the folds' best monitored values
+FOLD_CURVES = (TRAIN_LOSS, TRAIN_EVAL_LOSS, VAL_LOSS)  # an earlier fold's per-epoch metrics
 
 # Tags
 ROLE_TAG = "lstm_sweep.role"  # one of ROLES
@@ -107,6 +109,11 @@ VERDICTS = ("underfitting", "healthy", "overfitting", "unstable", "undecided")
 def best(metric: str) -> str:
     """``val_loss`` -> ``best_val_loss``: the metric's value at the run's best epoch."""
     return f"best_{metric}"
+
+
+def fold(number: int, metric: str) -> str:
+    """A metric of an earlier fold, in its setting's run: ``fold0/val_loss``."""
+    return f"fold{number}/{metric}"
 
 
 def on_part(metric: str, part: str) -> str:

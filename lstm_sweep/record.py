@@ -7,6 +7,7 @@ records the same numbers, tags and files the same way; the run itself is opened 
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -26,7 +27,16 @@ from lstm_sweep.evidence import evidence_for
 from lstm_sweep.model import LSTMNet
 from lstm_sweep.tasks import Task
 from lstm_sweep.tracking import RunRecorder, Tracker, run_name
-from lstm_sweep.train import Callback, History, Interrupted, Stop, build_model, fit, predict
+from lstm_sweep.train import (
+    Callback,
+    History,
+    Interrupted,
+    Shifted,
+    Stop,
+    build_model,
+    fit,
+    predict,
+)
 
 RUN_KINDS = {m.ROLE_TRIAL: "trial", m.ROLE_REEVALUATION: "reeval", m.ROLE_FINAL: "final"}
 
@@ -40,6 +50,7 @@ class Outcome:
     verdict: dg.Verdict
     state: str  # COMPLETE, or PRUNED (pruned or unstable)
     val_output: np.ndarray  # the best weights' validation output, model space
+    value: float  # the setting's value: its best value, or with folds their mean (NaN if cut)
 
 
 def summary_metrics(
@@ -186,34 +197,100 @@ def draw_recorded(tracker: Tracker, run_id: str, task: Task, model: torch.nn.Mod
         tracker.log_artifacts(run_id, Path(tmp), m.DIAGNOSTICS_DIR)
 
 
-def train_in_run(
-    cfg: Config,
-    task: Task,
-    run: RunRecorder,
-    callbacks: Sequence[Callback] = (),
-    draw: bool = False,
-) -> Outcome:
-    """Train one setting, judge it and record it in ``run``: per-epoch rows as they come, then
-    its summary, verdict, weight quantiles at the first, best and last epoch, diagnostics
-    files (level full: raw arrays always, pictures with ``draw`` and a completed run) and, if
-    it completed, its best weights. A stop request ends the run as failed
-    (:class:`Interrupted`)."""
-    model = build_model(task, cfg)
-    history = fit(model, task, cfg, [run, *callbacks])
-    if history.stop is Stop.INTERRUPTED:
-        raise Interrupted
-    val_output = predict(model, task.data.val.x).cpu().numpy()
+class FoldRecorder(Callback):
+    """An earlier fold's curves in its setting's run, each under ``fold<k>/`` (the losses and
+    the monitored metric), at the fold's own epochs: they compare across trials in the UI."""
+
+    def __init__(self, run: RunRecorder, number: int, monitor: str) -> None:
+        self.run, self.number, self.keys = run, number, {*m.FOLD_CURVES, monitor}
+
+    def on_epoch_end(self, epoch: int, row: dict[str, float], history: History) -> Stop | None:
+        self.run.log_step(
+            epoch, {m.fold(self.number, k): v for k, v in row.items() if k in self.keys}
+        )
+        return None
+
+
+CUT_SHORT = (Stop.PRUNED, Stop.UNSTABLE)
+
+
+def judged(cfg: Config, task: Task, history: History) -> dg.Verdict:
     cut_short = "pruned" if history.stop is Stop.PRUNED else None
-    verdict = dg.judge(
+    return dg.judge(
         history.rows,
         task.naive_val_loss,
         cfg.diagnostics.verdict,
         history.unstable_reason,
         cut_short,
     )
-    state = m.PRUNED if history.stop in (Stop.PRUNED, Stop.UNSTABLE) else m.COMPLETE
-    outcome = Outcome(model, history, verdict, state, val_output)
-    run.log_summary(summary_metrics(history, verdict, task, val_output))
+
+
+def close(run: RunRecorder, state: str, verdict: dg.Verdict, stop: Stop) -> None:
+    run.end_as(
+        state,
+        {
+            m.VERDICT_TAG: verdict.verdict,
+            m.VERDICT_REASON_TAG: verdict.reason,
+            m.STOP_REASON_TAG: stop.value,
+        },
+    )
+
+
+def fold_summary(earlier: list[float], monitor: str, last: float | None) -> dict[str, float]:
+    """The earlier folds' best values and, once the last fold has one (``last``), the mean
+    over every fold: the setting's value."""
+    summary = {m.fold(number, m.best(monitor)): value for number, value in enumerate(earlier)}
+    if last is not None:
+        summary[m.FOLDS_MEAN] = float(np.mean([*earlier, last]))
+    return summary
+
+
+def train_in_run(
+    cfg: Config,
+    task: Task,
+    run: RunRecorder,
+    callbacks: Sequence[Callback] = (),
+    draw: bool = False,
+    folds: Sequence[Task] = (),
+) -> Outcome:
+    """Train one setting, judge it and record it in ``run``: per-epoch rows as they come, then
+    its summary, verdict, weight quantiles at the first, best and last epoch, diagnostics
+    files (level full: raw arrays always, pictures with ``draw`` and a completed run) and, if
+    it completed, its best weights. A stop request ends the run as failed
+    (:class:`Interrupted`).
+
+    With ``folds`` (the tasks of the folds before the split's own, ``data.folds``) each is
+    trained first, its curves under ``fold<k>/`` (:class:`FoldRecorder`), the callbacks told
+    its epochs after the previous folds' (the pruner compares like with like); the setting's
+    value is then the mean of every fold's best value. A fold cut short (pruned, unstable)
+    ends the setting there."""
+    bests: list[float] = []
+    monitor = cfg.train.monitor
+    for number, fold_task in enumerate(folds):
+        model = build_model(fold_task, cfg)
+        shifted = [Shifted(c, number * cfg.train.max_epochs) for c in callbacks]
+        history = fit(model, fold_task, cfg, [FoldRecorder(run, number, monitor), *shifted])
+        if history.stop is Stop.INTERRUPTED:
+            raise Interrupted
+        if history.stop in CUT_SHORT:
+            verdict = judged(cfg, fold_task, history)
+            run.log_summary(fold_summary([*bests, history.best_value], monitor, None))
+            close(run, m.PRUNED, verdict, history.stop)
+            val_output = predict(model, fold_task.data.val.x).cpu().numpy()
+            return Outcome(model, history, verdict, m.PRUNED, val_output, math.nan)
+        bests.append(history.best_value)
+    model = build_model(task, cfg)
+    shifted = [Shifted(c, len(folds) * cfg.train.max_epochs) for c in callbacks]
+    history = fit(model, task, cfg, [run, *shifted])
+    if history.stop is Stop.INTERRUPTED:
+        raise Interrupted
+    val_output = predict(model, task.data.val.x).cpu().numpy()
+    verdict = judged(cfg, task, history)
+    state = m.PRUNED if history.stop in CUT_SHORT else m.COMPLETE
+    value = float(np.mean([*bests, history.best_value]))
+    outcome = Outcome(model, history, verdict, state, val_output, value)
+    summary = summary_metrics(history, verdict, task, val_output)
+    run.log_summary(summary | (fold_summary(bests, monitor, history.best_value) if folds else {}))
     for epoch, groups in history.snapshots.values():
         run.log_step(epoch, dg.weight_stats(groups))
     with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
@@ -226,12 +303,5 @@ def train_in_run(
             save_weights(model, folder)
         if any(folder.iterdir()):
             run.log_artifacts(folder)
-    run.end_as(
-        state,
-        {
-            m.VERDICT_TAG: verdict.verdict,
-            m.VERDICT_REASON_TAG: verdict.reason,
-            m.STOP_REASON_TAG: history.stop.value,
-        },
-    )
+    close(run, state, verdict, history.stop)
     return outcome

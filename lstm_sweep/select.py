@@ -183,10 +183,13 @@ def trial_run(setting: Setting, verdicts: Mapping[int, Any]) -> RecordedRun:
 
 
 def reevaluation_run(run: pd.Series, monitor: str) -> RecordedRun:
-    """A finished re-evaluation run, as ``Tracker.child_runs`` gives it."""
+    """A finished re-evaluation run, as ``Tracker.child_runs`` gives it; its value is the
+    mean over its folds where it trained several (``data.folds``), as a trial's is."""
+    folds_mean = run.get(f"metrics.{m.FOLDS_MEAN}")
+    value = run[f"metrics.{m.best(monitor)}"] if pd.isna(folds_mean) else folds_mean
     return RecordedRun(
         str(run["run_id"]),
-        float(run[f"metrics.{m.best(monitor)}"]),
+        float(value),
         int(run[f"metrics.{m.BEST_EPOCH}"]),
         str(run.get(f"tags.{m.VERDICT_TAG}", "")),
     )
@@ -449,11 +452,12 @@ class Selector:
             f" seed={seed}",
         ) as run:
             stop = [StopWhen(self.context.stop_requested)]
-            outcome = train_in_run(run_cfg, task, run, stop, draw=True)
-            self.trainings += 1
+            folds = self.context.tasks.folds(run_cfg)
+            outcome = train_in_run(run_cfg, task, run, stop, draw=True, folds=folds)
+            self.trainings += 1 + len(folds)
             history = outcome.history
             recorded = RecordedRun(
-                run.run_id, history.best_value, history.best_epoch, outcome.verdict.verdict
+                run.run_id, outcome.value, history.best_epoch, outcome.verdict.verdict
             )
             result = scored(setting, seed, recorded, task, outcome.model, self.cfg.train.monitor)
             run.log_summary({m.error("test", k): v for k, v in result.test.items()})

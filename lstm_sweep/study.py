@@ -569,7 +569,7 @@ class Objective:
                 Pruning(trial, cfg.train.monitor, first_prunable_epoch(cfg)),
                 StopWhen(self.stop_requested),
             ]
-            outcome = train_in_run(cfg, task, run, callbacks)
+            outcome = train_in_run(cfg, task, run, callbacks, folds=self.tasks.folds(cfg))
         history = outcome.history
         trial.set_user_attr(m.BEST_EPOCH, history.best_epoch)
         trial.set_user_attr(m.EPOCHS_TRAINED, history.epochs_trained)
@@ -578,7 +578,7 @@ class Objective:
         if outcome.state == m.PRUNED:
             unstable = history.stop is Stop.UNSTABLE
             raise optuna.TrialPruned(outcome.verdict.reason if unstable else None)
-        return history.best_value
+        return outcome.value
 
 
 def run_one_trial(

@@ -166,11 +166,16 @@ class TaskCache:
     def __init__(self) -> None:
         self._tasks: dict[str, Task] = {}
 
-    def get(self, cfg: Config) -> Task:
-        key = f"{cfg.task}:{cfg.data.model_dump_json()}"
+    def get(self, cfg: Config, fold: int | None = None) -> Task:
+        """The task of ``cfg``'s data setting: its split, or one of its earlier folds."""
+        key = f"{cfg.task}:{cfg.data.model_dump_json()}:{fold}"
         if key not in self._tasks:
-            self._tasks[key] = make_task(load_data(cfg))
+            self._tasks[key] = make_task(load_data(cfg, fold))
         return self._tasks[key]
+
+    def folds(self, cfg: Config) -> list[Task]:
+        """The tasks of the folds before the split's own (none with one fold)."""
+        return [self.get(cfg, fold) for fold in range(cfg.data.folds - 1)]
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -92,6 +92,17 @@ class Callback:
         """After training, with the best weights restored."""
 
 
+class Shifted(Callback):
+    """Another callback, told each epoch ``offset`` later: a setting's folds train one after
+    another, and their epochs follow each other in one trial (the pruner's steps)."""
+
+    def __init__(self, callback: Callback, offset: int) -> None:
+        self.callback, self.offset = callback, offset
+
+    def on_epoch_end(self, epoch: int, row: dict[str, float], history: History) -> Stop | None:
+        return self.callback.on_epoch_end(epoch + self.offset, row, history)
+
+
 class StopWhen(Callback):
     """End training after the current epoch once ``requested()`` is true (Ctrl-C, SIGTERM)."""
 

@@ -10,9 +10,16 @@ import pytest
 from sklearn.preprocessing import StandardScaler
 
 from lstm_sweep.config import Config, ConfigError, load_config
-from lstm_sweep.data import cut_windows, describe, fit_scaler, load_forecast_data, split_bounds
+from lstm_sweep.data import (
+    cut_windows,
+    describe,
+    fit_scaler,
+    fold_bounds,
+    load_forecast_data,
+    split_bounds,
+)
 from lstm_sweep.tasks import Task
-from tests.helpers import CO2, write_series, write_sweep
+from tests.helpers import CLASSIFY, CO2, write_series, write_sweep
 
 
 def load(tmp_path: Path, values: np.ndarray, **data: object):
@@ -209,3 +216,34 @@ def test_a_data_setting_is_described_by_its_file_content_columns_and_samples_per
         "val": len(data.val),
         "test": len(data.test),
     }
+
+
+def test_folds_roll_the_origin_back_in_stretches_of_the_validation_parts_length() -> None:
+    # validation rows 70-85, test from 85: three folds validate on 40-55, 55-70, 70-85
+    assert fold_bounds(70, 85, 3) == [(40, 55), (55, 70), (70, 85)]
+    assert fold_bounds(70, 85, 1) == [(70, 85)]
+
+
+def test_no_fold_sees_a_test_row_and_the_last_fold_is_the_split_itself(tmp_path: Path) -> None:
+    values = np.arange(200, dtype=float) + np.sin(np.arange(200))
+    csv = write_series(tmp_path / "series.csv", values)
+    cfg = load_config(write_sweep(tmp_path / "s.yaml", csv, data={"folds": 3, "window": 8}))
+    split = load_forecast_data(cfg.data)
+    test_start = split.test.times.min()
+    folds = [load_forecast_data(cfg.data, fold) for fold in range(3)]
+    for fold in folds:
+        assert fold.train.times.max() < fold.val.times.min()  # training before validation
+        assert fold.val.times.max() < test_start  # and neither reaches the test part
+        assert len(fold.val) == len(split.val)  # one stretch length for every fold
+        np.testing.assert_array_equal(fold.test.times, split.test.times)
+    assert [len(f.train) for f in folds] == sorted(len(f.train) for f in folds)  # expanding
+    np.testing.assert_array_equal(folds[2].val.times, split.val.times)
+    np.testing.assert_array_equal(folds[2].train.x, split.train.x)
+    # each fold's scaler learnt from its own training rows only: the first fold's differs
+    assert folds[0].scaler.to_dict() != split.scaler.to_dict()
+
+
+def test_folds_are_refused_for_classification_in_one_line() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(CLASSIFY, ["data.folds=3"])
+    assert refused.value.key == "data.folds" and "forecasting only" in str(refused.value)

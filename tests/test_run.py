@@ -75,8 +75,17 @@ def assert_one_line_and_nothing_created(err: str, start: str, stores: Path) -> N
             [f"study.storage={url_with_password('postgresql://u@127.0.0.1:1/x', PASSWORD)}"],
             f"{QUICK}: study.storage",
         ),
+        (["data.folds=6"], f"{CO2}: data.folds = 6: too few rows: the first fold trains on"),
     ],
-    ids=["range", "typo with a secret", "int step", "bad YAML in --set", "data file", "storage"],
+    ids=[
+        "range",
+        "typo with a secret",
+        "int step",
+        "bad YAML in --set",
+        "data file",
+        "storage",
+        "folds",
+    ],
 )
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(
     stores: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], start: str

@@ -21,6 +21,7 @@ from lstm_sweep.run import main
 from lstm_sweep.select import (
     beaten_by,
     longest_first,
+    reevaluation_run,
     spread_table,
     top_settings,
     with_validation_in_training,
@@ -109,6 +110,15 @@ def a_selection(**changes: Any) -> Selection:
         headline="mse",
     )
     return dataclasses.replace(selection, **changes)
+
+
+def test_a_reevaluation_read_back_is_worth_its_folds_mean_where_it_has_one() -> None:
+    row = {"run_id": "r", f"metrics.{m.best('val_loss')}": 0.5, f"metrics.{m.BEST_EPOCH}": 3}
+    assert reevaluation_run(pd.Series(row), "val_loss").value == 0.5
+    folds = {**row, f"metrics.{m.FOLDS_MEAN}": 0.4}
+    assert reevaluation_run(pd.Series(folds), "val_loss").value == 0.4
+    older = {**row, f"metrics.{m.FOLDS_MEAN}": float("nan")}  # a run beside fold runs
+    assert reevaluation_run(pd.Series(older), "val_loss").value == 0.5
 
 
 def test_selection_round_trips_through_json() -> None:

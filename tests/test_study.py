@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -65,6 +66,26 @@ def test_the_objective_trains_one_trial_and_records_it_in_its_run(
     assert float(run.data.params["train.learning_rate"]) == 5e-3
     assert run.data.metrics[m.best(m.VAL_LOSS)] == pytest.approx(value)
     assert trial.user_attrs[m.VERDICT_ATTR] in m.VERDICTS
+
+
+def test_a_trial_scores_every_fold_and_its_value_is_the_mean_of_their_best_values(
+    tiny_cfg: Config, tracker: Tracker
+) -> None:
+    cfg = tiny_cfg.with_values({"data.folds": 3})
+    values = {"model.dropout": 0.1, "train.weight_decay": 1e-4, "train.learning_rate": 5e-3}
+    trial = optuna.trial.FixedTrial(values, number=4)
+    value = objective(cfg, tracker)(trial)
+    client = mlflow_client(Path("mlruns").resolve())
+    run = client.get_run(trial.user_attrs[m.RUN_ID_ATTR])
+    best = m.best(cfg.train.monitor)
+    metrics = run.data.metrics
+    bests = [metrics[m.fold(0, best)], metrics[m.fold(1, best)], metrics[best]]
+    assert value == pytest.approx(float(np.mean(bests)))
+    assert metrics[m.FOLDS_MEAN] == pytest.approx(value)
+    assert len(set(bests)) == 3  # three models on three stretches
+    for fold in (0, 1):  # each earlier fold's curves, an epoch a step
+        curve = client.get_metric_history(run.info.run_id, m.fold(fold, m.VAL_LOSS))
+        assert [p.step for p in curve] == list(range(len(curve))) and curve
 
 
 def test_a_pruned_trial_is_pruned_in_optuna_killed_in_mlflow_and_undecided(

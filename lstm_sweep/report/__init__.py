@@ -53,7 +53,7 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         and runs[f"metrics.{m.NAIVE_VAL_LOSS}"].notna().any()
         else math.nan
     )
-    summary = summarise(table, keys, cfg.direction, cfg.train.monitor, naive)
+    summary = summarise(table, keys, cfg.direction, cfg.train.monitor, naive, cfg.data.folds)
     raw = tracker.read_json_artifact(parent_id, m.SELECTION_FILE)
     selection = Selection.from_dict(raw) if raw else None
     importances = param_importances(study, cfg.train.seed)

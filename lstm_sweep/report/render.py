@@ -111,9 +111,15 @@ def format_summary(
     if summary.best_number is None or summary.best_value is None:
         lines.append(nothing_finished(summary))
     else:
+        # with folds the value is a mean over validation stretches the naive figure is not of
+        beside = (
+            f" (the mean over {summary.folds} validation folds)"
+            if summary.folds > 1
+            else naive_comparison(summary.monitor, summary.best_value, summary.naive_val_loss)
+        )
         lines += [
             f"Best trial #{summary.best_number}: {summary.monitor} {summary.best_value:.4g}"
-            + naive_comparison(summary.monitor, summary.best_value, summary.naive_val_loss),
+            + beside,
             f"Best settings: {settings_text(summary.best_values)}",
             "",
             f"Top {min(5, len(summary.table))}:",

@@ -75,10 +75,16 @@ class SweepSummary:
     naive_val_loss: float
     table: pd.DataFrame  # completed trials, best first
     monitor: str
+    folds: int = 1  # a trial's value is the mean over this many validation folds
 
 
 def summarise(
-    table: pd.DataFrame, keys: list[str], direction: str, monitor: str, naive_val_loss: float
+    table: pd.DataFrame,
+    keys: list[str],
+    direction: str,
+    monitor: str,
+    naive_val_loss: float,
+    folds: int = 1,
 ) -> SweepSummary:
     """Counts, best trial and a ranked table from a comparison table."""
     states = table["state"].value_counts() if len(table) else pd.Series(dtype=int)
@@ -98,6 +104,7 @@ def summarise(
         naive_val_loss=naive_val_loss,
         table=done[columns].reset_index(drop=True),
         monitor=monitor,
+        folds=folds,
     )
 
 
