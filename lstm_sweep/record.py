@@ -215,6 +215,7 @@ CUT_SHORT = (Stop.PRUNED, Stop.UNSTABLE)
 
 
 def judged(cfg: Config, task: Task, history: History) -> dg.Verdict:
+    """The verdict on a finished training of ``task``'s data."""
     cut_short = "pruned" if history.stop is Stop.PRUNED else None
     return dg.judge(
         history.rows,
@@ -226,6 +227,7 @@ def judged(cfg: Config, task: Task, history: History) -> dg.Verdict:
 
 
 def close(run: RunRecorder, state: str, verdict: dg.Verdict, stop: Stop) -> None:
+    """End a setting's run as ``state``, with its verdict and why training stopped."""
     run.end_as(
         state,
         {

@@ -88,11 +88,14 @@ def test_a_trial_scores_every_fold_and_its_value_is_the_mean_of_their_best_value
         assert [p.step for p in curve] == list(range(len(curve))) and curve
 
 
+@pytest.mark.parametrize("folds", [1, 2])  # with two, the first fold is cut: nothing more trains
 def test_a_pruned_trial_is_pruned_in_optuna_killed_in_mlflow_and_undecided(
-    tiny_cfg: Config, tracker: Tracker
+    tiny_cfg: Config, tracker: Tracker, folds: int
 ) -> None:
     # a pruner that prunes at once; the config's warm-up is 0, so it is asked from epoch 0
-    cfg = tiny_cfg.with_values({"train.max_epochs": 10, "study.pruner.n_warmup_steps": 0})
+    cfg = tiny_cfg.with_values(
+        {"train.max_epochs": 10, "study.pruner.n_warmup_steps": 0, "data.folds": folds}
+    )
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
     study.optimize(objective(cfg, tracker), n_trials=1)
     (trial,) = study.trials
@@ -101,6 +104,9 @@ def test_a_pruned_trial_is_pruned_in_optuna_killed_in_mlflow_and_undecided(
     run = mlflow_client(Path("mlruns").resolve()).get_run(trial.user_attrs[m.RUN_ID_ATTR])
     assert run.info.status == "KILLED" and run.data.tags[m.STOP_REASON_TAG] == "pruned"
     assert run.data.tags[m.VERDICT_TAG] == "undecided"
+    best = m.best(cfg.train.monitor)
+    assert (m.fold(0, best) in run.data.metrics) is (folds == 2)  # the cut fold's best, said
+    assert best not in run.data.metrics or folds == 1  # the split's own fold never trained
 
 
 def proposed_by(cfg: Config, storage: str | None, n: int) -> list[dict]:
