@@ -182,13 +182,22 @@ def arima_forecasts(
 ) -> np.ndarray:
     """Forecasts (len(origins), horizon) of ``levels`` from each origin (the index of the last
     value known there) by an ARIMA of ``order`` fitted on ``levels[:fit_end]`` (its last
-    :data:`ARIMA_HISTORY`); its parameters then stay fixed while the filter reads the whole
-    series, as that model would forecast at each origin."""
+    :data:`ARIMA_HISTORY`), its parameters then fixed while the Kalman filter reads the whole
+    series: from the state predicted for the step after each origin, the h-step forecasts follow
+    by the model's own transition, for every origin at once (what ``predict(start=o + 1,
+    end=o + h, dynamic=True)`` gives one origin at a time, tested)."""
     start = max(0, fit_end - ARIMA_HISTORY)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence notes on short or flat stretches
-        fitted = _arima(levels[start:fit_end], order).fit().apply(levels)
-    return np.stack([fitted.predict(start=o + 1, end=o + horizon, dynamic=True) for o in origins])
+        filtered = _arima(levels[start:fit_end], order).fit().apply(levels).filter_results
+    design, transition = filtered.design[:, :, 0], filtered.transition[:, :, 0]
+    state_intercept, obs_intercept = filtered.state_intercept[:, 0], filtered.obs_intercept[:, 0]
+    states = filtered.predicted_state[:, origins + 1]  # (k_states, n): data up to each origin
+    steps = []
+    for _ in range(horizon):
+        steps.append(obs_intercept[0] + design[0] @ states)
+        states = transition @ states + state_intercept[:, None]
+    return np.stack(steps, axis=1)
 
 
 def arima(data: ForecastData, part: str, refit_on_val: bool) -> tuple[np.ndarray, str]:

@@ -154,3 +154,14 @@ def test_the_arima_baseline_is_scored_with_its_order_and_beats_naive_on_an_ar_se
     assert table.loc["arima", "note"].startswith("ARIMA(") and ", 0, " in table.loc["arima", "note"]
     refit = baselines.forecast_baselines(data, "test", refit_on_val=True)
     assert refit.loc["arima", "mae"] != table.loc["arima", "mae"]  # fitted on validation too
+
+
+def test_arima_forecasts_for_every_origin_at_once_equal_statsmodels_one_at_a_time() -> None:
+    from statsmodels.tsa.arima.model import ARIMA
+
+    walk = np.cumsum(np.random.default_rng(2).normal(size=260)) + 5 * np.sin(np.arange(260) / 4)
+    origins, fit_end, order = np.arange(200, 250, 7), 200, (2, 1, 1)
+    forecast = baselines.arima_forecasts(walk, order, fit_end, origins, horizon=4)
+    fitted = ARIMA(walk[:fit_end], order=order, trend="n").fit().apply(walk)
+    one_at_a_time = [fitted.predict(start=o + 1, end=o + 4, dynamic=True) for o in origins]
+    np.testing.assert_allclose(forecast, np.stack(one_at_a_time), rtol=1e-9)
