@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -31,6 +32,7 @@ from sklearn.metrics import (
 )
 from sklearn.neural_network import MLPRegressor
 
+from lstm_sweep import metrics as m
 from lstm_sweep.data import PARTS, ClassificationData, ForecastData, Windows
 
 RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # chosen on validation windows only
@@ -236,14 +238,14 @@ def errors(prediction: np.ndarray, target: np.ndarray, scale: float) -> dict[str
     }
 
 
-FORECAST_BASELINES = ("naive", "seasonal_naive", "ridge_ar", "ridge_levels", "mlp", "arima")
+FORECAST_BASELINES = m.FORECAST_BASELINES
 
 
 def forecast_baselines(
     data: ForecastData,
     part: str,
     refit_on_val: bool,
-    methods: tuple[str, ...] = FORECAST_BASELINES,
+    methods: Sequence[str] = FORECAST_BASELINES,
 ) -> pd.DataFrame:
     """Each baseline's errors on a part: one row per method (index), columns :data:`METRICS`
     and ``note``. A baseline that cannot be made (no season) gets a note instead of numbers.

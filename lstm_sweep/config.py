@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from lstm_sweep import metrics as m
+
 SEARCHABLE_SECTIONS = ("model", "train")
 SEARCHABLE_DATA = ("data.window", "data.transform", "data.scaler")  # each value: its own windows
 SCALE_CHANGING = ("data.transform", "data.scaler")  # val_loss differs in units between values
@@ -298,6 +300,8 @@ class ClosingConfig(_Section):
     seeds: int = Field(3, ge=1)  # seeds per setting (train.seed, +1, ...); 1 gives no spread
     final_model: bool = True  # retrain the recommendation on train+val, test it, register it
     ensemble: bool = False  # final model = the mean of the recommendation's seed models
+    # forecasting: the baselines fitted and compared (default: all; the naive forecast always)
+    baselines: list[str] | None = None
     model_name: str | None = None  # MLflow Model Registry name; default: the study name
 
     @field_validator("model_name")
@@ -479,6 +483,12 @@ def _check_task(source: str, cfg: Config) -> None:
                 raise ConfigError(source, f"data.{key}", None, f"required for task {cfg.task}")
     if cfg.task == "forecast" and is_npz:
         raise ConfigError(source, "data.path", str(cfg.data.path), "forecast reads CSV or Parquet")
+    chosen = cfg.closing.baselines
+    if chosen is not None and (cfg.task != "forecast" or set(chosen) - set(m.FORECAST_BASELINES)):
+        known = ", ".join(m.FORECAST_BASELINES)
+        raise ConfigError(
+            source, "closing.baselines", chosen, f"forecasting's baselines are chosen from {known}"
+        )
     if cfg.task == "classification" and cfg.data.folds > 1:
         raise ConfigError(
             source, "data.folds", cfg.data.folds, "rolling-origin folds are for forecasting only"

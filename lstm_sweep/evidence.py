@@ -6,6 +6,7 @@ This side loads scikit-learn's estimators and matplotlib; the training loop need
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,6 +16,7 @@ import torch
 
 from lstm_sweep import baselines, plots
 from lstm_sweep import diagnostics as dg
+from lstm_sweep import metrics as m
 from lstm_sweep.predict import load_bundle, predict_classes, predict_forecast
 from lstm_sweep.tasks import Classification, Forecast, Task
 
@@ -38,8 +40,11 @@ class Evidence(ABC):
         """A model's errors on a part, comparable with :meth:`baselines` row by row."""
 
     @abstractmethod
-    def baselines(self, part: str, refit_on_val: bool) -> pd.DataFrame:
-        """The predictors the LSTM has to beat, scored on a part: one row per method."""
+    def baselines(
+        self, part: str, refit_on_val: bool, chosen: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """The predictors the LSTM has to beat, scored on a part: one row per method (those
+        ``chosen`` by closing.baselines, where the task lets them be chosen)."""
 
     @abstractmethod
     def worst_samples(self, output: np.ndarray, k: int) -> pd.DataFrame:
@@ -80,8 +85,11 @@ class ForecastEvidence(Evidence):
         prediction = data.to_original(output, data.part(part))
         return baselines.errors(prediction, data.truth(part), baselines.naive_scale(data))
 
-    def baselines(self, part: str, refit_on_val: bool) -> pd.DataFrame:
-        return baselines.forecast_baselines(self.task.data, part, refit_on_val)
+    def baselines(
+        self, part: str, refit_on_val: bool, chosen: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        methods = [b for b in m.FORECAST_BASELINES if chosen is None or b in {"naive", *chosen}]
+        return baselines.forecast_baselines(self.task.data, part, refit_on_val, methods)
 
     def worst_samples(self, output: np.ndarray, k: int) -> pd.DataFrame:
         data = self.task.data
@@ -128,7 +136,9 @@ class ClassificationEvidence(Evidence):
         truth = self.task.data.part(part).y.numpy()
         return baselines.classification_errors(output.argmax(axis=1), truth)
 
-    def baselines(self, part: str, refit_on_val: bool) -> pd.DataFrame:
+    def baselines(
+        self, part: str, refit_on_val: bool, chosen: Sequence[str] | None = None
+    ) -> pd.DataFrame:
         return baselines.classification_baselines(self.task.data, part, refit_on_val)
 
     def worst_samples(self, output: np.ndarray, k: int) -> pd.DataFrame:

@@ -39,6 +39,9 @@ VAL_RMSE = "val_rmse"
 # Metrics a run also records at its best epoch, as best_<name>
 AT_BEST_EPOCH = (VAL_LOSS, VAL_NMSE, TRAIN_EVAL_LOSS, GAP, VAL_ACCURACY, ACCURACY_GAP)
 BEST_VAL_LOSS = "best_val_loss"
+# forecasting's baselines, in the order the report lists them; the naive forecast is always
+# fitted (the yardstick of MASE and of the collapse check), the others as closing.baselines says
+FORECAST_BASELINES = ("naive", "seasonal_naive", "ridge_ar", "ridge_levels", "mlp", "arima")
 FOLDS_MEAN = "folds_mean"  # data.folds > 1: the mean of the folds' best monitored values
 FOLD_CURVES = (TRAIN_LOSS, TRAIN_EVAL_LOSS, VAL_LOSS)  # an earlier fold's per-epoch metrics
 

@@ -553,7 +553,8 @@ class Selector:
         key = (part, refit_on_val)
         if key not in self.baseline_tables:
             self.say(f"baselines: fitting and scoring them on the {part} part")
-            self.baseline_tables[key] = evidence_for(task).baselines(part, refit_on_val)
+            chosen = self.cfg.closing.baselines
+            self.baseline_tables[key] = evidence_for(task).baselines(part, refit_on_val, chosen)
         return self.baseline_tables[key]
 
     def crown(self, task: Task, model_uri: str, score: float) -> Champion:

@@ -91,6 +91,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) ->
     root = new_stores(folder, mlflow_template)
     args = sweep_args(
         "closing.model_name=co2-tiny",
+        "closing.baselines=null",  # every baseline
         "study.n_trials=5",
         "diagnostics.level=full",
         "tracking.system_metrics_seconds=1",

@@ -49,6 +49,9 @@ TINY = [
     "closing.seeds=2",
     # a monitor thread per run: the finished sweep below and test_tracking check them
     "tracking.system_metrics_seconds=0",
+    # the cheap baselines (the MLP and the ARIMA's order search cost a second a sweep): the
+    # finished sweep in conftest fits all of them
+    "closing.baselines=[seasonal_naive, ridge_ar]",
 ]
 
 

@@ -261,3 +261,19 @@ def test_an_old_sweep_file_with_the_closing_keys_under_report_still_works_and_sa
     with pytest.raises(ConfigError) as caught:
         load_config(path, [f"data.path={data}", "closing.seeds=3"])
     assert caught.value.key == "report.seeds" and "keep closing.seeds only" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("sweep", "value"),
+    [(QUICK, "[ridge_ar, prophet]"), (CLASSIFY, "[ridge_ar]")],
+    ids=["unknown name", "classification"],
+)
+def test_chosen_baselines_are_forecastings_own_or_refused_in_one_line(
+    sweep: Path, value: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(sweep, [f"closing.baselines={value}"])
+    assert refused.value.key == "closing.baselines"
+    assert "chosen from naive, seasonal_naive, ridge_ar, ridge_levels, mlp, arima" in str(
+        refused.value
+    )

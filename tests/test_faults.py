@@ -289,7 +289,7 @@ def test_a_full_disk_stops_the_sweep_in_one_line_and_the_rerun_finishes_in_agree
     and the way out, exit status EXIT_STORE, no traceback. Space freed, the same command
     repairs whatever the fault left and finishes the study with both stores in agreement."""
     root = new_stores(small_disk, mlflow_template)
-    args = command(*sweep_args("study.n_trials=4", "study.batch=2", *CLOSED_FAST), "--workers=2")
+    args = command(*sweep_args("study.n_trials=4", "study.batch=4", *CLOSED_FAST), "--workers=2")
     with HeldSweep(args, m.ROLE_TRIAL, tmp_path, cwd=small_disk) as sweep:
         sweep.held(2)
         filler = fill(small_disk)

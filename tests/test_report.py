@@ -149,7 +149,7 @@ def test_the_final_model_is_registered_once_and_compared_with_every_baseline(fin
     versions = finished.client.search_model_versions("name = 'co2-tiny'")
     assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == final.info.run_id
     metrics = finished.parent.data.metrics
-    for method in ("lstm", "naive", "seasonal_naive", "ridge_ar"):
+    for method in ("lstm", *m.FORECAST_BASELINES):
         for part in ("val", "test"):
             assert metrics[m.baseline(method, part, "mse")] > 0
     assert metrics["lstm_test_mse"] == pytest.approx(final.data.metrics["test_mse"])

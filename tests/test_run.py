@@ -457,7 +457,11 @@ def test_the_same_command_on_a_finished_study_leaves_its_run_finished(
 def test_two_processes_on_one_study_give_one_report_and_one_model(stores: Path) -> None:
     args = command(
         *sweep_args(
-            "study.n_trials=4", "train.max_epochs=10", "train.patience=10", "closing.top_k=1"
+            "study.n_trials=4",
+            "study.batch=4",  # both processes train at once, neither waits for the other
+            "train.max_epochs=10",
+            "train.patience=10",
+            "closing.top_k=1",
         )
     )
     processes = [

@@ -89,6 +89,13 @@ def test_worst_samples_rank_the_largest_errors_and_the_surest_mistakes(
     assert table.loc[0, "id"] == digits.data.val.ids[0]
 
 
+def test_the_closing_stage_fits_the_chosen_baselines_and_always_the_naive_forecast(
+    tiny_task: Task,
+) -> None:
+    table = evidence_for(tiny_task).baselines("val", False, ["ridge_ar"])
+    assert list(table.index) == ["naive", "ridge_ar"]
+
+
 def test_seasonal_naive_baseline_uses_the_configured_season(tiny_task: Task) -> None:
     table = baselines.forecast_baselines(tiny_task.data, "test", True, methods=("seasonal_naive",))
     assert table.loc["seasonal_naive", "note"] == "season 52"
