@@ -20,7 +20,6 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from lstm_sweep import metrics as m
-from lstm_sweep.baselines import FORECAST_BASELINES
 from lstm_sweep.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ def run_series(sweep: Path, overrides: list[str]) -> tuple[dict[str, float], str
         role = f"tags.`{m.ROLE_TAG}` = '{m.ROLE_SWEEP}'"
         (parent,) = client.search_runs([found.experiment_id], role)
         metrics = parent.data.metrics
-        methods = ["lstm", *FORECAST_BASELINES]
+        methods = ["lstm", *m.FORECAST_BASELINES]
         errors = {
             k: metrics[m.baseline(k, "test", "mae")]
             for k in methods
@@ -57,7 +56,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
     sweeps = args.sweeps or sorted((ROOT / "sweeps" / "series").glob("*.yaml"))
-    columns = ["lstm", *FORECAST_BASELINES]
+    columns = ["lstm", *m.FORECAST_BASELINES]
     print(f"| series | {' | '.join(columns)} | best baseline, against the LSTM | first line |")
     print(f"|{'---|' * (len(columns) + 3)}")
     for sweep in sweeps:

@@ -210,7 +210,9 @@ def arima(data: ForecastData, part: str, refit_on_val: bool) -> tuple[np.ndarray
     series = level_series(data)
     windows = data.part(part)
     origins = series.index.get_indexer(windows.times[:, 0]) - 1
-    ends = {name: series.index.get_loc(data.part(name).times[-1, -1]) + 1 for name in PARTS}
+    ends = {
+        name: series.index.get_loc(data.part(name).times[-1, -1]) + 1 for name in ("train", "val")
+    }
     fit_end = ends["val" if refit_on_val else "train"]
     forecasts, orders = [], []
     for column in series.columns:
@@ -238,14 +240,11 @@ def errors(prediction: np.ndarray, target: np.ndarray, scale: float) -> dict[str
     }
 
 
-FORECAST_BASELINES = m.FORECAST_BASELINES
-
-
 def forecast_baselines(
     data: ForecastData,
     part: str,
     refit_on_val: bool,
-    methods: Sequence[str] = FORECAST_BASELINES,
+    methods: Sequence[str] = m.FORECAST_BASELINES,
 ) -> pd.DataFrame:
     """Each baseline's errors on a part: one row per method (index), columns :data:`METRICS`
     and ``note``. A baseline that cannot be made (no season) gets a note instead of numbers.

@@ -247,6 +247,20 @@ def fold_summary(earlier: list[float], monitor: str, last: float | None) -> dict
     return summary
 
 
+def trained(
+    cfg: Config, task: Task, recorder: Callback, callbacks: Sequence[Callback], offset: int
+) -> tuple[LSTMNet, History]:
+    """A fresh model of the setting fitted on ``task``, ``recorder`` told its epochs and the
+    ``callbacks`` told them ``offset`` epochs later (the folds trained before it); a stop
+    request ends it (:class:`Interrupted`)."""
+    model = build_model(task, cfg)
+    told = [Shifted(c, offset) for c in callbacks] if offset else list(callbacks)
+    history = fit(model, task, cfg, [recorder, *told])
+    if history.stop is Stop.INTERRUPTED:
+        raise Interrupted
+    return model, history
+
+
 def train_in_run(
     cfg: Config,
     task: Task,
@@ -268,12 +282,10 @@ def train_in_run(
     ends the setting there."""
     bests: list[float] = []
     monitor = cfg.train.monitor
+    epochs = cfg.train.max_epochs
     for number, fold_task in enumerate(folds):
-        model = build_model(fold_task, cfg)
-        shifted = [Shifted(c, number * cfg.train.max_epochs) for c in callbacks]
-        history = fit(model, fold_task, cfg, [FoldRecorder(run, number, monitor), *shifted])
-        if history.stop is Stop.INTERRUPTED:
-            raise Interrupted
+        recorder = FoldRecorder(run, number, monitor)
+        model, history = trained(cfg, fold_task, recorder, callbacks, number * epochs)
         if history.stop in CUT_SHORT:
             verdict = judged(cfg, fold_task, history)
             run.log_summary(fold_summary([*bests, history.best_value], monitor, None))
@@ -281,11 +293,7 @@ def train_in_run(
             val_output = predict(model, fold_task.data.val.x).cpu().numpy()
             return Outcome(model, history, verdict, m.PRUNED, val_output, math.nan)
         bests.append(history.best_value)
-    model = build_model(task, cfg)
-    shifted = [Shifted(c, len(folds) * cfg.train.max_epochs) for c in callbacks]
-    history = fit(model, task, cfg, [run, *shifted])
-    if history.stop is Stop.INTERRUPTED:
-        raise Interrupted
+    model, history = trained(cfg, task, run, callbacks, len(folds) * epochs)
     val_output = predict(model, task.data.val.x).cpu().numpy()
     verdict = judged(cfg, task, history)
     state = m.PRUNED if history.stop in CUT_SHORT else m.COMPLETE

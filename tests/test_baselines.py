@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lstm_sweep import baselines
+from lstm_sweep import metrics as m
 from lstm_sweep.config import load_config
 from lstm_sweep.data import ForecastData, load_forecast_data
 from tests.helpers import write_series, write_sweep
@@ -20,7 +21,7 @@ def series_data(tmp_path: Path, values: np.ndarray, **data: object) -> ForecastD
 
 
 # every baseline but the ARIMA, which fits eleven models: its own tests below pay for it
-FAST = tuple(name for name in baselines.FORECAST_BASELINES if name != "arima")
+FAST = tuple(name for name in m.FORECAST_BASELINES if name != "arima")
 
 
 def periodic(n: int = 300, period: int = 12) -> np.ndarray:
