@@ -93,8 +93,9 @@ class DataConfig(_Section):
     horizon: int = Field(1, ge=1)  # steps ahead, predicted jointly
     split: list[float] = [0.7, 0.15, 0.15]  # train/val/test: chronological for forecasting
     split_seed: int = 0  # classification's stratified split: fixed, so every seed sees one split
-    # forecasting: score every setting on this many validation stretches of the validation
-    # part's length, each after all rows before it (rolling origin); the last is the split's own
+    # score every setting on this many validation parts, the last the split's own: forecasting
+    # stretches of the validation part's length, each after all rows before it (rolling
+    # origin); classification stratified chunks of the training part
     folds: int = Field(1, ge=1)
     scaler: Literal["standard", "minmax", "robust", "none"] = "standard"  # fit on train only
     missing: Literal["error", "drop", "ffill", "interpolate"] = "error"  # what to do with gaps
@@ -488,10 +489,6 @@ def _check_task(source: str, cfg: Config) -> None:
         known = ", ".join(m.FORECAST_BASELINES)
         raise ConfigError(
             source, "closing.baselines", chosen, f"forecasting's baselines are chosen from {known}"
-        )
-    if cfg.task == "classification" and cfg.data.folds > 1:
-        raise ConfigError(
-            source, "data.folds", cfg.data.folds, "rolling-origin folds are for forecasting only"
         )
     if cfg.train.monitor not in TASK_MONITORS[cfg.task]:
         allowed = " or ".join(TASK_MONITORS[cfg.task])

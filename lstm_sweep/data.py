@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import MinMaxScaler, RobustScaler, StandardScaler
 
 from lstm_sweep.config import Config, ConfigError, DataConfig, file_digest
@@ -484,8 +484,32 @@ def _sequences_from_npz(path: Path, source: str, labelled: bool) -> RawSequences
     return RawSequences(x, y, np.arange(len(x)), [f"f{i}" for i in range(x.shape[2])])
 
 
-def load_classification_data(cfg: DataConfig) -> ClassificationData:
-    """Read labelled sequences; stratified, seeded train/val/test split; scaler fit on train."""
+def stratified_folds(
+    y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, folds: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (training, validation) sequences of each of ``folds`` folds, the last the split's
+    own: each earlier fold validates on a stratified chunk of the training part about the
+    validation part's size (the chunks disjoint) and trains on every other training and
+    validation sequence. ValueError when the training part holds fewer such chunks."""
+    if folds == 1:
+        return [(train_idx, val_idx)]
+    chunks = max(2, round(len(train_idx) / len(val_idx)))
+    if folds - 1 > chunks:
+        raise ValueError(
+            f"too few sequences: the training part ({len(train_idx)}) holds {chunks} stretches"
+            f" of the validation part's size ({len(val_idx)}), fewer than {folds - 1}"
+        )
+    splitter = StratifiedKFold(n_splits=chunks, shuffle=True, random_state=seed)
+    pool = np.sort(np.concatenate([train_idx, val_idx]))
+    held = [train_idx[chunk] for _, chunk in splitter.split(train_idx, y[train_idx])]
+    earlier = [(np.setdiff1d(pool, chunk), np.sort(chunk)) for chunk in held[: folds - 1]]
+    return [*earlier, (train_idx, val_idx)]
+
+
+def load_classification_data(cfg: DataConfig, fold: int | None = None) -> ClassificationData:
+    """Read labelled sequences; stratified, seeded train/val/test split; scaler fit on train.
+    With ``fold`` (of ``data.folds``), its training and validation sequences instead
+    (:func:`stratified_folds`); the test part stays the split's."""
     source = str(cfg.path)
     raw = read_sequences(cfg, cfg.path)
     if raw.labels is None:
@@ -510,6 +534,11 @@ def load_classification_data(cfg: DataConfig) -> ClassificationData:
         )
     except ValueError as exc:
         raise ConfigError(source, "data.split", cfg.split, f"cannot stratify: {exc}") from None
+    try:
+        folds = stratified_folds(y, train_idx, val_idx, cfg.folds, cfg.split_seed)
+    except ValueError as exc:
+        raise ConfigError(source, "data.folds", cfg.folds, str(exc)) from None
+    train_idx, val_idx = folds[cfg.folds - 1 if fold is None else fold]
     steps, features = x.shape[1], x.shape[2]
     scaler = fit_scaler(cfg.scaler, x[train_idx].reshape(-1, features))
     scaled = scaler.transform(x.reshape(-1, features)).reshape(-1, steps, features)
@@ -528,9 +557,9 @@ TrainingData = ForecastData | ClassificationData
 
 
 def load_data(cfg: Config, fold: int | None = None) -> TrainingData:
-    """The task's data for one data setting (forecasting: for one of its folds)."""
+    """The task's data for one data setting, or for one of its folds."""
     if cfg.task == "classification":
-        return load_classification_data(cfg.data)
+        return load_classification_data(cfg.data, fold)
     return load_forecast_data(cfg.data, fold)
 
 

@@ -29,6 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "sweeps" / "quick.yaml"
 FORECAST = ROOT / "sweeps" / "forecast.yaml"
 CLASSIFY = ROOT / "sweeps" / "classify.yaml"
+# the classification example shrunk to seconds
+TINY_CLASSIFY = [
+    "model.num_layers=1",
+    "model.hidden_size=16",
+    "train.max_epochs=3",
+    "study.n_trials=3",
+    "study.n_startup_trials=2",
+    "diagnostics.eval_subsample=256",
+    "train.batch_size=128",
+    "closing.top_k=2",
+    "closing.seeds=2",
+    "study.workers=1",
+    "search.model.hidden_size={type: categorical, choices: [32, 64]}",  # not the file's 128
+]
 CO2 = ROOT / "sweeps" / "data" / "co2_weekly.csv"
 IN_CI = os.environ.get("CI") == "true"
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"

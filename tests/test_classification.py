@@ -19,21 +19,8 @@ from lstm_sweep.data import load_data
 from lstm_sweep.run import main
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.train import build_model, fit
-from tests.helpers import CLASSIFY, ROOT, mlflow_client
+from tests.helpers import CLASSIFY, ROOT, TINY_CLASSIFY, mlflow_client
 
-TINY_CLASSIFY = [
-    "model.num_layers=1",
-    "model.hidden_size=16",
-    "train.max_epochs=3",
-    "study.n_trials=3",
-    "study.n_startup_trials=2",
-    "diagnostics.eval_subsample=256",
-    "train.batch_size=128",
-    "closing.top_k=2",
-    "closing.seeds=2",
-    "study.workers=1",
-    "search.model.hidden_size={type: categorical, choices: [32, 64]}",  # not the file's 128
-]
 
 
 def test_stratified_split_keeps_class_proportions() -> None:

@@ -16,6 +16,7 @@ from lstm_sweep.data import (
     fit_scaler,
     fold_bounds,
     load_forecast_data,
+    load_data,
     split_bounds,
 )
 from lstm_sweep.tasks import Task
@@ -243,7 +244,29 @@ def test_no_fold_sees_a_test_row_and_the_last_fold_is_the_split_itself(tmp_path:
     assert folds[0].scaler.to_dict() != split.scaler.to_dict()
 
 
-def test_folds_are_refused_for_classification_in_one_line() -> None:
+def test_classification_folds_are_stratified_chunks_of_training_and_never_see_a_test_sequence() -> (
+    None
+):
+    cfg = load_config(CLASSIFY, ["data.folds=3"])
+    split = load_data(load_config(CLASSIFY))
+    folds = [load_data(cfg, fold) for fold in range(3)]
+    pool = set(split.train.ids) | set(split.val.ids)
+    for fold in folds:
+        train, val = set(fold.train.ids), set(fold.val.ids)
+        assert not train & val and train | val == pool  # training + validation, re-cut
+        np.testing.assert_array_equal(fold.test.ids, split.test.ids)  # the test part untouched
+        shares = np.bincount(fold.val.y.numpy(), minlength=10) / len(fold.val)
+        split_shares = np.bincount(split.val.y.numpy(), minlength=10) / len(split.val)
+        assert np.abs(shares - split_shares).max() < 0.01  # stratified
+        assert abs(len(fold.val) - len(split.val)) < 0.1 * len(split.val)  # about its size
+    np.testing.assert_array_equal(folds[2].val.ids, split.val.ids)  # the last is the split
+    np.testing.assert_array_equal(folds[2].train.x, split.train.x)
+    earlier = [set(f.val.ids) for f in folds[:2]]
+    assert not earlier[0] & earlier[1] and earlier[0] <= set(split.train.ids)  # disjoint chunks
+    assert folds[0].scaler.to_dict() != split.scaler.to_dict()  # each fold's own scaler
+
+
+def test_too_many_classification_folds_are_refused_in_one_line_naming_the_key() -> None:
     with pytest.raises(ConfigError) as refused:
-        load_config(CLASSIFY, ["data.folds=3"])
-    assert refused.value.key == "data.folds" and "forecasting only" in str(refused.value)
+        load_data(load_config(CLASSIFY, ["data.folds=7"]))  # 1257 training, 270 validation
+    assert refused.value.key == "data.folds" and "too few sequences" in str(refused.value)

@@ -20,7 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import Config, ConfigError
+from lstm_sweep.config import Config, ConfigError, load_config
 from lstm_sweep.study import (
     Batches,
     BatchPruner,
@@ -43,7 +43,14 @@ from lstm_sweep.study import (
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
 from lstm_sweep.train import History, Stop
-from tests.helpers import free_port, mlflow_client, url_with_password, wait_for
+from tests.helpers import (
+    CLASSIFY,
+    TINY_CLASSIFY,
+    free_port,
+    mlflow_client,
+    url_with_password,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -68,11 +75,15 @@ def test_the_objective_trains_one_trial_and_records_it_in_its_run(
     assert trial.user_attrs[m.VERDICT_ATTR] in m.VERDICTS
 
 
+@pytest.mark.parametrize("task", ["forecast", "classification"])
 def test_a_trial_scores_every_fold_and_its_value_is_the_mean_of_their_best_values(
-    tiny_cfg: Config, tracker: Tracker
+    tiny_cfg: Config, tracker: Tracker, task: str
 ) -> None:
     cfg = tiny_cfg.with_values({"data.folds": 3})
     values = {"model.dropout": 0.1, "train.weight_decay": 1e-4, "train.learning_rate": 5e-3}
+    if task == "classification":  # stratified chunks of the digits' training sequences
+        cfg = load_config(CLASSIFY, TINY_CLASSIFY + ["data.folds=3", "train.max_epochs=2"])
+        values["model.hidden_size"] = 32
     trial = optuna.trial.FixedTrial(values, number=4)
     value = objective(cfg, tracker)(trial)
     client = mlflow_client(Path("mlruns").resolve())
