@@ -22,7 +22,6 @@ from lstm_sweep.train import build_model, fit
 from tests.helpers import CLASSIFY, ROOT, TINY_CLASSIFY, mlflow_client
 
 
-
 def test_stratified_split_keeps_class_proportions() -> None:
     data = load_data(load_config(CLASSIFY))
     overall = np.bincount(np.load(ROOT / "sweeps" / "data" / "digits.npz")["y"]) / 1797

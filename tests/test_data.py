@@ -15,8 +15,8 @@ from lstm_sweep.data import (
     describe,
     fit_scaler,
     fold_bounds,
-    load_forecast_data,
     load_data,
+    load_forecast_data,
     split_bounds,
 )
 from lstm_sweep.tasks import Task
