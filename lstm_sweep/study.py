@@ -98,15 +98,32 @@ def outcome(chain: Sequence[FrozenTrial]) -> FrozenTrial | None:
     return next((t for t in chain if t.state in COUNTED), None)
 
 
-def may_propose(trials: Sequence[FrozenTrial], batch: int) -> bool:
+def may_propose(trials: Sequence[FrozenTrial], batch: int, blind: int = 0) -> bool:
     """Whether a worker may ask for a trial now: a queued retry (its settings fixed) always;
-    a new setting once every batch before its own has settled, since the sampler proposing it
-    must see exactly those trials, whoever finished first."""
+    one of the first ``blind`` settings (:func:`blind_settings`) always; any other new setting
+    once every batch before its own has settled, since the sampler proposing it must see
+    exactly those trials, whoever finished first."""
     if any(t.state == TrialState.WAITING for t in trials):
         return True
     chains = proposals(trials)
+    if len(chains) < blind:
+        return True
     start = len(chains) - len(chains) % batch
     return all(settled(chain) for chain in chains[:start])
+
+
+def blind_settings(cfg: Config) -> int:
+    """How many first settings nothing decides by other trials: TPE and the GP sampler draw
+    their start-up settings at random, and the median pruner prunes nothing until it sees
+    its start-up count of complete trials, more than the batches before such a setting hold.
+    They need not wait for those batches: the study is the same whenever they start."""
+    study = cfg.study
+    samplers = {"tpe": study.n_startup_trials, "gp": study.n_startup_trials, "random": math.inf}
+    # the median pruner's view of a setting holds the whole batches before it
+    median = math.ceil(study.pruner.n_startup_trials / study.batch) * study.batch
+    pruners = {"median": median, "none": math.inf}
+    blind = min(samplers.get(study.sampler, 0), pruners.get(study.pruner.type, 0))
+    return int(min(blind, study.n_trials))
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from lstm_sweep.study import (
     Objective,
     StaleTrialHandler,
     Study,
+    blind_settings,
     counted_trials,
     fail_stale_trials,
     may_propose,
@@ -341,13 +342,15 @@ def optimize(
     are running count as taken, so the study ends with exactly ``n_trials``; a worker that
     finds all remaining trials taken waits, in case one of them is lost and comes back. A
     worker also waits while the batch before its next trial's runs (``study.batch``): the
-    sampler proposes from finished batches only, so any number of workers gives one study.
+    sampler proposes from finished batches only, so any number of workers gives one study
+    (the first settings, which see no trial, do not wait: :func:`blind_settings`).
     """
     cfg, study, lock = sweep.cfg, sweep.study, sweep.lock
     # Start-up's objects (torch, MLflow, SQLAlchemy, the data) live as long as the process:
     # frozen, the collector stops walking them, and its full passes during the trials drop
     # from ~0.3 s each to a few ms (on a small series that was ~2 ms per epoch).
     gc.freeze()
+    blind = blind_settings(cfg)
     timeout = cfg.study.timeout
     deadline = time.monotonic() + timeout if timeout else float("inf")
     while time.monotonic() < deadline and not stop_requested():
@@ -363,7 +366,7 @@ def optimize(
                 lock.release()
                 time.sleep(poll_seconds)
                 continue
-            if not may_propose(trials, cfg.study.batch):  # the batch before is still running
+            if not may_propose(trials, cfg.study.batch, blind):  # the batch before still runs
                 lock.release()
                 time.sleep(BATCH_POLL_SECONDS)
                 continue

@@ -27,6 +27,7 @@ from lstm_sweep.study import (
     Objective,
     Pruning,
     StaleTrialHandler,
+    blind_settings,
     fail_stale_trials,
     first_prunable_epoch,
     make_pruner,
@@ -186,6 +187,26 @@ def test_a_retry_belongs_to_the_setting_it_repeats_and_a_batch_waits_for_the_one
     trials[4] = ended(4, retry_history=[1, 3])
     assert may_propose(trials, batch=1) and may_propose(trials, batch=2)
     assert may_propose([*trials[:4], ended(4, running), ended(6, waiting, retry_history=[4])], 1)
+
+
+def test_the_settings_no_trial_decides_start_without_waiting_for_the_batch_before(
+    tiny_cfg: Config,
+) -> None:
+    def blind(**study: Any) -> int:
+        values = {"study.n_trials": 30, **{f"study.{k}": v for k, v in study.items()}}
+        return blind_settings(tiny_cfg.with_values(values))
+
+    # TPE draws 8 at random; the median pruner, in batches of 2, first sees 5 complete
+    # trials at setting 6: it could prune setting 6, so setting 6 waits
+    assert blind(n_startup_trials=8, batch=2, **{"pruner.n_startup_trials": 5}) == 6
+    assert blind(n_startup_trials=4, batch=2, **{"pruner.n_startup_trials": 5}) == 4
+    assert blind(n_startup_trials=8, batch=1, **{"pruner.n_startup_trials": 5}) == 5
+    assert blind(sampler="random", **{"pruner.type": "none"}) == 30  # nothing ever waits
+    assert blind(sampler="cmaes") == 0  # its state lives in the study: it always waits
+    assert blind(n_startup_trials=8, **{"pruner.type": "hyperband"}) == 0
+    running = [ended(0, TrialState.RUNNING), ended(1, TrialState.RUNNING), ended(2)]
+    assert not may_propose(running, batch=1, blind=3)  # the fourth setting sees the others
+    assert may_propose(running, batch=1, blind=4)
 
 
 def test_a_batch_is_proposed_alike_whichever_of_the_batch_before_finished_first(
