@@ -10,7 +10,8 @@ command once per train.seed in a fresh folder, with the default workers unless -
 otherwise, and is read back from its own stores: the study's best value, the recommended model's
 test error (the registered model's, from the sweep's run), the trial values (so two variants
 that should give one study can be compared) and the wall time. The peer runs once per seed with
-torch's default threads. Prints one line per run, then per variant the median and max/min of
+torch's default threads and scores its best trial's model on the test part (the error the
+default command's recommendation has to match). Prints one line per run, then per variant the median and max/min of
 each figure and the best value's ratio to the peer's, seed by seed.
 """
 
@@ -73,7 +74,11 @@ def peer_run(sweep: Path, overrides: list[str]) -> dict[str, Any]:
         started = time.monotonic()
         done = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        return {"best_value": result["best_value"], "wall": time.monotonic() - started}
+        return {
+            "best_value": result["best_value"],
+            "test": result["test_mae"],
+            "wall": time.monotonic() - started,
+        }
 
 
 def spread(values: list[float]) -> str:
@@ -108,7 +113,11 @@ def main() -> None:
         if not args.no_peer:
             peer = peer_run(sweep, overrides)
             peers.append(peer)
-            print(f"seed {seed} peer: best {peer['best_value']:.4g}, {peer['wall']:.0f} s")
+            print(
+                f"seed {seed} peer: best {peer['best_value']:.4g}, its test {peer['test']:.4g},"
+                f" {peer['wall']:.0f} s",
+                flush=True,
+            )
         for name, keys in variants.items():
             ran = command_run(sweep, [*overrides, *keys], args.workers)
             runs[name].append(ran)
@@ -126,8 +135,11 @@ def main() -> None:
             walls = [r["wall"] / p["wall"] for r, p in zip(done, peers, strict=True)]
             print(f"{name}: best value / peer's {[round(x, 3) for x in ratios]}, {spread(ratios)}")
             print(f"{name}: wall / peer's {spread(walls)}")
+            tests = [r["test"] / p["test"] for r, p in zip(done, peers, strict=True)]
+            print(f"{name}: test error / peer's best trial's {spread(tests)}")
     if peers:
         print(f"peer: best value {spread([p['best_value'] for p in peers])}")
+        print(f"peer: its best trial's test error {spread([p['test'] for p in peers])}")
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "peer": peers}, indent=1))
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import copy
 import fcntl
 import json
 import math
@@ -146,7 +147,9 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
     """The hand-written sweep: the sweep file's search space, trial count, sampler seed and
     startup trials, pruner settings, max_epochs and patience, written the way a blog post
     writes it. It optimises the sweep's monitor (``val_nmse`` for CO2: the MSE in ppmv over the
-    naive forecast's, scored by the same Task function, so the two best values compare).
+    naive forecast's, scored by the same Task function, so the two best values compare), keeps
+    each trial's best epoch's weights, and scores the best trial's model on the test part once
+    (``test_mae``, in the series' units, as lstm_sweep scores its registered model).
     ``threads`` torch threads, 0 for torch's default (one per core)."""
     import mlflow
     import optuna
@@ -155,6 +158,7 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
     from torch.utils.data import DataLoader, TensorDataset
 
     from lstm_sweep.data import load_data
+    from lstm_sweep.evidence import evidence_for
     from lstm_sweep.study import suggest_params
     from lstm_sweep.tasks import make_task
     from lstm_sweep.train import build_model
@@ -165,6 +169,7 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
     monitor = cfg.train.monitor
     mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     mlflow.set_experiment("peer")
+    kept: dict[int, tuple[Any, torch.nn.Module]] = {}  # trial -> its task and best weights
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest_params(trial, cfg.search)
@@ -208,6 +213,7 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
                 trial.set_user_attr("epochs_trained", epoch + 1)  # in memory: for the table only
                 if value < best:
                     best, since_best = value, 0
+                    kept[trial.number] = (task, copy.deepcopy(model))
                 else:
                     since_best += 1
                 trial.report(value, epoch)
@@ -228,8 +234,12 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
     )
     with mlflow.start_run(run_name="sweep"):
         study.optimize(objective, n_trials=cfg.study.n_trials)
+    task, model = kept[study.best_trial.number]
+    with torch.no_grad():
+        output = model.eval()(task.data.test.x).numpy()
     return {
         "best_value": study.best_value,
+        "test_mae": evidence_for(task).errors(output, "test")["mae"],
         "trials_seconds": trials_span(study.trials),
         "epochs": epochs_of(study.trials),
         "torch_threads": torch.get_num_threads(),
