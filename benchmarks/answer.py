@@ -11,8 +11,8 @@ otherwise, and is read back from its own stores: the study's best value, the rec
 test error (the registered model's, from the sweep's run), the trial values (so two variants
 that should give one study can be compared) and the wall time. The peer runs once per seed with
 torch's default threads and scores its best trial's model on the test part (the error the
-default command's recommendation has to match). Prints one line per run, then per variant the median and max/min of
-each figure and the best value's ratio to the peer's, seed by seed.
+default command's recommendation has to match). Prints one line per run, then per variant the
+median and max/min of each figure and its ratios to the peer's, seed by seed.
 """
 
 from __future__ import annotations
