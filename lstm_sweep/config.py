@@ -212,6 +212,15 @@ class PrunerConfig(_Section):
     reduction_factor: int = Field(3, ge=2)  # hyperband / successive halving
 
 
+class StopConfig(_Section):
+    """When the study ends itself before n_trials: its best value has not improved by more than
+    ``min_gain`` (relative) over its last ``patience`` settings, counted after the sampler's
+    random start-up ones."""
+
+    patience: int | None = Field(None, ge=1)  # settings without a gain; None: run n_trials
+    min_gain: float = Field(0.01, ge=0)  # an improvement smaller than this share is no gain
+
+
 class RayConfig(_Section):
     """Resources of each worker when a Ray cluster runs them (``--ray ADDRESS``)."""
 
@@ -228,6 +237,7 @@ class StudyConfig(_Section):
     sampler: Literal["tpe", "random", "cmaes", "qmc", "gp"] = "tpe"
     n_startup_trials: int = Field(5, ge=0)  # random trials before a model-based sampler kicks in
     pruner: PrunerConfig = PrunerConfig()
+    stop: StopConfig = StopConfig()  # the study ends itself once its best stops improving
     storage: str | None = None  # Optuna storage URL; default: sqlite under mlruns/
     direction: Literal["minimize", "maximize"] | None = None  # default: follows train.monitor
     # worker processes on this machine, one torch thread each; default: one per core (a tiny
@@ -572,7 +582,7 @@ def move_closing_keys(raw: dict[str, Any], source: str) -> list[str]:
 
 # What a study's trial values depend on. A study stores these when it is created and a rerun
 # with other values is refused (the trials would answer another question). Left out: names,
-# budgets of this invocation (n_trials, timeout, workers), where things are stored, how much
+# budgets (n_trials, timeout, stop, workers), where things are stored, how much
 # is logged (diagnostics.level changes no value), and the closing report's settings.
 FINGERPRINT_SECTIONS = ("task", "data", "model", "train", "search")
 FINGERPRINT_STUDY_KEYS = ("sampler", "n_startup_trials", "pruner", "batch")

@@ -30,7 +30,9 @@ from lstm_sweep.study import (
     record_selection,
     selection_recorded,
     state_counts,
+    stopping_point,
     storage_url,
+    target_trials,
     trials_frame,
 )
 from lstm_sweep.sweep import (
@@ -65,7 +67,7 @@ class Progress:
     polling the storage for the other workers' trials; redrawn every second while open."""
 
     def __init__(self, sweep: Sweep, enabled: bool) -> None:
-        self.study = sweep.study
+        self.study, self.cfg = sweep.study, sweep.cfg
         self.bar = tqdm(
             total=sweep.cfg.study.n_trials,
             initial=counted_trials(sweep.study),
@@ -90,6 +92,17 @@ class Progress:
             )
             self.bar.update(counts[m.COMPLETE] + counts[m.PRUNED] - self.bar.n)
 
+    def finish(self) -> None:
+        """The last update; where the study stopped itself, the bar ends full at its trials
+        and a line says why."""
+        self()
+        stopped = stopping_point(self.study.get_trials(deepcopy=False), self.cfg)
+        if stopped is not None:
+            with self.lock:
+                self.bar.total = self.bar.n
+                self.bar.refresh()
+            print(f"{self.cfg.study_name}: {stopped}", file=sys.stderr)
+
     def __enter__(self) -> Progress:
         self.ticker.__enter__()
         return self
@@ -113,7 +126,7 @@ def conclude(
     stage = stage or Stage()
     cfg, study, tracker = sweep.cfg, sweep.study, sweep.tracker
     counted = counted_trials(study)
-    if counted < cfg.study.n_trials:
+    if counted < target_trials(study.get_trials(deepcopy=False), cfg):
         held = f"the study holds {counted} of {cfg.study.n_trials} trials"
         if not state_counts(study)["RUNNING"]:  # else other hosts go on under the same run
             tracker.stop_parent(parent_id, f"study.timeout reached: {held}")
@@ -216,7 +229,7 @@ def run_sweep(sweep: Sweep, stop: GracefulStop, engine: Engine, progress: bool =
         parent_id = start(sweep)
         with Progress(sweep, progress) as bar:
             engine.run_trials(sweep, parent_id, stop, bar)
-            bar()
+            bar.finish()
         text = conclude(sweep, parent_id, stop, engine, progress, stage)
     except KeyboardInterrupt:
         during = "" if stage.name == m.STAGE_TRIALS else f" in the {stage.name}"

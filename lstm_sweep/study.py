@@ -112,6 +112,68 @@ def may_propose(trials: Sequence[FrozenTrial], batch: int, blind: int = 0) -> bo
     return all(settled(chain) for chain in chains[:start])
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """Where a study ended itself (``study.stop``): after its first ``settings`` settings
+    (``trials`` counted trials), its best value ``best`` against ``before``, the best
+    ``patience`` settings earlier."""
+
+    settings: int
+    trials: int
+    best: float
+    before: float
+    patience: int
+    min_gain: float
+
+    def __str__(self) -> str:
+        return (
+            f"the study stopped itself after {self.trials} trials: its best value"
+            f" ({self.best:.4g}) gained less than {self.min_gain:.0%} over its last"
+            f" {self.patience} settings (from {self.before:.4g})"
+        )
+
+
+def stopping_point(trials: Sequence[FrozenTrial], cfg: Config) -> Stopped | None:
+    """Where the study stops itself, if it has: the first batch boundary, ``patience``
+    settings or more after the sampler's random start-up ones, where the best value of the
+    settled settings before it gained less than ``min_gain`` (relative) over the last
+    ``patience`` of them. Only whole batches before a boundary decide, all settled, as they
+    decide the sampler's proposals: the same trials give the same point, whoever ran them, and
+    no setting after it is ever proposed."""
+    stop, batch = cfg.study.stop, cfg.study.batch
+    if stop.patience is None:
+        return None
+    chains = proposals(trials)
+    ended = next((i for i, chain in enumerate(chains) if not settled(chain)), len(chains))
+    sign = 1.0 if cfg.direction == "minimize" else -1.0  # toward better
+    bests: list[float | None] = [None]  # the best complete value among the first i settings
+    for chain in chains[:ended]:
+        done = outcome(chain)
+        value = done.value if done is not None and done.state == TrialState.COMPLETE else None
+        best = bests[-1]
+        if value is not None and (best is None or sign * (best - value) > 0):
+            best = value
+        bests.append(best)
+    first = math.ceil((cfg.study.n_startup_trials + stop.patience) / batch) * batch
+    for k in range(first, ended + 1, batch):
+        before, now = bests[k - stop.patience], bests[k]
+        if (
+            before is not None
+            and now is not None
+            and sign * (before - now) <= stop.min_gain * abs(before)
+        ):
+            counted = sum(t.state in COUNTED for chain in chains[:k] for t in chain)
+            return Stopped(k, counted, now, before, stop.patience, stop.min_gain)
+    return None
+
+
+def target_trials(trials: Sequence[FrozenTrial], cfg: Config) -> int:
+    """The counted trials the study is to hold: ``n_trials``, or fewer where it stopped
+    itself."""
+    stopped = stopping_point(trials, cfg)
+    return stopped.trials if stopped is not None else cfg.study.n_trials
+
+
 def blind_settings(cfg: Config) -> int:
     """How many first settings nothing decides by other trials: TPE and the GP sampler draw
     their start-up settings at random, and the median pruner prunes nothing until it sees

@@ -49,6 +49,7 @@ from lstm_sweep.study import (
     retry_failed,
     run_one_trial,
     storage_url,
+    target_trials,
 )
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import (
@@ -360,9 +361,10 @@ def optimize(
             trials = study.get_trials(deepcopy=False)
             counts = Counter(t.state.name for t in trials)
             finished = counts[m.COMPLETE] + counts[m.PRUNED]
-            if finished >= cfg.study.n_trials:
+            target = target_trials(trials, cfg)  # fewer than n_trials once it stopped itself
+            if finished >= target:
                 return
-            if finished + counts["RUNNING"] >= cfg.study.n_trials:
+            if finished + counts["RUNNING"] >= target:
                 lock.release()
                 time.sleep(poll_seconds)
                 continue
@@ -433,11 +435,12 @@ def store_urls(cfg: Config, tracking_uri: str | None = None) -> dict[str, str]:
     return {"optuna": storage_url(cfg), "mlflow": tracking, "files": files}
 
 
-def check_workers(study: Study, exits: list[WorkerExit], n_trials: int) -> None:
+def check_workers(study: Study, exits: list[WorkerExit], cfg: Config) -> None:
     """After the workers ended, their lines said (but a store failure's, said once for all):
-    StoreFailed if a store failed under one and the study is short
-    of n_trials, Interrupted if they were stopped, SweepIncomplete if they all died short of
-    n_trials, a warning line if some died but the others finished the study."""
+    StoreFailed if a store failed under one and the study is short of its trials (n_trials,
+    or fewer where it stopped itself), Interrupted if they were stopped, SweepIncomplete if
+    they all died short of them, a warning line if some died but the others finished it."""
+    n_trials = target_trials(study.get_trials(deepcopy=False), cfg)
     for said in [e.message for e in exits if e.message and e.code != EXIT_STORE]:
         print(said, file=sys.stderr)
     exit_codes = [e.code for e in exits]

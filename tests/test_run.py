@@ -443,6 +443,33 @@ def test_a_sweep_stopped_by_its_timeout_ends_its_run_as_killed_and_says_how_to_g
 
 
 @pytest.mark.slow
+def test_a_study_that_stops_itself_says_why_everywhere_and_a_rerun_trains_nothing_more(
+    stores: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # any gain under 100 % is too little: it stops at the first chance, after 2 random + 2
+    args = sweep_args(
+        "study.n_trials=12",
+        "study.n_startup_trials=2",
+        "study.stop.patience=2",
+        "study.stop.min_gain=1.0",
+        "closing.top_k=1",
+        "closing.seeds=1",
+    )
+    assert main([*args, "--workers=2"]) == 0
+    out = capsys.readouterr()
+    said = "the study stopped itself after 4 trials"
+    assert [t.state.name in ("COMPLETE", "PRUNED") for t in load_study(stores).trials] == [True] * 4
+    assert said in out.out and said in out.err  # the summary and the progress line
+    assert said in (stores / "reports" / "co2-quick" / "report.md").read_text()
+    (parent,) = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_SWEEP)
+    assert parent.info.status == "FINISHED"
+    assert said in parent.data.tags["mlflow.note.content"]  # the run's description
+    assert main(args) == 0
+    assert "is complete; its report was written by" in capsys.readouterr().out
+    assert len(load_study(stores).trials) == 4
+
+
+@pytest.mark.slow
 def test_the_same_command_on_a_finished_study_leaves_its_run_finished(
     finished, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -39,7 +39,9 @@ from lstm_sweep.study import (
     reconcile_runs,
     retry_failed,
     settled,
+    stopping_point,
     suggest_params,
+    target_trials,
 )
 from lstm_sweep.tasks import TaskCache
 from lstm_sweep.tracking import Tracker
@@ -187,6 +189,56 @@ def test_a_retry_belongs_to_the_setting_it_repeats_and_a_batch_waits_for_the_one
     trials[4] = ended(4, retry_history=[1, 3])
     assert may_propose(trials, batch=1) and may_propose(trials, batch=2)
     assert may_propose([*trials[:4], ended(4, running), ended(6, waiting, retry_history=[4])], 1)
+
+
+def valued(values: list[float | None], running: int | None = None) -> list[FrozenTrial]:
+    """Settled trials in proposal order with these values (None: pruned); ``running``: that
+    one still runs."""
+    trials = []
+    for number, value in enumerate(values):
+        if number == running:
+            trial = optuna.trial.create_trial(state=TrialState.RUNNING)
+        elif value is None:
+            trial = optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={0: 9})
+        else:
+            trial = optuna.trial.create_trial(value=value)
+        trial.number = number
+        trials.append(trial)
+    return trials
+
+
+def test_the_study_stops_itself_once_its_best_gains_too_little_over_its_last_settings(
+    tiny_cfg: Config,
+) -> None:
+    cfg = tiny_cfg.with_values(
+        {
+            "study.n_trials": 30,
+            "study.n_startup_trials": 2,
+            "study.stop.patience": 3,
+            "study.stop.min_gain": 0.01,
+        }
+    )
+    # the bests after 2, 3, 5, 6 settings: 4, 3, 2.98, 2.98; from 3 to 2.98 is 0.7 %
+    values: list[float | None] = [5.0, 4.0, 3.0, 2.99, 2.98, None, 2.985, 1.0]
+    stopped = stopping_point(valued(values), cfg)
+    assert stopped is not None and (stopped.settings, stopped.trials) == (6, 6)
+    assert (stopped.best, stopped.before) == (2.98, 3.0)
+    assert "stopped itself after 6 trials" in str(stopped) and "last 3 settings" in str(stopped)
+    assert target_trials(valued(values), cfg) == 6
+    assert stopping_point(valued(values[:5]), cfg) is None  # 25 % gained from 4 to 2.98
+    assert stopping_point(valued(values, running=2), cfg) is None  # only settled settings count
+    assert target_trials(valued(values[:5]), cfg) == 30
+    # a larger share to gain stops sooner; batches of 2 decide at even settings only
+    assert (
+        stopping_point(valued(values), cfg.with_values({"study.stop.min_gain": 0.3})).settings == 5
+    )
+    in_pairs = cfg.with_values({"study.batch": 2, "study.stop.min_gain": 0.3})
+    assert stopping_point(valued(values), in_pairs).settings == 6
+    assert stopping_point(valued(values), cfg.with_values({"study.stop.patience": None})) is None
+    # maximising: gains are rises
+    rising = cfg.with_values({"study.direction": "maximize", "train.monitor": "val_loss"})
+    assert stopping_point(valued([1.0, 2.0, 3.0, 3.01, 3.02, 3.02]), rising) is not None
+    assert stopping_point(valued([1.0, 2.0, 3.0, 3.5, 4.0, 4.5]), rising) is None
 
 
 def test_the_settings_no_trial_decides_start_without_waiting_for_the_batch_before(

@@ -110,15 +110,16 @@ def test_worker_exits_decide_between_a_store_failure_interrupted_incomplete_and_
     stores: Path, tiny_cfg: Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
     study = open_study(tiny_cfg, "sweep.yaml")
+    cfg = tiny_cfg.with_values({"study.n_trials": 1})
     said = "the MLflow store sqlite:///x: out of space (disk full); free some space there"
     with pytest.raises(StoreFailed, match="out of space"):  # it outranks the others
-        check_workers(study, [WorkerExit(130), WorkerExit(EXIT_STORE, said)], n_trials=1)
+        check_workers(study, [WorkerExit(130), WorkerExit(EXIT_STORE, said)], cfg)
     with pytest.raises(Interrupted):
-        check_workers(study, [WorkerExit(0), WorkerExit(130)], n_trials=1)
+        check_workers(study, [WorkerExit(0), WorkerExit(130)], cfg)
     with pytest.raises(SweepIncomplete, match="holds 0 of 1"):
-        check_workers(study, [WorkerExit(-9)], n_trials=1)
+        check_workers(study, [WorkerExit(-9)], cfg)
     study.add_trial(optuna.trial.create_trial(value=1.0))
-    check_workers(study, [WorkerExit(-9)], n_trials=1)
+    check_workers(study, [WorkerExit(-9)], cfg)
     assert "1 worker(s) lost" in capsys.readouterr().err
-    check_workers(study, [WorkerExit(EXIT_STORE, said)], n_trials=1)  # the study is whole
+    check_workers(study, [WorkerExit(EXIT_STORE, said)], cfg)  # the study is whole
     assert f"warning: a worker stopped: {said}" in capsys.readouterr().err

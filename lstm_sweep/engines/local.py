@@ -25,7 +25,7 @@ from lstm_sweep.config import Config, StudyConfig, load_config
 from lstm_sweep.engines import Engine, JobRunner
 from lstm_sweep.engines.processes import process_context, start_seconds
 from lstm_sweep.faults import EXIT_STORE, StoreFailed
-from lstm_sweep.study import counted_trials
+from lstm_sweep.study import counted_trials, target_trials
 from lstm_sweep.sweep import (
     EXIT_INTERRUPTED,
     GracefulStop,
@@ -55,7 +55,8 @@ class LocalProcesses(Engine):
         data, its stores and a core); on GPUs, spread over them as :func:`device_plan` says,
         this process on the first."""
         cfg = sweep.cfg
-        missing = cfg.study.n_trials - counted_trials(sweep.study)
+        trials = sweep.study.get_trials(deepcopy=False)
+        missing = target_trials(trials, cfg) - counted_trials(sweep.study)
         plan = device_plan(max(1, min(cfg.study.trainers, missing)), gpus_for(cfg), cfg.study)
         if plan[0] is not None:
             print(f"workers on GPUs: {describe_plan(plan)}", file=sys.stderr)
@@ -67,7 +68,7 @@ class LocalProcesses(Engine):
                 work(sweep, parent_id, stop, [progress])
             finally:
                 wait_for(extra.processes, progress)
-        check_workers(sweep.study, extra.exits(), sweep.cfg.study.n_trials)
+        check_workers(sweep.study, extra.exits(), sweep.cfg)
 
     def job_runner(self, sweep: Sweep, parent_id: str, stop: GracefulStop) -> JobRunner | None:
         if sweep.cfg.study.workers < 2:

@@ -239,7 +239,7 @@ def run_ray_workers(
         exits = wait_for_workers(ray, start_workers(ray, sweep, parent_id), stop, progress)
     finally:
         ray.shutdown()  # a local instance ends here; a cluster keeps running
-    check_workers(sweep.study, exits, sweep.cfg.study.n_trials)
+    check_workers(sweep.study, exits, sweep.cfg)
     if stop.requested:  # asked while the last trials were ending: they count, but we stop
         raise Interrupted
 

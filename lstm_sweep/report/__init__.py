@@ -11,6 +11,7 @@ and on the sweep's parent run, whose description in the MLflow UI carries the an
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -31,7 +32,13 @@ from lstm_sweep.report.ranges import (
 from lstm_sweep.report.render import Report, description, format_summary, write_report
 from lstm_sweep.report.table import comparison_table, hard_windows, summarise
 from lstm_sweep.selection import Selection
-from lstm_sweep.study import Study, param_importances, study_figures, trials_frame
+from lstm_sweep.study import (
+    Study,
+    param_importances,
+    stopping_point,
+    study_figures,
+    trials_frame,
+)
 from lstm_sweep.tracking import STORE_ROOT, Tracker
 
 
@@ -54,6 +61,8 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         else math.nan
     )
     summary = summarise(table, keys, cfg.direction, cfg.train.monitor, naive, cfg.data.folds)
+    stopped = stopping_point(study.get_trials(deepcopy=False), cfg)
+    summary = replace(summary, stopped=str(stopped) if stopped else "")
     raw = tracker.read_json_artifact(parent_id, m.SELECTION_FILE)
     selection = Selection.from_dict(raw) if raw else None
     importances = param_importances(study, cfg.train.seed)

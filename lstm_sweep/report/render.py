@@ -100,14 +100,21 @@ def naive_comparison(monitor: str, value: float, naive_val_loss: float) -> str:
     return ""
 
 
+def trials_line(summary: SweepSummary) -> str:
+    """How many trials ran and how they ended, and why the study ended where it stopped
+    itself."""
+    counts = (
+        f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed"
+    )
+    return f"{counts}; {summary.stopped}." if summary.stopped else f"{counts}."
+
+
 def format_summary(
     summary: SweepSummary, selection: Selection | None, task_name: str, ui_command: str
 ) -> str:
     """What the command prints at the end, the answer first."""
     lines = honesty_lines(selection, task_name) if selection else []
-    lines.append(
-        f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed."
-    )
+    lines.append(trials_line(summary))
     if summary.best_number is None or summary.best_value is None:
         lines.append(nothing_finished(summary))
     else:
@@ -356,7 +363,7 @@ def write_report(report: Report, folder: Path) -> Path:
             markdown(spread_with_values(selection)),
             "",
         ]
-    lines += ["## What mattered", ""]
+    lines += ["## The search", "", trials_line(summary), "", "## What mattered", ""]
     if report.importances:
         frame = pd.DataFrame(
             {"key": list(report.importances), "importance": list(report.importances.values())}
@@ -411,8 +418,8 @@ def description(report: Report, run_id: str) -> str:
     summary = report.summary
     lines += [
         "",
-        f"Trials: {summary.finished} finished, {summary.pruned} pruned, {summary.failed} failed."
-        f" The full report is `{m.REPORT_DIR}/report.md` under the artifacts.",
+        f"{trials_line(summary)} The full report is `{m.REPORT_DIR}/report.md` under the"
+        " artifacts.",
         "",
     ]
     for caption, path in report.images.items():

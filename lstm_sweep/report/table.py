@@ -76,6 +76,7 @@ class SweepSummary:
     table: pd.DataFrame  # completed trials, best first
     monitor: str
     folds: int = 1  # a trial's value is the mean over this many validation folds
+    stopped: str = ""  # why the study ended before n_trials, where it stopped itself
 
 
 def summarise(
