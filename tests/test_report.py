@@ -15,6 +15,7 @@ import yaml
 from lstm_sweep import metrics as m
 from lstm_sweep.config import SearchParam
 from lstm_sweep.evidence import ForecastEvidence
+from lstm_sweep.report import fold_values
 from lstm_sweep.report.__main__ import main as report_main
 from lstm_sweep.report.ranges import more_regularised, neighbourhood, surface
 from lstm_sweep.report.render import (
@@ -250,6 +251,15 @@ def test_the_report_says_plainly_which_settings_tie_and_what_overfitting_means()
     )
     report.stronger = (0, None)
     assert "widen dropout or weight decay upward" in overfitting_line(report, 0.4, 9)  # type: ignore[arg-type]
+
+
+def test_a_runs_fold_values_are_read_oldest_first_and_only_when_every_fold_ended() -> None:
+    best = m.best("val_nmse")
+    metrics = {m.fold(0, best): 0.3, m.fold(1, best): 0.2, best: 0.25, m.FOLDS_MEAN: 0.25}
+    assert fold_values(metrics, 3, "val_nmse") == [0.3, 0.2, 0.25]
+    assert fold_values(metrics, 1, "val_nmse") == []  # one fold: no spread over folds
+    del metrics[m.fold(1, best)]  # cut in its second fold
+    assert fold_values(metrics, 3, "val_nmse") == []
 
 
 @pytest.mark.slow

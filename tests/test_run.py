@@ -446,8 +446,10 @@ def test_a_sweep_stopped_by_its_timeout_ends_its_run_as_killed_and_says_how_to_g
 def test_a_study_that_stops_itself_says_why_everywhere_and_a_rerun_trains_nothing_more(
     stores: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # any gain under 100 % is too little: it stops at the first chance, after 2 random + 2
+    # any gain under 100 % is too little: it stops at the first chance, after 2 random + 2;
+    # on two validation folds, whose values the report gives
     args = sweep_args(
+        "data.folds=2",
         "study.n_trials=12",
         "study.n_startup_trials=2",
         "study.stop.patience=2",
@@ -460,7 +462,8 @@ def test_a_study_that_stops_itself_says_why_everywhere_and_a_rerun_trains_nothin
     said = "the study stopped itself after 4 trials"
     assert [t.state.name in ("COMPLETE", "PRUNED") for t in load_study(stores).trials] == [True] * 4
     assert said in out.out and said in out.err  # the summary and the progress line
-    assert said in (stores / "reports" / "co2-quick" / "report.md").read_text()
+    report = (stores / "reports" / "co2-quick" / "report.md").read_text()
+    assert said in report and "- Over its 2 validation folds (seed 0, oldest first): " in report
     (parent,) = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_SWEEP)
     assert parent.info.status == "FINISHED"
     assert said in parent.data.tags["mlflow.note.content"]  # the run's description

@@ -72,6 +72,7 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
     edges: list[str] = []
     near = (0, 0)
     onset = None
+    folds: list[float] = []
     regularised: tuple[int, float | None] = (0, None)
     recommended = selection.winner.values if selection else summary.best_values
     if selection is not None:
@@ -79,7 +80,9 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         rows = tracker.metric_history(
             seed_run.run_id, [m.TRAIN_LOSS, m.TRAIN_EVAL_LOSS, m.VAL_LOSS]
         )
-        onset = tracker.run_metrics(seed_run.run_id).get(m.OVERFIT_ONSET)
+        seed_metrics = tracker.run_metrics(seed_run.run_id)
+        onset = seed_metrics.get(m.OVERFIT_ONSET)
+        folds = fold_values(seed_metrics, cfg.data.folds, cfg.train.monitor)
         caption = f"Loss curves of the recommendation, seed {seed_run.seed}: {seed_run.verdict}"
         images[caption] = plots.loss_curves(
             rows,
@@ -122,7 +125,17 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         task_name=cfg.task,
         onset=None if onset is None else int(onset),
         stronger=regularised,
+        folds=folds,
     )
+
+
+def fold_values(metrics: dict[str, float], folds: int, monitor: str) -> list[float]:
+    """A run's best monitored value on each validation fold, oldest first (the last is the
+    split's own); empty with one fold, or where a fold was cut before it ended."""
+    keys = [m.fold(k, m.best(monitor)) for k in range(folds - 1)] + [m.best(monitor)]
+    if folds < 2 or any(key not in metrics for key in keys):
+        return []
+    return [metrics[key] for key in keys]
 
 
 def publish(cfg: Config, tracker: Tracker, study: Study, parent_id: str) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from lstm_sweep import metrics as m
@@ -228,6 +229,7 @@ class Report:
     onset: int | None = None  # the epoch the recommendation's first seed began to overfit
     # completed trials regularised more than the recommendation, and the best value among them
     stronger: tuple[int, float | None] = (0, None)
+    folds: list[float] = field(default_factory=list)  # its first seed's value on each fold
 
 
 def recommendation_lines(report: Report) -> list[str]:
@@ -247,6 +249,12 @@ def recommendation_lines(report: Report) -> list[str]:
         f" ± {std:.2g} (the trial itself: {winner.value:.4g}).",
         f"- Verdicts of its seeds: {', '.join(s.verdict or '?' for s in seeds)}.",
     ]
+    if report.folds:
+        values = ", ".join(f"{v:.4g}" for v in report.folds)
+        lines.append(
+            f"- Over its {len(report.folds)} validation folds (seed {seeds[0].seed}, oldest"
+            f" first): {values}; spread ± {np.std(report.folds, ddof=1):.2g}."
+        )
     if selection.within_noise:
         lines.append(f"- {indistinguishable(selection)}")
     elif len(seeds) > 1:
