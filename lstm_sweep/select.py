@@ -377,8 +377,10 @@ class Selector:
                     if (s.number, seed) in reused
                 }
             done = self.finished_reevaluations()  # what failed elsewhere is trained below
-            # what was to do and is done now was trained elsewhere, by this stage
-            self.trainings += len({(s.number, seed) for s, seed in todo} & done.keys())
+            # what was to do and is done now was trained elsewhere, by this stage: a model
+            # per validation fold each
+            elsewhere_done = {(s.number, seed) for s, seed in todo} & done.keys()
+            self.trainings += len(elsewhere_done) * cfg.data.folds
             results = []
             for setting, seed in plan:
                 key = (setting.number, seed)
