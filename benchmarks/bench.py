@@ -169,7 +169,8 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
     monitor = cfg.train.monitor
     mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     mlflow.set_experiment("peer")
-    kept: dict[int, tuple[Any, torch.nn.Module]] = {}  # trial -> its task and best weights
+    # the best completed trial so far: its value, task and best epoch's model
+    leader: dict[str, Any] = {"value": math.inf}
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest_params(trial, cfg.search)
@@ -189,7 +190,7 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
             optimizer = torch.optim.AdamW(
                 model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
             )
-            best, since_best = math.inf, 0
+            best, since_best, kept = math.inf, 0, None
             for epoch in range(train.max_epochs):
                 model.train()
                 total = 0.0
@@ -213,7 +214,7 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
                 trial.set_user_attr("epochs_trained", epoch + 1)  # in memory: for the table only
                 if value < best:
                     best, since_best = value, 0
-                    kept[trial.number] = (task, copy.deepcopy(model))
+                    kept = copy.deepcopy(model)
                 else:
                     since_best += 1
                 trial.report(value, epoch)
@@ -221,6 +222,8 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
                     raise optuna.TrialPruned()
                 if since_best >= train.patience:
                     break
+            if best < leader["value"]:
+                leader.update(value=best, task=task, model=kept)
             return best
 
     study = optuna.create_study(
@@ -234,7 +237,7 @@ def peer(sweep: Path, overrides: list[str], threads: int) -> dict[str, Any]:
     )
     with mlflow.start_run(run_name="sweep"):
         study.optimize(objective, n_trials=cfg.study.n_trials)
-    task, model = kept[study.best_trial.number]
+    task, model = leader["task"], leader["model"]  # study.best_trial's
     with torch.no_grad():
         output = model.eval()(task.data.test.x).numpy()
     return {

@@ -496,8 +496,9 @@ def stratified_folds(
     chunks = max(2, round(len(train_idx) / len(val_idx)))
     if folds - 1 > chunks:
         raise ValueError(
-            f"too few sequences: the training part ({len(train_idx)}) holds {chunks} stretches"
-            f" of the validation part's size ({len(val_idx)}), fewer than {folds - 1}"
+            f"too few sequences: the training part ({len(train_idx)}) holds {chunks} chunks"
+            f" of the validation part's size ({len(val_idx)}), fewer than the {folds - 1}"
+            " earlier folds"
         )
     splitter = StratifiedKFold(n_splits=chunks, shuffle=True, random_state=seed)
     pool = np.sort(np.concatenate([train_idx, val_idx]))

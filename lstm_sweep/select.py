@@ -377,10 +377,10 @@ class Selector:
                     if (s.number, seed) in reused
                 }
             done = self.finished_reevaluations()  # what failed elsewhere is trained below
-            # what was to do and is done now was trained elsewhere, by this stage: a model
-            # per validation fold each
-            elsewhere_done = {(s.number, seed) for s, seed in todo} & done.keys()
-            self.trainings += len(elsewhere_done) * cfg.data.folds
+            # what was to do and is done now was trained elsewhere, by this stage
+            self.trainings += sum(
+                self.models_per_seed(s, seed) for s, seed in todo if (s.number, seed) in done
+            )
             results = []
             for setting, seed in plan:
                 key = (setting.number, seed)
@@ -409,6 +409,10 @@ class Selector:
         if run.reused and self.cfg.diagnostics.level == "full":
             draw_recorded(self.tracker, run.run_id, task, model)
         return scored(setting, seed, run, task, model, self.cfg.train.monitor)
+
+    def models_per_seed(self, setting: Setting, seed: int) -> int:
+        """What one seed of a setting trains: a model per validation fold."""
+        return self.setting_config(setting, seed).data.folds
 
     def worth_spreading(self, todo: list[tuple[Setting, int]], seconds: dict[int, float]) -> bool:
         """Spread the re-evaluations out when they would take longer in turn than twice a
@@ -456,7 +460,7 @@ class Selector:
             stop = [StopWhen(self.context.stop_requested)]
             folds = self.context.tasks.folds(run_cfg)
             outcome = train_in_run(run_cfg, task, run, stop, draw=True, folds=folds)
-            self.trainings += 1 + len(folds)
+            self.trainings += self.models_per_seed(setting, seed)
             history = outcome.history
             recorded = RecordedRun(
                 run.run_id, outcome.value, history.best_epoch, outcome.verdict.verdict

@@ -112,6 +112,20 @@ def may_propose(trials: Sequence[FrozenTrial], batch: int, blind: int = 0) -> bo
     return all(settled(chain) for chain in chains[:start])
 
 
+def decided(chain: Sequence[FrozenTrial], max_retry: int = MAX_RETRY) -> bool:
+    """Whether a setting's outcome is final: it completed or was pruned, or it failed as
+    often as it may be retried (a failure still to be retried, even by a later start, is
+    not)."""
+    if outcome(chain) is not None:
+        return True
+    return settled(chain) and len(chain) > max_retry
+
+
+def batch_boundary(settings: int, batch: int) -> int:
+    """The first batch boundary at or after ``settings`` settings."""
+    return math.ceil(settings / batch) * batch
+
+
 @dataclass(frozen=True)
 class Stopped:
     """Where a study ended itself (``study.stop``): after its first ``settings`` settings
@@ -128,25 +142,34 @@ class Stopped:
     def __str__(self) -> str:
         return (
             f"the study stopped itself after {self.trials} trials: its best value"
-            f" ({self.best:.4g}) gained less than {self.min_gain:.0%} over its last"
+            f" ({self.best:.4g}) gained at most {100 * self.min_gain:.3g} % over its last"
             f" {self.patience} settings (from {self.before:.4g})"
         )
 
 
+def first_stop(cfg: Config) -> int:
+    """The first setting count at which the study may stop itself: ``patience`` settings
+    after the sampler's random start-up ones, at a batch boundary."""
+    patience = cfg.study.stop.patience or 0
+    return batch_boundary(cfg.study.n_startup_trials + patience, cfg.study.batch)
+
+
 def stopping_point(trials: Sequence[FrozenTrial], cfg: Config) -> Stopped | None:
-    """Where the study stops itself, if it has: the first batch boundary, ``patience``
-    settings or more after the sampler's random start-up ones, where the best value of the
-    settled settings before it gained less than ``min_gain`` (relative) over the last
-    ``patience`` of them. Only whole batches before a boundary decide, all settled, as they
-    decide the sampler's proposals: the same trials give the same point, whoever ran them, and
-    no setting after it is ever proposed."""
+    """Where the study stops itself, if it has: the first batch boundary from
+    :func:`first_stop` on, short of ``n_trials``, where the best value of the settings before
+    it gained at most ``min_gain`` (relative) over the last ``patience`` of them. Only whole
+    batches before a boundary decide, every setting in them decided (:func:`decided`), as
+    they decide the sampler's proposals: the same trials give the same point, whoever ran
+    them, and no setting after it is ever proposed (:func:`blind_settings` stops short of
+    the first boundary)."""
     stop, batch = cfg.study.stop, cfg.study.batch
     if stop.patience is None:
         return None
     chains = proposals(trials)
-    ended = next((i for i, chain in enumerate(chains) if not settled(chain)), len(chains))
+    ended = next((i for i, chain in enumerate(chains) if not decided(chain)), len(chains))
     sign = 1.0 if cfg.direction == "minimize" else -1.0  # toward better
     bests: list[float | None] = [None]  # the best complete value among the first i settings
+    counts = [0]  # the counted trials among the first i settings
     for chain in chains[:ended]:
         done = outcome(chain)
         value = done.value if done is not None and done.state == TrialState.COMPLETE else None
@@ -154,16 +177,17 @@ def stopping_point(trials: Sequence[FrozenTrial], cfg: Config) -> Stopped | None
         if value is not None and (best is None or sign * (best - value) > 0):
             best = value
         bests.append(best)
-    first = math.ceil((cfg.study.n_startup_trials + stop.patience) / batch) * batch
-    for k in range(first, ended + 1, batch):
+        counts.append(counts[-1] + (done is not None))
+    for k in range(first_stop(cfg), ended + 1, batch):
+        if counts[k] >= cfg.study.n_trials:
+            break  # the budget ran out first: the study did not stop itself
         before, now = bests[k - stop.patience], bests[k]
         if (
             before is not None
             and now is not None
             and sign * (before - now) <= stop.min_gain * abs(before)
         ):
-            counted = sum(t.state in COUNTED for chain in chains[:k] for t in chain)
-            return Stopped(k, counted, now, before, stop.patience, stop.min_gain)
+            return Stopped(k, counts[k], now, before, stop.patience, stop.min_gain)
     return None
 
 
@@ -178,13 +202,16 @@ def blind_settings(cfg: Config) -> int:
     """How many first settings nothing decides by other trials: TPE and the GP sampler draw
     their start-up settings at random, and the median pruner prunes nothing until it sees
     its start-up count of complete trials, more than the batches before such a setting hold.
-    They need not wait for those batches: the study is the same whenever they start."""
+    They need not wait for those batches: the study is the same whenever they start. Never
+    past the first point where the study may stop itself, which whole batches decide."""
     study = cfg.study
     samplers = {"tpe": study.n_startup_trials, "gp": study.n_startup_trials, "random": math.inf}
     # the median pruner's view of a setting holds the whole batches before it
-    median = math.ceil(study.pruner.n_startup_trials / study.batch) * study.batch
+    median = batch_boundary(study.pruner.n_startup_trials, study.batch)
     pruners = {"median": median, "none": math.inf}
     blind = min(samplers.get(study.sampler, 0), pruners.get(study.pruner.type, 0))
+    if study.stop.patience is not None:
+        blind = min(blind, first_stop(cfg))
     return int(min(blind, study.n_trials))
 
 
@@ -201,10 +228,12 @@ class Seen:
 
 class Batches:
     """Trials proposed in batches of ``size``: a trial's sampler and pruner see only the
-    settings of earlier batches, all ended, in the order they were proposed, so the study is
-    the same with any number of workers on any storage (Optuna's parallel samplers see
-    whatever happened to finish first). :func:`may_propose` holds a worker back until a batch
-    has settled. One trial's view is kept: a process trains one trial at a time."""
+    settings of earlier batches, in the order they were proposed, so the study is the same
+    with any number of workers on any storage (Optuna's parallel samplers see whatever
+    happened to finish first). :func:`may_propose` holds a worker back until those batches
+    have settled, but for the first settings, which nothing decides by the trials they see
+    (:func:`blind_settings`). One trial's view is kept: a process trains one trial at a
+    time."""
 
     def __init__(self, size: int) -> None:
         self.size = size

@@ -5,7 +5,8 @@ place where Ctrl-C and SIGTERM become a graceful stop.
 
 The engines (``lstm_sweep.engines``) decide where the workers run; every worker, wherever it
 runs, runs :func:`work` against the shared Optuna storage and MLflow store, so the study ends
-with exactly ``n_trials`` however many processes and hosts work on it.
+with exactly ``n_trials`` (or where it stopped itself) however many processes and hosts work on
+it.
 """
 
 from __future__ import annotations
@@ -337,14 +338,16 @@ def optimize(
     poll_seconds: float = 1.0,
 ) -> None:
     """This worker's loop: run trials until the study holds ``n_trials`` finished (complete or
-    pruned) ones, alone or beside other workers on the same storage.
+    pruned) ones, or fewer where it stopped itself (``study.stop``), alone or beside other
+    workers on the same storage.
 
     Counting and starting a trial happen under the study lock, and trials that other workers
-    are running count as taken, so the study ends with exactly ``n_trials``; a worker that
+    are running count as taken, so the study ends with exactly that many; a worker that
     finds all remaining trials taken waits, in case one of them is lost and comes back. A
     worker also waits while the batch before its next trial's runs (``study.batch``): the
     sampler proposes from finished batches only, so any number of workers gives one study
-    (the first settings, which see no trial, do not wait: :func:`blind_settings`).
+    (the first settings, which nothing decides by other trials, do not wait:
+    :func:`blind_settings`).
     """
     cfg, study, lock = sweep.cfg, sweep.study, sweep.lock
     # Start-up's objects (torch, MLflow, SQLAlchemy, the data) live as long as the process:

@@ -219,6 +219,7 @@ def test_the_fingerprint_holds_what_trial_values_depend_on_and_names_what_change
         "diagnostics.level=off",
         "closing.top_k=1",
         "study.workers=2",
+        "study.stop.patience=5",  # a budget, as n_trials is
     ):
         assert study_fingerprint(load_config(QUICK, [neutral])) == base, neutral
     changed = study_fingerprint(

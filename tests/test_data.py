@@ -270,3 +270,4 @@ def test_too_many_classification_folds_are_refused_in_one_line_naming_the_key() 
     with pytest.raises(ConfigError) as refused:
         load_data(load_config(CLASSIFY, ["data.folds=7"]))  # 1257 training, 270 validation
     assert refused.value.key == "data.folds" and "too few sequences" in str(refused.value)
+    assert len(load_data(load_config(CLASSIFY, ["data.folds=6"]), 4).val) > 200  # 5 chunks

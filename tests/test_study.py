@@ -28,6 +28,7 @@ from lstm_sweep.study import (
     Pruning,
     StaleTrialHandler,
     blind_settings,
+    decided,
     fail_stale_trials,
     first_prunable_epoch,
     make_pruner,
@@ -238,6 +239,20 @@ def test_the_study_stops_itself_once_its_best_gains_too_little_over_its_last_set
     rising = cfg.with_values({"study.direction": "maximize", "train.monitor": "val_loss"})
     assert stopping_point(valued([1.0, 2.0, 3.0, 3.01, 3.02, 3.02]), rising) is not None
     assert stopping_point(valued([1.0, 2.0, 3.0, 3.5, 4.0, 4.5]), rising) is None
+    # a budget that runs out at the boundary is no stop: the study ran its n_trials
+    assert stopping_point(valued(values), cfg.with_values({"study.n_trials": 6})) is None
+    # a failure still to be retried (a later start queues it) holds the point back; one
+    # retried as often as it may be decides nothing and does not
+    failed = optuna.trial.create_trial(state=TrialState.FAIL)
+    failed.number = 1
+    assert stopping_point([*valued(values)[:1], failed, *valued(values)[2:]], cfg) is None
+    chain = [ended(1, TrialState.FAIL), ended(8, TrialState.FAIL, retry_history=[1])]
+    chain.append(ended(9, TrialState.FAIL, retry_history=[1, 8]))
+    exhausted = [valued(values)[0], *chain[:1], *valued(values)[2:], *chain[1:]]
+    assert [decided(c) for c in proposals(exhausted)][:2] == [True, True]
+    assert getattr(stopping_point(exhausted, cfg), "trials", None) == 5  # 6 settings, 5 counted
+    tiny_share = cfg.with_values({"study.stop.min_gain": 0.005})
+    assert "gained at most 0.5 % over" in str(stopping_point(valued(values), tiny_share))
 
 
 def test_the_settings_no_trial_decides_start_without_waiting_for_the_batch_before(
@@ -255,6 +270,9 @@ def test_the_settings_no_trial_decides_start_without_waiting_for_the_batch_befor
     assert blind(sampler="random", **{"pruner.type": "none"}) == 30  # nothing ever waits
     assert blind(sampler="cmaes") == 0  # its state lives in the study: it always waits
     assert blind(n_startup_trials=8, **{"pruner.type": "hyperband"}) == 0
+    # where the study may stop itself, whole batches decide: random settings wait there
+    stopping = {"sampler": "random", "pruner.type": "none", "stop.patience": 3, "batch": 2}
+    assert blind(n_startup_trials=0, **stopping) == 4
     running = [ended(0, TrialState.RUNNING), ended(1, TrialState.RUNNING), ended(2)]
     assert not may_propose(running, batch=1, blind=3)  # the fourth setting sees the others
     assert may_propose(running, batch=1, blind=4)

@@ -72,7 +72,7 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
     edges: list[str] = []
     near = (0, 0)
     onset = None
-    folds: list[float] = []
+    on_folds: list[float] = []
     regularised: tuple[int, float | None] = (0, None)
     recommended = selection.winner.values if selection else summary.best_values
     if selection is not None:
@@ -82,7 +82,7 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         )
         seed_metrics = tracker.run_metrics(seed_run.run_id)
         onset = seed_metrics.get(m.OVERFIT_ONSET)
-        folds = fold_values(seed_metrics, cfg.data.folds, cfg.train.monitor)
+        on_folds = fold_values(seed_metrics, cfg.data.folds, cfg.train.monitor)
         caption = f"Loss curves of the recommendation, seed {seed_run.seed}: {seed_run.verdict}"
         images[caption] = plots.loss_curves(
             rows,
@@ -125,12 +125,12 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         task_name=cfg.task,
         onset=None if onset is None else int(onset),
         stronger=regularised,
-        folds=folds,
+        fold_values=on_folds,
     )
 
 
 def fold_values(metrics: dict[str, float], folds: int, monitor: str) -> list[float]:
-    """A run's best monitored value on each validation fold, oldest first (the last is the
+    """A run's best monitored value on each validation fold, in fold order (the last is the
     split's own); empty with one fold, or where a fold was cut before it ended."""
     keys = [m.fold(k, m.best(monitor)) for k in range(folds - 1)] + [m.best(monitor)]
     if folds < 2 or any(key not in metrics for key in keys):

@@ -229,7 +229,7 @@ class Report:
     onset: int | None = None  # the epoch the recommendation's first seed began to overfit
     # completed trials regularised more than the recommendation, and the best value among them
     stronger: tuple[int, float | None] = (0, None)
-    folds: list[float] = field(default_factory=list)  # its first seed's value on each fold
+    fold_values: list[float] = field(default_factory=list)  # its first seed's, fold by fold
 
 
 def recommendation_lines(report: Report) -> list[str]:
@@ -249,11 +249,11 @@ def recommendation_lines(report: Report) -> list[str]:
         f" ± {std:.2g} (the trial itself: {winner.value:.4g}).",
         f"- Verdicts of its seeds: {', '.join(s.verdict or '?' for s in seeds)}.",
     ]
-    if report.folds:
-        values = ", ".join(f"{v:.4g}" for v in report.folds)
+    if report.fold_values:
+        values = ", ".join(f"{v:.4g}" for v in report.fold_values)
         lines.append(
-            f"- Over its {len(report.folds)} validation folds (seed {seeds[0].seed}, oldest"
-            f" first): {values}; spread ± {np.std(report.folds, ddof=1):.2g}."
+            f"- Over its {len(report.fold_values)} validation folds (seed {seeds[0].seed}, the"
+            f" split's own last): {values}; spread ± {np.std(report.fold_values, ddof=1):.2g}."
         )
     if selection.within_noise:
         lines.append(f"- {indistinguishable(selection)}")
