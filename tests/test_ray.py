@@ -65,7 +65,7 @@ from tests.helpers import (
 
 STUDY = "ray-sweep"
 N_TRIALS = 4
-EPOCHS = 60  # unpruned trials of seconds: time to stop or kill a worker mid-trial
+EPOCHS = 90  # unpruned trials of seconds: time to stop or kill a worker mid-trial
 PASSWORD = "s3cret-in-uri"  # trust auth accepts any password: it must never be printed
 # Ray's single-machine mode (see above), and no token authentication: with RAY_AUTH_MODE unset,
 # `ray start` turns it on wherever ~/.ray/auth_token exists (any local ray.init() writes one)

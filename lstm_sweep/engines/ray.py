@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +48,8 @@ from lstm_sweep.train import Interrupted
 
 LOCAL = "local"  # --ray without ADDRESS: Ray's own word for "start a local instance"
 INSTALL_HINT = 'pip install -e ".[ray]"'
-POLL_SECONDS = 1.0  # the driver refreshes the progress bar and passes on a stop this often
+POLL_SECONDS = 0.2  # the driver passes on a stop this often: a worker stops within an epoch
+PROGRESS_SECONDS = 1.0  # and reads the study for the progress bar this often
 CONNECT_TIMEOUT = 5.0  # seconds for the cluster's port to accept a connection at start-up
 RAY_PORT = 6379  # Ray's default GCS port, when ADDRESS names a host only
 CLIENT_PORT = 10001  # Ray Client's default port (ray://host)
@@ -304,13 +306,16 @@ def wait_for_workers(
     worker ended."""
     runs = [actor.run.remote() for actor in actors]
     pending = list(runs)
+    shown = time.monotonic()
     try:
         while pending:
             if stop.requested:  # polled here, not sent from the signal handler: Ray's calls
                 for actor in actors:  # are not safe to make from inside one
                     actor.stop.remote()
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_SECONDS)
-            progress()
+            if time.monotonic() - shown >= PROGRESS_SECONDS:
+                progress()
+                shown = time.monotonic()
     except BaseException:  # a second signal, or a fault in the driver: no worker trains on
         for actor in actors:
             ray.kill(actor)
