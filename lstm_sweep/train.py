@@ -99,8 +99,14 @@ class Shifted(Callback):
     def __init__(self, callback: Callback, offset: int) -> None:
         self.callback, self.offset = callback, offset
 
+    def on_fit_start(self, model: nn.Module, history: History) -> None:
+        self.callback.on_fit_start(model, history)
+
     def on_epoch_end(self, epoch: int, row: dict[str, float], history: History) -> Stop | None:
         return self.callback.on_epoch_end(epoch + self.offset, row, history)
+
+    def on_fit_end(self, model: nn.Module, history: History) -> None:
+        self.callback.on_fit_end(model, history)
 
 
 class StopWhen(Callback):

@@ -16,6 +16,7 @@ from lstm_sweep.tasks import Task, TaskCache
 from lstm_sweep.train import (
     Callback,
     History,
+    Shifted,
     Stop,
     StopWhen,
     build_model,
@@ -139,6 +140,10 @@ def test_callbacks_see_the_whole_fit_and_can_stop_it_with_a_typed_reason(
     assert recorder.events == ["start 0", "epoch 0 1", "epoch 1 2", "end pruned"]
     assert (history.epochs_trained, history.stop) == (2, Stop.PRUNED)
     assert history.stop.cut_short
+    # a later fold's callbacks see its whole fit too, its epochs after the earlier folds'
+    later = Recorder()
+    _, history = train(tiny_cfg, tiny_task, [Shifted(later, 10)], **{"train.max_epochs": 2})
+    assert later.events == ["start 0", "epoch 10 1", "epoch 11 2", f"end {history.stop.value}"]
 
 
 def test_a_stop_request_ends_after_the_current_epoch(tiny_cfg: Config, tiny_task: Task) -> None:
