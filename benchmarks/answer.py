@@ -9,7 +9,8 @@ Each variant (a name and its overrides; by default the sweep file as shipped) ru
 command once per train.seed in a fresh folder, with the default workers unless --workers says
 otherwise, and is read back from its own stores: the study's best value, the recommended model's
 test error (the registered model's, from the sweep's run), the trial values (so two variants
-that should give one study can be compared) and the wall time. The peer runs once per seed with
+that should give one study can be compared), the wall time and the closing stage's seconds and
+trainings. The peer runs once per seed with
 torch's default threads and scores its best trial's model on the test part (the error the
 default command's recommendation has to match). Prints one line per run, then per variant the
 median and max/min of each figure and its ratios to the peer's, seed by seed.
@@ -63,6 +64,8 @@ def command_run(sweep: Path, overrides: list[str], workers: int | None) -> dict[
             "test": float(parent.data.metrics[m.baseline("lstm", "test", metric)]),
             "values": [t.value for t in study.trials],
             "wall": wall,
+            "closing": parent.data.metrics["closing_seconds"],
+            "trainings": int(parent.data.metrics["closing_trainings"]),
         }
 
 
@@ -123,13 +126,15 @@ def main() -> None:
             runs[name].append(ran)
             print(
                 f"seed {seed} {name}: best {ran['best_value']:.4g}, test {ran['test']:.4g},"
-                f" {ran['wall']:.0f} s",
+                f" {ran['wall']:.0f} s, of which the closing stage {ran['closing']:.0f} s"
+                f" ({ran['trainings']} trainings)",
                 flush=True,
             )
     for name, done in runs.items():
         print(f"{name}: best value {spread([r['best_value'] for r in done])}")
         print(f"{name}: test error {spread([r['test'] for r in done])}")
         print(f"{name}: wall {spread([r['wall'] for r in done])}")
+        print(f"{name}: closing stage {spread([r['closing'] for r in done])}")
         if peers:
             ratios = [r["best_value"] / p["best_value"] for r, p in zip(done, peers, strict=True)]
             walls = [r["wall"] / p["wall"] for r, p in zip(done, peers, strict=True)]

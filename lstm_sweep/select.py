@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, plain
 from lstm_sweep.data import TrainingData
+from lstm_sweep.engines.processes import process_context
 from lstm_sweep.evidence import evidence_for
 from lstm_sweep.faults import classify
 from lstm_sweep.model import Ensemble
@@ -40,6 +42,7 @@ from lstm_sweep.record import draw_recorded, load_weights, setting_run, train_in
 from lstm_sweep.selection import (
     Champion,
     FinalModel,
+    RaceRound,
     SeedResult,
     Selection,
     Setting,
@@ -97,12 +100,13 @@ def longest_first(
 
 
 def spread_table(
-    seeds: list[SeedResult], direction: str, headline: str
+    seeds: list[SeedResult], direction: str, headline: str, finalists: set[int] | None = None
 ) -> tuple[pd.DataFrame, int, list[int]]:
     """Per setting the mean and spread of its seeds' values (and, for the record, of their test
-    headline error), best mean first; the winner; and the settings within noise of it: their
-    mean differs from the winner's by less than the two standard deviations added (one seed
-    has no spread, so then nothing is within noise)."""
+    headline error), best mean first; the winner (the best mean among ``finalists``, by
+    default all); and the settings within noise of it: their mean differs from the winner's by
+    less than the two standard deviations added (one seed has no spread, so then nothing is
+    within noise)."""
     frame = pd.DataFrame(
         {
             "number": [s.number for s in seeds],
@@ -121,12 +125,46 @@ def spread_table(
             "epochs": grouped["epochs"].median().round().astype(int),
         }
     ).sort_values("val_mean", ascending=direction == "minimize")
-    winner = int(spread.index[0])
+    winner = next(int(n) for n in spread.index if finalists is None or n in finalists)
     noise = spread["val_std"].fillna(0.0)
     distance = (spread["val_mean"] - spread.loc[winner, "val_mean"]).abs()
     spread["within_noise"] = (distance < noise + noise.loc[winner]) & (spread.index != winner)
     within = [int(n) for n in spread.index[spread["within_noise"]]]
     return spread.reset_index(), winner, within
+
+
+def rounds_of(seeds: list[int], race: bool) -> list[list[int]]:
+    """The seeds each round of the race gives the settings still in it: the first two together
+    (one seed has no spread to judge by), then one at a time; without the race, all at once."""
+    if not race:
+        return [seeds]
+    return [seeds[:2], *([seed] for seed in seeds[2:])]
+
+
+def leaving(seeds: list[SeedResult], direction: str, headline: str) -> dict[int, str]:
+    """After a round of the race (``seeds``: its settings' results so far): the settings whose
+    mean trails the leader's by more than their two seed spreads added, with why. Nothing
+    leaves while a setting has one seed: there is no spread to judge by."""
+    if pd.Series([s.number for s in seeds]).value_counts().min() < 2:
+        return {}
+    spread, leader, within = spread_table(seeds, direction, headline)
+    spread = spread.set_index("number")
+    lead = spread.loc[leader]
+    return {
+        int(number): (
+            f"its mean {row['val_mean']:.4g} trails #{leader}'s {lead['val_mean']:.4g} by"
+            f" {abs(row['val_mean'] - lead['val_mean']):.2g}, more than their seed spreads"
+            f" added ({row['val_std'] + lead['val_std']:.2g})"
+        )
+        for number, row in spread.iterrows()
+        if number != leader and number not in within
+    }
+
+
+def in_race(results: list[SeedResult], racing: list[Setting], last_seed: int) -> list[SeedResult]:
+    """The results of the settings still racing, up to seed ``last_seed``."""
+    numbers = {s.number for s in racing}
+    return [r for r in results if r.number in numbers and r.seed <= last_seed]
 
 
 def with_validation_in_training(data: TrainingData) -> TrainingData:
@@ -273,7 +311,9 @@ class Selector:
     trainings: int = 0
     models: dict[tuple[int, int], torch.nn.Module] = field(default_factory=dict)
     # (part, refit_on_val) -> the winner's baselines there: the only task they are asked for
-    baseline_tables: dict[tuple[str, bool], pd.DataFrame] = field(default_factory=dict)
+    baseline_tables: dict[tuple[str, bool], Future[pd.DataFrame]] = field(default_factory=dict)
+    # where they are fitted while the final model trains, when the cores allow (``beside``)
+    side: Executor | None = None
 
     @property
     def cfg(self) -> Config:
@@ -293,39 +333,73 @@ class Selector:
         cfg = self.cfg
         started = time.perf_counter()
         settings = top_settings(table, list(cfg.search), cfg.closing.top_k, cfg.direction)
-        seeds = self.reevaluate(settings, table)
         headline = self.task(settings[0], cfg.train.seed).headline
-        spread, winner, within = spread_table(seeds, cfg.direction, headline)
+        seeds, race = self.reevaluate(settings, table, headline)
+        finalists = set(race[-1].settings) - set(race[-1].left)
+        spread, winner, within = spread_table(seeds, cfg.direction, headline, finalists)
         setting = next(s for s in settings if s.number == winner)
         task = self.task(setting, cfg.train.seed)
-        mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
-        epochs = max(1, int(spread.loc[spread["number"] == winner, "epochs"].iloc[0]))
-        final = self.final_model(setting, task, mine, epochs) if cfg.closing.final_model else None
-        if cfg.closing.ensemble:
-            output = predict(self.ensemble(task, mine), task.data.val.x).cpu().numpy()
-            lstm_val = evidence_for(task).errors(output, "val")
-        else:
-            lstm_val = {k: float(np.mean([s.val[k] for s in mine])) for k in mine[0].val}
-        baselines_val = self.baselines(task, "val", refit_on_val=False)
-        retrained = final is not None and final.kind == "retrained"
-        baselines_test = self.baselines(task, "test", refit_on_val=retrained)
-        return Selection(
-            settings=settings,
-            seeds=seeds,
-            spread=spread.to_dict("records"),
-            recommended=winner,
-            within_noise=within,
-            epochs=epochs,
-            baselines_val=baselines_val.to_dict("index"),
-            baselines_test=baselines_test.to_dict("index"),
-            lstm_val=lstm_val,
-            beaten_by=beaten_by(task, lstm_val, baselines_val),
-            final=final,
-            trainings=self.trainings,
-            seconds=time.perf_counter() - started,
-            headline=headline,
-            sizes={s.number: self.size(s) for s in settings},
-            beaten_on_test=beaten_by(task, final.test, baselines_test) if final else None,
+        with self.beside():
+            self.start_baselines(task, "val", refit_on_val=False)
+            retrains = cfg.closing.final_model and not cfg.closing.ensemble
+            self.start_baselines(task, "test", refit_on_val=retrains)
+            mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
+            epochs = max(1, int(spread.loc[spread["number"] == winner, "epochs"].iloc[0]))
+            final = (
+                self.final_model(setting, task, mine, epochs) if cfg.closing.final_model else None
+            )
+            if cfg.closing.ensemble:
+                output = predict(self.ensemble(task, mine), task.data.val.x).cpu().numpy()
+                lstm_val = evidence_for(task).errors(output, "val")
+            else:
+                lstm_val = {k: float(np.mean([s.val[k] for s in mine])) for k in mine[0].val}
+            baselines_val = self.baselines(task, "val", refit_on_val=False)
+            retrained = final is not None and final.kind == "retrained"
+            baselines_test = self.baselines(task, "test", refit_on_val=retrained)
+            return Selection(
+                settings=settings,
+                seeds=seeds,
+                spread=spread.to_dict("records"),
+                recommended=winner,
+                within_noise=within,
+                epochs=epochs,
+                baselines_val=baselines_val.to_dict("index"),
+                baselines_test=baselines_test.to_dict("index"),
+                lstm_val=lstm_val,
+                beaten_by=beaten_by(task, lstm_val, baselines_val),
+                final=final,
+                trainings=self.trainings,
+                seconds=time.perf_counter() - started,
+                headline=headline,
+                sizes={s.number: self.size(s) for s in settings},
+                beaten_on_test=beaten_by(task, final.test, baselines_test) if final else None,
+                race=race,
+                spared=self.spared(settings, seeds),
+            )
+
+    @contextmanager
+    def beside(self) -> Iterator[None]:
+        """While the block runs, the baselines are fitted in a process of their own where
+        this stage may use more than one core (the workers' processes are done by now),
+        so they no longer wait for the final model, nor it for them."""
+        if self.elsewhere is None:
+            yield
+            return
+        with ProcessPoolExecutor(1, mp_context=process_context()) as self.side:
+            try:
+                yield
+            finally:
+                self.side = None
+
+    def spared(self, settings: list[Setting], seeds: list[SeedResult]) -> int:
+        """The models the full grid of seeds would have trained and the race did not."""
+        first = self.cfg.train.seed
+        raced = {(s.number, s.seed) for s in seeds}
+        return sum(
+            self.models_per_seed(setting, seed)
+            for setting in settings
+            for seed in range(first, first + self.cfg.closing.seeds)
+            if (setting.number, seed) not in raced
         )
 
     def size(self, setting: Setting) -> int:
@@ -335,68 +409,126 @@ class Selector:
             p.numel() for p in build_model(self.context.tasks.get(run_cfg), run_cfg).parameters()
         )
 
-    def reevaluate(self, settings: list[Setting], table: pd.DataFrame) -> list[SeedResult]:
-        """Every setting with seeds train.seed, train.seed + 1, ...: the trial itself counts as
-        seed train.seed when it kept its weights; a re-evaluation a previous attempt finished
-        is read back; the rest are trained, each in a nested run, elsewhere when that pays
-        (this process meanwhile takes up the trials' own models)."""
+    def reevaluate(
+        self, settings: list[Setting], table: pd.DataFrame, headline: str
+    ) -> tuple[list[SeedResult], list[RaceRound]]:
+        """The settings raced over seeds train.seed, train.seed + 1, ... (:func:`rounds_of`):
+        after each round the settings that trail the leader beyond the noise leave
+        (:func:`leaving`) and get no more seeds. The leader gets all of its own: they are the
+        final model's recipe (its members, or the epochs of its retrain), so the race spares
+        trainings without changing the final model of the winner it finds. The trial itself
+        counts as seed train.seed when it kept its weights; a re-evaluation a previous attempt
+        finished is read back (so a resumed race takes the same turns); the rest are trained,
+        each in a nested run, elsewhere when that pays (this process meanwhile takes up the
+        trials' own models)."""
         cfg = self.cfg
-        seeds = range(cfg.train.seed, cfg.train.seed + cfg.closing.seeds)
-        done = self.finished_reevaluations()
-        plan = [(s, seed) for s in settings for seed in seeds]
+        seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.closing.seeds))
         reused = {(s.number, cfg.train.seed) for s in settings if self.has_weights(s.run_id)}
-        todo = [(s, seed) for s, seed in plan if (s.number, seed) not in done.keys() | reused]
+        done = self.finished_reevaluations().keys() | reused
+        grid = [(s, seed) for s in settings for seed in seeds if (s.number, seed) not in done]
+        todo = len(grid)
         if todo:
+            how = ", raced seed by seed" if cfg.closing.race and len(settings) > 1 else ""
             self.say(
-                f"closing stage: {len(todo)} re-evaluation(s) of the top {len(settings)}"
-                f" setting(s) ({len(plan) - len(todo)} reused from the trials or an earlier run)"
+                f"closing stage: {'up to ' if how else ''}{todo} re-evaluation(s) of the top"
+                f" {len(settings)} setting(s){how} ({len(settings) * len(seeds) - todo}"
+                " reused from the trials or an earlier run)"
             )
         verdicts = (
             dict(zip(table["number"], table["verdict"], strict=True)) if "verdict" in table else {}
         )
+        seconds = expected_seconds(table)
         bar = tqdm(
-            total=len(todo),
-            desc="re-evaluating",
-            unit="model",
-            disable=not (todo and self.progress),
+            total=todo, desc="re-evaluating", unit="model", disable=not (todo and self.progress)
         )
+        # spread out, a round ends with a process idle while the last job trains: the leader's
+        # next seed fills it, needed unless the leader itself leaves the race
+        ahead = (
+            cfg.closing.race and self.elsewhere is not None and self.worth_spreading(grid, seconds)
+        )
+        racing, rounds = list(settings), []
+        results: list[SeedResult] = []
+        judged: list[SeedResult] = []  # what the last round judged the race by
+        planned = rounds_of(seeds, cfg.closing.race)
         with Ticker(bar):
-            elsewhere: AbstractContextManager[None] = nullcontext()
-            seconds = expected_seconds(table)
-            if self.elsewhere is not None and self.worth_spreading(todo, seconds):
-                keys = {(s.number, seed) for s, seed in todo}
-
-                def count() -> None:
-                    bar.n = len(keys & self.finished_reevaluations().keys())
-
-                elsewhere = self.elsewhere(longest_first(todo, seconds), count)
-            with elsewhere:
-                trials = {
-                    (s.number, seed): self.seed_result(s, seed, trial_run(s, verdicts))
-                    for s, seed in plan
-                    if (s.number, seed) in reused
-                }
-            done = self.finished_reevaluations()  # what failed elsewhere is trained below
-            # what was to do and is done now was trained elsewhere, by this stage
-            self.trainings += sum(
-                self.models_per_seed(s, seed) for s, seed in todo if (s.number, seed) in done
-            )
-            results = []
-            for setting, seed in plan:
-                key = (setting.number, seed)
-                if key in trials:
-                    results.append(trials[key])
-                elif key in done:
-                    results.append(
-                        self.seed_result(
-                            setting, seed, reevaluation_run(done[key], cfg.train.monitor)
-                        )
+            for index, round_seeds in enumerate(planned):
+                have = {(r.number, r.seed) for r in results}
+                jobs = [(s, seed) for s in racing for seed in round_seeds]
+                if ahead and index + 1 < len(planned):
+                    leader = self.leader(racing, judged, headline)
+                    jobs += [(leader, seed) for seed in planned[index + 1]]
+                jobs = [(s, seed) for s, seed in jobs if (s.number, seed) not in have]
+                results += self.train_round(jobs, reused, verdicts, seconds, bar)
+                # judged on this round's seeds alone, so the race takes the same turns
+                # whether a leader's next seed started early or not
+                judged = in_race(results, racing, round_seeds[-1])
+                left = leaving(judged, cfg.direction, headline) if cfg.closing.race else {}
+                rounds.append(RaceRound(round_seeds, [s.number for s in racing], left))
+                if left:
+                    self.say(
+                        "closing stage: "
+                        + "; ".join(f"#{n} leaves the race ({why})" for n, why in left.items())
                     )
-                else:
-                    bar.set_postfix_str(f"trial #{setting.number} seed {seed}")
-                    results.append(self.train_seed(setting, seed))
-                    bar.update(1)
+                    results = [
+                        r for r in results if r.number not in left or r.seed <= round_seeds[-1]
+                    ]
+                racing = [s for s in racing if s.number not in left]
+            bar.total = bar.n  # "up to" is now known
         bar.close()
+        return results, rounds
+
+    def leader(self, racing: list[Setting], judged: list[SeedResult], headline: str) -> Setting:
+        """The setting still racing with the best mean in the last round's judgement; before
+        any, the best trial."""
+        mine = in_race(judged, racing, max(r.seed for r in judged)) if judged else []
+        if not mine:
+            return racing[0]
+        best = spread_table(mine, self.cfg.direction, headline)[1]
+        return next(s for s in racing if s.number == best)
+
+    def train_round(
+        self,
+        jobs: list[tuple[Setting, int]],
+        reused: set[tuple[int, int]],
+        verdicts: Mapping[int, Any],
+        seconds: dict[int, float],
+        bar: tqdm,
+    ) -> list[SeedResult]:
+        """One round's (setting, seed) results, in the order of ``jobs``: the trials' own
+        models loaded, a previous attempt's re-evaluations read back, the rest trained."""
+        done = self.finished_reevaluations()
+        todo = [(s, seed) for s, seed in jobs if (s.number, seed) not in done.keys() | reused]
+        elsewhere: AbstractContextManager[None] = nullcontext()
+        if self.elsewhere is not None and self.worth_spreading(todo, seconds):
+            keys, before = {(s.number, seed) for s, seed in todo}, bar.n
+
+            def count() -> None:
+                bar.n = before + len(keys & self.finished_reevaluations().keys())
+
+            elsewhere = self.elsewhere(longest_first(todo, seconds), count)
+        with elsewhere:
+            trials = {
+                (s.number, seed): self.seed_result(s, seed, trial_run(s, verdicts))
+                for s, seed in jobs
+                if (s.number, seed) in reused
+            }
+        done = self.finished_reevaluations()  # what failed elsewhere is trained below
+        # what was to do and is done now was trained elsewhere, by this stage
+        self.trainings += sum(
+            self.models_per_seed(s, seed) for s, seed in todo if (s.number, seed) in done
+        )
+        results = []
+        for setting, seed in jobs:
+            key = (setting.number, seed)
+            if key in trials:
+                results.append(trials[key])
+            elif key in done:
+                run = reevaluation_run(done[key], self.cfg.train.monitor)
+                results.append(self.seed_result(setting, seed, run))
+            else:
+                bar.set_postfix_str(f"trial #{setting.number} seed {seed}")
+                results.append(self.train_seed(setting, seed))
+                bar.update(1)
         return results
 
     def seed_result(self, setting: Setting, seed: int, run: RecordedRun) -> SeedResult:
@@ -556,12 +688,23 @@ class Selector:
     def baselines(self, task: Task, part: str, refit_on_val: bool) -> pd.DataFrame:
         """The winner's baselines on a part, fitted once (the collapse check and the
         comparison both ask for the test part's)."""
-        key = (part, refit_on_val)
-        if key not in self.baseline_tables:
-            self.say(f"baselines: fitting and scoring them on the {part} part")
-            chosen = self.cfg.closing.baselines
-            self.baseline_tables[key] = evidence_for(task).baselines(part, refit_on_val, chosen)
-        return self.baseline_tables[key]
+        self.start_baselines(task, part, refit_on_val)
+        return self.baseline_tables[(part, refit_on_val)].result()
+
+    def start_baselines(self, task: Task, part: str, refit_on_val: bool) -> None:
+        """Fit the winner's baselines on a part, in the side process if there is one."""
+        key, chosen = (part, refit_on_val), self.cfg.closing.baselines
+        if key in self.baseline_tables:
+            return
+        self.say(f"baselines: fitting and scoring them on the {part} part")
+        if self.side is not None:
+            self.baseline_tables[key] = self.side.submit(
+                fitted_baselines, task, part, refit_on_val, chosen
+            )
+            return
+        done: Future[pd.DataFrame] = Future()
+        done.set_result(fitted_baselines(task, part, refit_on_val, chosen))
+        self.baseline_tables[key] = done
 
     def crown(self, task: Task, model_uri: str, score: float) -> Champion:
         """Give the new version (``model_uri``, whose test headline error is ``score``) the
@@ -613,6 +756,13 @@ class Selector:
             & (runs[f"tags.{m.FINAL_KIND_TAG}"] == kind)
         ]
         return final_from_dict(json.loads(done.iloc[0][column])) if len(done) else None
+
+
+def fitted_baselines(
+    task: Task, part: str, refit_on_val: bool, chosen: list[str] | None
+) -> pd.DataFrame:
+    """A task's baselines on a part, as a function another process can be given."""
+    return evidence_for(task).baselines(part, refit_on_val, chosen)
 
 
 def reevaluation_job(context: JobContext, job: tuple[Setting, int]) -> None:

@@ -38,6 +38,16 @@ class SeedResult:
 
 
 @dataclass(frozen=True)
+class RaceRound:
+    """One round of the closing stage's race: the seeds it gave the settings still in it, and
+    the settings that left after it, with why."""
+
+    seeds: list[int]
+    settings: list[int]  # trial numbers
+    left: dict[int, str] = field(default_factory=dict)  # trial number -> why it left
+
+
+@dataclass(frozen=True)
 class Champion:
     """The champion alias after a final model was registered: it moves to the new version only
     when that scores better than the previous champion on the new study's test part, both
@@ -86,6 +96,8 @@ class Selection:
     sizes: dict[int, int] = field(default_factory=dict)  # trial number -> model parameters
     # the best baseline, when it beats the registered model on the test part
     beaten_on_test: dict[str, Any] | None = None
+    race: list[RaceRound] = field(default_factory=list)
+    spared: int = 0  # models the race did not train that the full grid of seeds would have
 
     @property
     def winner(self) -> Setting:
@@ -106,6 +118,10 @@ class Selection:
         raw["seeds"] = [SeedResult(**s) for s in raw["seeds"]]
         raw["final"] = final_from_dict(raw["final"]) if raw["final"] else None
         raw["sizes"] = {int(k): v for k, v in raw.get("sizes", {}).items()}  # JSON keys: str
+        raw["race"] = [
+            RaceRound(r["seeds"], r["settings"], {int(k): v for k, v in r["left"].items()})
+            for r in raw.get("race", [])
+        ]
         return cls(**raw)
 
 

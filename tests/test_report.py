@@ -140,6 +140,11 @@ def test_each_top_setting_is_seen_with_every_seed_reusing_the_trials_own_trainin
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == finished.parent.info.run_id
         assert m.error("test", "mse") in run.data.metrics
+    # what the evidence cost, on the parent run: the two seeds and the retrained final model;
+    # two seeds make one round of the race, which spares nothing
+    metrics = finished.parent.data.metrics
+    assert metrics["closing_trainings"] == len(reevaluations) + 1
+    assert metrics["closing_spared"] == 0 and metrics["closing_seconds"] > 0
 
 
 @pytest.mark.slow

@@ -16,17 +16,27 @@ import torch
 from lstm_sweep import metrics as m
 from lstm_sweep import predict, select
 from lstm_sweep.config import Config
+from lstm_sweep.engines.local import LocalProcesses
 from lstm_sweep.report.render import honesty_lines
 from lstm_sweep.run import main
 from lstm_sweep.select import (
     beaten_by,
+    leaving,
     longest_first,
     reevaluation_run,
+    rounds_of,
     spread_table,
     top_settings,
     with_validation_in_training,
 )
-from lstm_sweep.selection import Champion, FinalModel, SeedResult, Selection, Setting
+from lstm_sweep.selection import (
+    Champion,
+    FinalModel,
+    RaceRound,
+    SeedResult,
+    Selection,
+    Setting,
+)
 from lstm_sweep.sweep import JobContext
 from lstm_sweep.tasks import Task, TaskCache
 from lstm_sweep.train import build_model
@@ -37,6 +47,31 @@ def seed(number: int, value: float, epoch: int, test: float = 0.7) -> SeedResult
     return SeedResult(
         number, 0, "run", value, epoch, "healthy", {"mse": 1.0}, {"mse": test}, 0.5, False
     )
+
+
+def test_the_race_gives_its_first_two_seeds_together_then_one_a_round() -> None:
+    assert rounds_of([3, 4, 5, 6], race=True) == [[3, 4], [5], [6]]
+    assert rounds_of([3, 4, 5, 6], race=False) == [[3, 4, 5, 6]]
+    assert rounds_of([3], race=True) == [[3]]
+
+
+def test_a_setting_leaves_the_race_when_it_trails_the_leader_beyond_their_spreads() -> None:
+    leader = [seed(0, 0.50, 3), seed(0, 0.52, 3)]  # mean 0.51, std 0.014
+    close = [seed(1, 0.52, 3), seed(1, 0.53, 3)]  # 0.015 behind: within 0.014 + 0.007
+    far = [seed(2, 0.60, 3), seed(2, 0.61, 3)]  # 0.095 behind
+    assert leaving([*leader, *close, *far], "minimize", "mse") == {
+        2: "its mean 0.605 trails #0's 0.51 by 0.095, more than their seed spreads added (0.021)"
+    }
+    assert leaving([*leader, *close, *far], "maximize", "mse").keys() == {0, 1}  # 2 leads
+    # one seed of a setting: no spread to judge by, nobody leaves yet
+    assert leaving([*leader, *far, seed(3, 0.9, 3)], "minimize", "mse") == {}
+
+
+def test_the_winner_is_the_best_mean_among_the_settings_that_finished_the_race() -> None:
+    seeds = [seed(0, 0.50, 3), seed(0, 0.52, 3), seed(0, 0.60, 3), seed(1, 0.53, 3)]
+    seeds.append(seed(1, 0.54, 3))  # left after two seeds, its mean 0.535 now the best
+    assert spread_table(seeds, "minimize", "mse")[1] == 1
+    assert spread_table(seeds, "minimize", "mse", finalists={0})[1] == 0
 
 
 def test_top_settings_are_the_best_distinct_completed_ones() -> None:
@@ -123,9 +158,10 @@ def test_a_reevaluation_read_back_is_worth_its_folds_mean_where_it_has_one() -> 
 
 def test_selection_round_trips_through_json() -> None:
     beaten = {"method": "arima", "metric": "mse", "baseline": 0.2, "lstm": 0.3}
-    selection = a_selection(beaten_on_test=beaten)
+    race = [RaceRound([0, 1], [1, 4], {4: "its mean trails"}), RaceRound([2], [1])]
+    selection = a_selection(beaten_on_test=beaten, race=race, spared=1)
     again = Selection.from_dict(json.loads(selection.to_json()))
-    assert again == selection
+    assert again == selection  # the race's trial numbers come back as numbers
     assert again.winner.number == 1 and again.winner_spread["val_mean"] == pytest.approx(0.4)
 
 
@@ -274,3 +310,56 @@ def test_a_retrain_that_collapses_is_not_registered_and_says_so_first(
     assert found["kind"] == "ensemble" and found["collapsed"].startswith("mse ")
     report = (stores / "reports" / "co2-quick" / "report.md").read_text()
     assert "The retrained final model COLLAPSED" in report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_closing_race_spares_the_seeds_of_settings_that_trail_beyond_the_noise(
+    stores: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # with two, the re-evaluations are spread out (tiny as they are), and the leader's seed 2
+    # starts beside the first round: the race must take the same turns
+    monkeypatch.setattr(LocalProcesses, "start_seconds", 0.0)
+    # learning rates six decades apart: the slow ones stay near where they started
+    space = "search={train.learning_rate: {type: float, low: 1.0e-6, high: 0.1, log: true}}"
+    args = sweep_args(
+        space,
+        "train.max_epochs=6",
+        "study.n_startup_trials=4",
+        "study.pruner.type=none",
+        "closing.top_k=3",
+        "closing.seeds=3",
+    )
+    args.append(f"--workers={workers}")
+    assert main(args) == 0
+    said = capsys.readouterr().err
+    client = mlflow_client(stores)
+    raced = runs_of(client, "co2-quick", m.ROLE_REEVALUATION)
+    # seed 0 is each trial itself; seed 1 of all three, then seed 2 of the leader alone
+    seeds = sorted((r.data.tags[m.SEED_TAG], r.data.tags[m.TRIAL_TAG]) for r in raced)
+    (parent,) = runs_of(client, "co2-quick", m.ROLE_SWEEP)
+    winner = parent.data.tags[m.RECOMMENDED_TRIAL_TAG]
+    assert [s for s, _ in seeds] == ["1", "1", "1", "2"] and seeds[-1][1] == winner
+    (ahead,) = [r for r in raced if r.data.tags[m.SEED_TAG] == "2"]
+    # alone in its round, one process trains it; started early, another process did
+    assert (ahead.data.tags[m.WORKER_TAG] == m.this_process()) == (workers == 1)
+    losers = {trial for _, trial in seeds} - {winner}
+    assert len(losers) == 2
+    for loser in losers:
+        assert f"#{loser} leaves the race (its mean " in said
+    report = (stores / "reports" / "co2-quick" / "report.md").read_text()
+    for loser in losers:
+        assert f"#{loser} left after seed 1: its mean" in report
+    assert "It spared 2 training(s) of the full grid of seeds." in report
+    assert "The closing stage trained 5 model(s) in" in report  # 4 seeds and the retrain
+
+    # the full grid on the same trials: the race's seeds read back, the rest trained, and
+    # the same winner
+    assert main([*args, "--set=closing.race=false"]) == 0
+    grid = runs_of(client, "co2-quick", m.ROLE_REEVALUATION)
+    assert sorted(r.data.tags[m.SEED_TAG] for r in grid) == ["1", "1", "1", "2", "2", "2"]
+    (parent,) = runs_of(client, "co2-quick", m.ROLE_SWEEP)
+    assert parent.data.tags[m.RECOMMENDED_TRIAL_TAG] == winner
+    report = (stores / "reports" / "co2-quick" / "report.md").read_text()
+    assert "The race over seeds" not in report
+    assert "The closing stage trained 2 model(s) in" in report  # the registered model stays

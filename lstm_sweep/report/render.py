@@ -137,8 +137,8 @@ def format_summary(
         winner = selection.winner
         lines += [
             "",
-            f"Recommended (best mean of {len({s.seed for s in selection.seeds})} seed(s) over"
-            f" the top {len(selection.settings)}): trial #{winner.number},"
+            f"Recommended (the best mean of its {winner_seeds(selection)} seed(s) among the"
+            f" top {len(selection.settings)}): trial #{winner.number},"
             f" {settings_text(winner.values)}",
             "Test part (see the report for units and notes):",
             comparison_frame(selection).to_string(float_format=lambda v: f"{v:.4g}"),
@@ -199,6 +199,10 @@ def parent_metrics(selection: Selection) -> dict[str, float]:
                 values[m.baseline(name, part, metric)] = value
     winner = selection.winner_spread
     values["recommended_val_mean"] = float(winner["val_mean"])
+    # what the evidence cost, comparable across sweeps in the UI
+    values["closing_trainings"] = float(selection.trainings)
+    values["closing_spared"] = float(selection.spared)
+    values["closing_seconds"] = selection.seconds
     if selection.final is not None:
         values |= optimism(selection.final, selection)
         values["final_test_value"] = selection.final.test_value
@@ -284,10 +288,32 @@ def recommendation_lines(report: Report) -> list[str]:
         ]
         if final.champion is not None:
             lines.append(f"- {champion_line(final.champion, final.model_uri)}")
+    if cfg.closing.race and len(selection.settings) > 1:
+        lines.append(f"- {race_line(selection)}")
     lines.append(
         f"- The closing stage trained {selection.trainings} model(s) in {selection.seconds:.0f} s."
     )
     return lines
+
+
+def winner_seeds(selection: Selection) -> int:
+    return sum(s.number == selection.recommended for s in selection.seeds)
+
+
+def race_line(selection: Selection) -> str:
+    """How the closing stage's race over seeds went: which settings left after which seed and
+    why, and the trainings that spared."""
+    left = [
+        f"#{number} left after seed {round_.seeds[-1]}: {why}"
+        for round_ in selection.race
+        for number, why in round_.left.items()
+    ]
+    if not left:
+        return "The race over seeds: every setting stayed within noise of the leader to the end."
+    return (
+        f"The race over seeds: {'; '.join(left)}. It spared {selection.spared} training(s)"
+        " of the full grid of seeds."
+    )
 
 
 def indistinguishable(selection: Selection) -> str:
