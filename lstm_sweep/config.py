@@ -310,8 +310,9 @@ class ClosingConfig(_Section):
     top_k: int = Field(3, ge=1)  # best settings retrained with several seeds
     seeds: int = Field(3, ge=1)  # seeds per setting (train.seed, +1, ...); 1 gives no spread
     # seed by seed, a setting whose mean trails the leader's beyond their seeds' spread
-    # leaves the race and gets no more seeds (the leader gets all: its final model's recipe)
-    race: bool = True
+    # leaves the race and gets no more seeds (the leader gets all: its final model's recipe);
+    # off by default: it spares trainings, but on two cores it cost as much wall as it saved
+    race: bool = False
     final_model: bool = True  # retrain the recommendation on train+val, test it, register it
     ensemble: bool = False  # final model = the mean of the recommendation's seed models
     # forecasting: the baselines fitted and compared (default: all; the naive forecast always)

@@ -339,10 +339,11 @@ class Selector:
         spread, winner, within = spread_table(seeds, cfg.direction, headline, finalists)
         setting = next(s for s in settings if s.number == winner)
         task = self.task(setting, cfg.train.seed)
-        with self.beside():
-            self.start_baselines(task, "val", refit_on_val=False)
+        with self.beside(expected_seconds(table).get(winner, 0.0)):
+            # the test part's first: a retrain's collapse check waits for its naive forecast
             retrains = cfg.closing.final_model and not cfg.closing.ensemble
             self.start_baselines(task, "test", refit_on_val=retrains)
+            self.start_baselines(task, "val", refit_on_val=False)
             mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
             epochs = max(1, int(spread.loc[spread["number"] == winner, "epochs"].iloc[0]))
             final = (
@@ -378,11 +379,12 @@ class Selector:
             )
 
     @contextmanager
-    def beside(self) -> Iterator[None]:
+    def beside(self, seconds: float) -> Iterator[None]:
         """While the block runs, the baselines are fitted in a process of their own where
-        this stage may use more than one core (the workers' processes are done by now),
-        so they no longer wait for the final model, nor it for them."""
-        if self.elsewhere is None:
+        this stage may use more than one core (the workers' processes are done by now) and
+        the winner's trial took ``seconds``, longer than such a process takes to start: they
+        no longer wait for the final model, nor it for them."""
+        if self.elsewhere is None or seconds <= self.start_seconds:
             yield
             return
         with ProcessPoolExecutor(1, mp_context=process_context()) as self.side:

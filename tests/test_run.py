@@ -636,7 +636,7 @@ def test_reevaluations_spread_over_the_workers_give_the_numbers_of_one_process(
         torch.set_num_threads(threads)
     assert here.value == run.data.metrics[m.FOLDS_MEAN]  # the mean over its folds
 
-    assert FITTED_HERE == ["val", "test"]  # the first sweep's only: one worker, one process
+    assert FITTED_HERE == ["test", "val"]  # the first sweep's only: one worker, one process
     (parent,) = runs_of(mlflow_client(stores), "co2-quick", m.ROLE_SWEEP)
     winner = load_study(stores).trials[int(parent.data.tags[m.RECOMMENDED_TRIAL_TAG])]
     task = TaskCache().get(cfg.with_values({**winner.params, "train.seed": cfg.train.seed}))

@@ -329,6 +329,7 @@ def test_the_closing_race_spares_the_seeds_of_settings_that_trail_beyond_the_noi
         "study.pruner.type=none",
         "closing.top_k=3",
         "closing.seeds=3",
+        "closing.race=true",
     )
     args.append(f"--workers={workers}")
     assert main(args) == 0
