@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from tqdm import tqdm
 from lstm_sweep import metrics as m
 from lstm_sweep.config import Config, plain
 from lstm_sweep.data import TrainingData
-from lstm_sweep.engines.processes import process_context
 from lstm_sweep.evidence import evidence_for
 from lstm_sweep.faults import classify
 from lstm_sweep.model import Ensemble
@@ -311,9 +309,7 @@ class Selector:
     trainings: int = 0
     models: dict[tuple[int, int], torch.nn.Module] = field(default_factory=dict)
     # (part, refit_on_val) -> the winner's baselines there: the only task they are asked for
-    baseline_tables: dict[tuple[str, bool], Future[pd.DataFrame]] = field(default_factory=dict)
-    # where they are fitted while the final model trains, when the cores allow (``beside``)
-    side: Executor | None = None
+    baseline_tables: dict[tuple[str, bool], pd.DataFrame] = field(default_factory=dict)
 
     @property
     def cfg(self) -> Config:
@@ -339,59 +335,37 @@ class Selector:
         spread, winner, within = spread_table(seeds, cfg.direction, headline, finalists)
         setting = next(s for s in settings if s.number == winner)
         task = self.task(setting, cfg.train.seed)
-        with self.beside(expected_seconds(table).get(winner, 0.0)):
-            # the test part's first: a retrain's collapse check waits for its naive forecast
-            retrains = cfg.closing.final_model and not cfg.closing.ensemble
-            self.start_baselines(task, "test", refit_on_val=retrains)
-            self.start_baselines(task, "val", refit_on_val=False)
-            mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
-            epochs = max(1, int(spread.loc[spread["number"] == winner, "epochs"].iloc[0]))
-            final = (
-                self.final_model(setting, task, mine, epochs) if cfg.closing.final_model else None
-            )
-            if cfg.closing.ensemble:
-                output = predict(self.ensemble(task, mine), task.data.val.x).cpu().numpy()
-                lstm_val = evidence_for(task).errors(output, "val")
-            else:
-                lstm_val = {k: float(np.mean([s.val[k] for s in mine])) for k in mine[0].val}
-            baselines_val = self.baselines(task, "val", refit_on_val=False)
-            retrained = final is not None and final.kind == "retrained"
-            baselines_test = self.baselines(task, "test", refit_on_val=retrained)
-            return Selection(
-                settings=settings,
-                seeds=seeds,
-                spread=spread.to_dict("records"),
-                recommended=winner,
-                within_noise=within,
-                epochs=epochs,
-                baselines_val=baselines_val.to_dict("index"),
-                baselines_test=baselines_test.to_dict("index"),
-                lstm_val=lstm_val,
-                beaten_by=beaten_by(task, lstm_val, baselines_val),
-                final=final,
-                trainings=self.trainings,
-                seconds=time.perf_counter() - started,
-                headline=headline,
-                sizes={s.number: self.size(s) for s in settings},
-                beaten_on_test=beaten_by(task, final.test, baselines_test) if final else None,
-                race=race,
-                spared=self.spared(settings, seeds),
-            )
-
-    @contextmanager
-    def beside(self, seconds: float) -> Iterator[None]:
-        """While the block runs, the baselines are fitted in a process of their own where
-        this stage may use more than one core (the workers' processes are done by now) and
-        the winner's trial took ``seconds``, longer than such a process takes to start: they
-        no longer wait for the final model, nor it for them."""
-        if self.elsewhere is None or seconds <= self.start_seconds:
-            yield
-            return
-        with ProcessPoolExecutor(1, mp_context=process_context()) as self.side:
-            try:
-                yield
-            finally:
-                self.side = None
+        mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
+        epochs = max(1, int(spread.loc[spread["number"] == winner, "epochs"].iloc[0]))
+        final = self.final_model(setting, task, mine, epochs) if cfg.closing.final_model else None
+        if cfg.closing.ensemble:
+            output = predict(self.ensemble(task, mine), task.data.val.x).cpu().numpy()
+            lstm_val = evidence_for(task).errors(output, "val")
+        else:
+            lstm_val = {k: float(np.mean([s.val[k] for s in mine])) for k in mine[0].val}
+        baselines_val = self.baselines(task, "val", refit_on_val=False)
+        retrained = final is not None and final.kind == "retrained"
+        baselines_test = self.baselines(task, "test", refit_on_val=retrained)
+        return Selection(
+            settings=settings,
+            seeds=seeds,
+            spread=spread.to_dict("records"),
+            recommended=winner,
+            within_noise=within,
+            epochs=epochs,
+            baselines_val=baselines_val.to_dict("index"),
+            baselines_test=baselines_test.to_dict("index"),
+            lstm_val=lstm_val,
+            beaten_by=beaten_by(task, lstm_val, baselines_val),
+            final=final,
+            trainings=self.trainings,
+            seconds=time.perf_counter() - started,
+            headline=headline,
+            sizes={s.number: self.size(s) for s in settings},
+            beaten_on_test=beaten_by(task, final.test, baselines_test) if final else None,
+            race=race,
+            spared=self.spared(settings, seeds),
+        )
 
     def spared(self, settings: list[Setting], seeds: list[SeedResult]) -> int:
         """The models the full grid of seeds would have trained and the race did not."""
@@ -690,23 +664,12 @@ class Selector:
     def baselines(self, task: Task, part: str, refit_on_val: bool) -> pd.DataFrame:
         """The winner's baselines on a part, fitted once (the collapse check and the
         comparison both ask for the test part's)."""
-        self.start_baselines(task, part, refit_on_val)
-        return self.baseline_tables[(part, refit_on_val)].result()
-
-    def start_baselines(self, task: Task, part: str, refit_on_val: bool) -> None:
-        """Fit the winner's baselines on a part, in the side process if there is one."""
-        key, chosen = (part, refit_on_val), self.cfg.closing.baselines
-        if key in self.baseline_tables:
-            return
-        self.say(f"baselines: fitting and scoring them on the {part} part")
-        if self.side is not None:
-            self.baseline_tables[key] = self.side.submit(
-                fitted_baselines, task, part, refit_on_val, chosen
-            )
-            return
-        done: Future[pd.DataFrame] = Future()
-        done.set_result(fitted_baselines(task, part, refit_on_val, chosen))
-        self.baseline_tables[key] = done
+        key = (part, refit_on_val)
+        if key not in self.baseline_tables:
+            self.say(f"baselines: fitting and scoring them on the {part} part")
+            chosen = self.cfg.closing.baselines
+            self.baseline_tables[key] = evidence_for(task).baselines(part, refit_on_val, chosen)
+        return self.baseline_tables[key]
 
     def crown(self, task: Task, model_uri: str, score: float) -> Champion:
         """Give the new version (``model_uri``, whose test headline error is ``score``) the
@@ -758,13 +721,6 @@ class Selector:
             & (runs[f"tags.{m.FINAL_KIND_TAG}"] == kind)
         ]
         return final_from_dict(json.loads(done.iloc[0][column])) if len(done) else None
-
-
-def fitted_baselines(
-    task: Task, part: str, refit_on_val: bool, chosen: list[str] | None
-) -> pd.DataFrame:
-    """A task's baselines on a part, as a function another process can be given."""
-    return evidence_for(task).baselines(part, refit_on_val, chosen)
 
 
 def reevaluation_job(context: JobContext, job: tuple[Setting, int]) -> None:

@@ -68,12 +68,19 @@ def test_a_second_signal_stops_at_once_here_and_in_the_processes_started_here() 
 def test_a_process_the_driver_started_stops_once_on_its_sigterm_not_on_a_terminals_ctrl_c() -> None:
     """A terminal's Ctrl-C reaches every process of the group, and the driver passes the stop
     on as SIGTERM: counted twice, it would stop the process at once, mid-epoch."""
-    with GracefulStop(quiet=True, driven=True) as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert not stop()
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    # what was there before: Python's own handler, or nothing where the shell that started
+    # this process in the background had Ctrl-C ignored
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with GracefulStop(quiet=True, driven=True) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not stop()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_busy_file_lock_is_waited_for_with_a_bound_and_a_message(tmp_path: Path) -> None:
