@@ -454,12 +454,11 @@ class Selector:
         return results, rounds
 
     def leader(self, racing: list[Setting], judged: list[SeedResult], headline: str) -> Setting:
-        """The setting still racing with the best mean in the last round's judgement; before
+        """The leader of the last round's judgement (a leader never leaves the race); before
         any, the best trial."""
-        mine = in_race(judged, racing, max(r.seed for r in judged)) if judged else []
-        if not mine:
+        if not judged:
             return racing[0]
-        best = spread_table(mine, self.cfg.direction, headline)[1]
+        best = spread_table(judged, self.cfg.direction, headline)[1]
         return next(s for s in racing if s.number == best)
 
     def train_round(
