@@ -109,10 +109,16 @@ def hidden_stats(
     stats: dict[str, float] = {}
     for k, h in enumerate(layers):
         flat = h.detach().reshape(-1, h.shape[-1]).float()  # (samples * steps, hidden)
-        magnitude = flat.abs()
-        stats[m.hidden_stat("mean_abs", k)] = float(magnitude.mean())
-        stats[m.hidden_stat("saturated", k)] = float((magnitude > saturation).float().mean())
-        stats[m.hidden_stat("dead", k)] = float((column_std(flat) < dead_std).float().mean())
+        unit_abs = flat.abs().mean(dim=0)  # one pass over the states, the rest per unit
+        summary = torch.stack(
+            [
+                unit_abs.mean(),
+                (unit_abs > saturation).float().mean(),
+                (column_std(flat) < dead_std).float().mean(),
+            ]
+        ).tolist()
+        for kind, value in zip(("mean_abs", "saturated", "dead"), summary, strict=True):
+            stats[m.hidden_stat(kind, k)] = value
     return stats
 
 

@@ -63,11 +63,18 @@ def test_weight_statistics_equal_direct_torch_computation() -> None:
 
 
 def test_hidden_statistics_by_hand() -> None:
-    h = torch.tensor([[[0.99, 0.0, 0.5]], [[-0.98, 0.0, -0.5]]])  # (2 samples, 1 step, 3 units)
+    # (2 samples, 2 steps, 4 units): a unit at about +-0.98 throughout, one stuck at 0, one
+    # at +-0.5, and one at 1 half the time: saturated on some steps, not on average
+    h = torch.tensor(
+        [
+            [[0.99, 0.0, 0.5, 1.0], [0.97, 0.0, 0.5, 0.0]],
+            [[-0.98, 0.0, -0.5, 1.0], [-0.98, 0.0, -0.5, 0.0]],
+        ]
+    )
     stats = dg.hidden_stats([h], saturation=0.95, dead_std=1e-3)
-    assert stats["hidden_mean_abs_l0"] == pytest.approx((0.99 + 0.98 + 1.0) / 6)
-    assert stats["hidden_saturated_l0"] == pytest.approx(2 / 6)
-    assert stats["hidden_dead_l0"] == pytest.approx(1 / 3)  # the unit stuck at 0
+    assert stats["hidden_mean_abs_l0"] == pytest.approx((0.99 + 0.97 + 0.98 + 0.98 + 2 + 2) / 16)
+    assert stats["hidden_saturated_l0"] == pytest.approx(1 / 4)  # units, not activations
+    assert stats["hidden_dead_l0"] == pytest.approx(1 / 4)  # the unit stuck at 0
 
 
 def test_column_std_equals_torch_std_even_for_an_almost_constant_unit() -> None:
