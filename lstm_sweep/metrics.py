@@ -104,6 +104,7 @@ DIAGNOSTICS_DIR = "diagnostics"
 WORST_SAMPLES = "worst_val_samples.csv"
 WEIGHTS_FILE = "model/state_dict.pt"  # a completed run's best weights, for the closing stage
 SELECTION_FILE = "selection.json"  # the closing stage's findings, on the parent run
+BASELINES_FOLDER = "baselines"  # the winner's baseline tables, on the parent run (JSON)
 REPORT_DIR = "report"
 
 VERDICTS = ("underfitting", "healthy", "overfitting", "unstable", "undecided")

@@ -334,7 +334,8 @@ class Selector:
         finalists = set(race[-1].settings) - set(race[-1].left)
         spread, winner, within = spread_table(seeds, cfg.direction, headline, finalists)
         setting = next(s for s in settings if s.number == winner)
-        task = self.task(setting, cfg.train.seed)
+        winner_cfg = self.setting_config(setting, cfg.train.seed)
+        task = self.context.tasks.get(winner_cfg)
         mine = [s for s in seeds if s.number == winner and (s.number, s.seed) in self.models]
         epochs = max(1, int(spread.loc[spread["number"] == winner, "epochs"].iloc[0]))
         final = self.final_model(setting, task, mine, epochs) if cfg.closing.final_model else None
@@ -343,9 +344,9 @@ class Selector:
             lstm_val = evidence_for(task).errors(output, "val")
         else:
             lstm_val = {k: float(np.mean([s.val[k] for s in mine])) for k in mine[0].val}
-        baselines_val = self.baselines(task, "val", refit_on_val=False)
+        baselines_val = self.baselines(winner_cfg, "val", refit_on_val=False)
         retrained = final is not None and final.kind == "retrained"
-        baselines_test = self.baselines(task, "test", refit_on_val=retrained)
+        baselines_test = self.baselines(winner_cfg, "test", refit_on_val=retrained)
         return Selection(
             settings=settings,
             seeds=seeds,
@@ -617,7 +618,7 @@ class Selector:
                 model: torch.nn.Module = self.retrain(run_cfg, task, run)
                 _, test, test_value = score(task, model, self.cfg.train.monitor)
                 run.log_summary({m.error("test", k): v for k, v in test.items()})
-                collapsed = self.collapsed(task, test, mine)
+                collapsed = self.collapsed(setting, task, test, mine)
             if collapsed:
                 self.say(
                     f"final model: the retrain collapsed ({collapsed}); registering the"
@@ -648,10 +649,13 @@ class Selector:
             )
         return final
 
-    def collapsed(self, task: Task, test: dict[str, float], mine: list[SeedResult]) -> str:
+    def collapsed(
+        self, setting: Setting, task: Task, test: dict[str, float], mine: list[SeedResult]
+    ) -> str:
         """:func:`collapse` for a retrained model against its seeds and the naive predictor."""
         evidence = evidence_for(task)
-        naive = self.baselines(task, "test", refit_on_val=True).loc[evidence.naive_row]
+        run_cfg = self.setting_config(setting, self.cfg.train.seed)
+        naive = self.baselines(run_cfg, "test", refit_on_val=True).loc[evidence.naive_row]
         return collapse(
             task,
             test[task.headline],
@@ -660,15 +664,31 @@ class Selector:
             evidence.naive_row.replace("_", " "),
         )
 
-    def baselines(self, task: Task, part: str, refit_on_val: bool) -> pd.DataFrame:
-        """The winner's baselines on a part, fitted once (the collapse check and the
-        comparison both ask for the test part's)."""
+    def baselines(self, run_cfg: Config, part: str, refit_on_val: bool) -> pd.DataFrame:
+        """The baselines of ``run_cfg``'s data (the winner's) on a part, asked for once here:
+        the collapse check and the comparison both ask for the test part's."""
         key = (part, refit_on_val)
         if key not in self.baseline_tables:
-            self.say(f"baselines: fitting and scoring them on the {part} part")
-            chosen = self.cfg.closing.baselines
-            self.baseline_tables[key] = evidence_for(task).baselines(part, refit_on_val, chosen)
+            self.baseline_tables[key] = self.kept_baselines(run_cfg, part, refit_on_val)
         return self.baseline_tables[key]
+
+    def kept_baselines(self, run_cfg: Config, part: str, refit_on_val: bool) -> pd.DataFrame:
+        """The baselines fitted once per sweep: read from the parent run, where a job beside
+        the search (or an earlier attempt of this stage) fitted them on the same data; else
+        fitted here and kept there."""
+        path = f"{m.BASELINES_FOLDER}/{part}{'-refit' if refit_on_val else ''}.json"
+        data = baselines_fingerprint(run_cfg)
+        kept = self.tracker.read_json_artifact(self.context.parent_id, path)
+        if kept is not None and kept["data"] == data:
+            return pd.DataFrame.from_dict(kept["table"], orient="index")
+        self.say(f"baselines: fitting and scoring them on the {part} part")
+        task = self.context.tasks.get(run_cfg)
+        table = evidence_for(task).baselines(part, refit_on_val, self.cfg.closing.baselines)
+        with tempfile.TemporaryDirectory(prefix="lstm_sweep_") as tmp:
+            file = Path(tmp) / Path(path).name
+            file.write_text(json.dumps({"data": data, "table": table.to_dict("index")}))
+            self.tracker.log_artifacts(self.context.parent_id, Path(tmp), m.BASELINES_FOLDER)
+        return table
 
     def crown(self, task: Task, model_uri: str, score: float) -> Champion:
         """Give the new version (``model_uri``, whose test headline error is ``score``) the
@@ -720,6 +740,33 @@ class Selector:
             & (runs[f"tags.{m.FINAL_KIND_TAG}"] == kind)
         ]
         return final_from_dict(json.loads(done.iloc[0][column])) if len(done) else None
+
+
+def baselines_fingerprint(cfg: Config) -> str:
+    """What a sweep's baselines depend on: the task, its data section, the seed of its split
+    and the methods chosen (a trial's model and training keys change none of them)."""
+    return json.dumps(
+        [cfg.task, cfg.data.model_dump(mode="json"), cfg.train.seed, cfg.closing.baselines],
+        sort_keys=True,
+    )
+
+
+def baselines_ahead(cfg: Config) -> list[tuple[str, bool]]:
+    """The baseline tables the closing stage will ask for, (part, refit on validation), where
+    they do not hang on the search's winner (no data key is searched): jobs for a worker the
+    search leaves idle. The test part's is fitted as the default final model needs it."""
+    if any(key.startswith("data.") for key in cfg.search):
+        return []
+    return [("val", False), ("test", cfg.closing.final_model and not cfg.closing.ensemble)]
+
+
+def baselines_job(context: JobContext, job: tuple[str, bool]) -> None:
+    """One baseline table fitted beside the search and kept on the sweep's parent run, where
+    the closing stage finds it."""
+    if context.stop_requested():
+        raise Interrupted
+    part, refit_on_val = job
+    Selector(context, say=lambda _: None, progress=False).baselines(context.cfg, part, refit_on_val)
 
 
 def reevaluation_job(context: JobContext, job: tuple[Setting, int]) -> None:

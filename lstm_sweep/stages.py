@@ -8,6 +8,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,7 @@ from lstm_sweep.progress import Ticker, step
 from lstm_sweep.report import publish
 from lstm_sweep.report.render import parent_metrics
 from lstm_sweep.report.table import comparison_table
-from lstm_sweep.select import Selector, reevaluation_job
+from lstm_sweep.select import Selector, baselines_ahead, baselines_job, reevaluation_job
 from lstm_sweep.study import (
     best_value,
     counted_trials,
@@ -228,7 +229,8 @@ def run_sweep(sweep: Sweep, stop: GracefulStop, engine: Engine, progress: bool =
     try:
         parent_id = start(sweep)
         with Progress(sweep, progress) as bar:
-            engine.run_trials(sweep, parent_id, stop, bar)
+            with beside_the_search(sweep, parent_id, stop, engine, bar):
+                engine.run_trials(sweep, parent_id, stop, bar)
             bar.finish()
         text = conclude(sweep, parent_id, stop, engine, progress, stage)
     except KeyboardInterrupt:
@@ -247,6 +249,16 @@ def run_sweep(sweep: Sweep, stop: GracefulStop, engine: Engine, progress: bool =
             raise failure from None
         raise
     return f"{text}\nWall time: {time.monotonic() - started:.0f} s"
+
+
+def beside_the_search(
+    sweep: Sweep, parent_id: str, stop: GracefulStop, engine: Engine, bar: Progress
+) -> AbstractContextManager[None]:
+    """What the closing stage will need whatever the search finds (the baselines, where no
+    data key is searched), fitted on workers the search leaves idle while it runs."""
+    jobs = baselines_ahead(sweep.cfg)
+    runner = engine.spare_runner(sweep, parent_id, stop) if jobs else None
+    return runner(baselines_job, jobs, bar) if runner else nullcontext()
 
 
 def close_parent(sweep: Sweep, parent_id: str | None, reason: str) -> None:

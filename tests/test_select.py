@@ -12,11 +12,13 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from lstm_sweep import metrics as m
 from lstm_sweep import predict, select
-from lstm_sweep.config import Config
+from lstm_sweep.config import Config, load_config
 from lstm_sweep.engines.local import LocalProcesses
+from lstm_sweep.evidence import evidence_for
 from lstm_sweep.report.render import honesty_lines
 from lstm_sweep.run import main
 from lstm_sweep.select import (
@@ -40,7 +42,7 @@ from lstm_sweep.selection import (
 from lstm_sweep.sweep import JobContext
 from lstm_sweep.tasks import Task, TaskCache
 from lstm_sweep.train import build_model
-from tests.helpers import CO2, mlflow_client, runs_of, sweep_args
+from tests.helpers import CO2, QUICK, mlflow_client, runs_of, sweep_args
 
 
 def seed(number: int, value: float, epoch: int, test: float = 0.7) -> SeedResult:
@@ -72,6 +74,20 @@ def test_the_winner_is_the_best_mean_among_the_settings_that_finished_the_race()
     seeds.append(seed(1, 0.54, 3))  # left after two seeds, its mean 0.535 now the best
     assert spread_table(seeds, "minimize", "mse")[1] == 1
     assert spread_table(seeds, "minimize", "mse", finalists={0})[1] == 0
+
+
+def test_the_baselines_are_known_before_the_winner_unless_a_data_key_is_searched() -> None:
+    cfg = load_config(QUICK)
+    fingerprint = select.baselines_fingerprint(cfg)
+    # a trial's model and training values leave its baselines as they are
+    trial = cfg.with_values({"model.hidden_size": 7, "train.learning_rate": 0.5})
+    assert select.baselines_fingerprint(trial) == fingerprint
+    for other in ({"data.window": 9}, {"train.seed": 1}, {"closing.baselines": ["ridge_ar"]}):
+        assert select.baselines_fingerprint(cfg.with_values(other)) != fingerprint
+    assert select.baselines_ahead(cfg) == [("val", False), ("test", True)]
+    assert select.baselines_ahead(cfg.with_values({"closing.ensemble": True}))[1] == ("test", False)
+    searched = {"data.window": {"type": "int", "low": 8, "high": 16}}
+    assert select.baselines_ahead(cfg.with_values({"search": searched})) == []
 
 
 def test_top_settings_are_the_best_distinct_completed_ones() -> None:
@@ -318,7 +334,8 @@ def test_the_closing_race_spares_the_seeds_of_settings_that_trail_beyond_the_noi
     stores: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
     # with two, the re-evaluations are spread out (tiny as they are), and the leader's seed 2
-    # starts beside the first round: the race must take the same turns
+    # starts beside the first round: the race must take the same turns. The search's batches
+    # of one leave the second worker idle meanwhile: it fits the baselines
     monkeypatch.setattr(LocalProcesses, "start_seconds", 0.0)
     # learning rates six decades apart: the slow ones stay near where they started
     space = "search={train.learning_rate: {type: float, low: 1.0e-6, high: 0.1, log: true}}"
@@ -330,15 +347,26 @@ def test_the_closing_race_spares_the_seeds_of_settings_that_trail_beyond_the_noi
         "closing.top_k=3",
         "closing.seeds=3",
         "closing.race=true",
+        "closing.baselines=null",  # all of them: the MLP and the ARIMA too
     )
     args.append(f"--workers={workers}")
     assert main(args) == 0
     said = capsys.readouterr().err
     client = mlflow_client(stores)
+    (parent,) = runs_of(client, "co2-quick", m.ROLE_SWEEP)
+    # fitted in the driver or beside the search, the same numbers, kept on the parent run
+    assert ("baselines: fitting" in said) == (workers == 1)
+    kept = {f.path for f in client.list_artifacts(parent.info.run_id, m.BASELINES_FOLDER)}
+    assert kept == {f"{m.BASELINES_FOLDER}/val.json", f"{m.BASELINES_FOLDER}/test-refit.json"}
+    cfg = load_config(args[0], [a.removeprefix("--set=") for a in args if a.startswith("--set")])
+    evidence = evidence_for(TaskCache().get(cfg))
+    found = selection_of(client, parent.info.run_id)
+    for part, refit in (("val", False), ("test", True)):
+        read = pd.DataFrame.from_dict(found[f"baselines_{part}"], orient="index")
+        pd.testing.assert_frame_equal(read, evidence.baselines(part, refit), check_exact=True)
     raced = runs_of(client, "co2-quick", m.ROLE_REEVALUATION)
     # seed 0 is each trial itself; seed 1 of all three, then seed 2 of the leader alone
     seeds = sorted((r.data.tags[m.SEED_TAG], r.data.tags[m.TRIAL_TAG]) for r in raced)
-    (parent,) = runs_of(client, "co2-quick", m.ROLE_SWEEP)
     winner = parent.data.tags[m.RECOMMENDED_TRIAL_TAG]
     assert [s for s, _ in seeds] == ["1", "1", "1", "2"] and seeds[-1][1] == winner
     (ahead,) = [r for r in raced if r.data.tags[m.SEED_TAG] == "2"]
@@ -354,9 +382,10 @@ def test_the_closing_race_spares_the_seeds_of_settings_that_trail_beyond_the_noi
     assert "It spared 2 training(s) of the full grid of seeds." in report
     assert "The closing stage trained 5 model(s) in" in report  # 4 seeds and the retrain
 
-    # the full grid on the same trials: the race's seeds read back, the rest trained, and
-    # the same winner
+    # the full grid on the same trials: the race's seeds and the baselines read back, the
+    # rest trained, and the same winner
     assert main([*args, "--set=closing.race=false"]) == 0
+    assert "baselines: fitting" not in capsys.readouterr().err
     grid = runs_of(client, "co2-quick", m.ROLE_REEVALUATION)
     assert sorted(r.data.tags[m.SEED_TAG] for r in grid) == ["1", "1", "1", "2", "2", "2"]
     (parent,) = runs_of(client, "co2-quick", m.ROLE_SWEEP)
@@ -364,3 +393,8 @@ def test_the_closing_race_spares_the_seeds_of_settings_that_trail_beyond_the_noi
     report = (stores / "reports" / "co2-quick" / "report.md").read_text()
     assert "The race over seeds" not in report
     assert "The closing stage trained 2 model(s) in" in report  # the registered model stays
+
+
+def selection_of(client: MlflowClient, parent_id: str) -> dict[str, Any]:
+    """The closing stage's findings as kept on the sweep's parent run."""
+    return json.loads(Path(client.download_artifacts(parent_id, m.SELECTION_FILE)).read_text())

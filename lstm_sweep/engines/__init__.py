@@ -56,6 +56,11 @@ class Engine(ABC):
         driver trains them itself."""
         return None
 
+    def spare_runner(self, sweep: Sweep, parent_id: str, stop: GracefulStop) -> JobRunner | None:
+        """How this engine runs jobs on the workers that the search to come leaves idle, while
+        it runs, or None where it leaves none."""
+        return None
+
 
 @dataclass(frozen=True)
 class Registration:

@@ -73,7 +73,19 @@ class LocalProcesses(Engine):
     def job_runner(self, sweep: Sweep, parent_id: str, stop: GracefulStop) -> JobRunner | None:
         if sweep.cfg.study.workers < 2:
             return None
-        return partial(run_jobs, sweep, parent_id, stop)
+        return partial(run_jobs, sweep, parent_id, stop, sweep.cfg.study.workers)
+
+    def spare_runner(self, sweep: Sweep, parent_id: str, stop: GracefulStop) -> JobRunner | None:
+        """Batches smaller than study.workers leave workers idle through the search (one
+        with the default batch of one on two cores): the spare ones run jobs meanwhile."""
+        cfg = sweep.cfg
+        missing = target_trials(sweep.study.get_trials(deepcopy=False), cfg) - counted_trials(
+            sweep.study
+        )
+        spare = cfg.study.workers - max(1, min(cfg.study.trainers, missing))
+        if missing <= 0 or spare < 1 or gpus_for(cfg):  # on GPUs device_plan spreads them
+            return None
+        return partial(run_jobs, sweep, parent_id, stop, spare)
 
 
 def batch_note(study: StudyConfig) -> str:
@@ -175,19 +187,19 @@ def run_jobs(
     sweep: Sweep,
     parent_id: str,
     stop: GracefulStop,
+    most: int,
     function: JobFunction,
     jobs: list[Any],
     on_progress: Callable[[], None],
 ) -> Iterator[None]:
-    """``function`` on each job, shared out over study.workers processes, while the block runs
-    here and until they are done. Interrupted if asked to stop, StoreFailed if a store failed.
+    """``function`` on each job, shared out over at most ``most`` processes, while the block
+    runs here and until they are done. Interrupted if asked to stop, StoreFailed if a store
+    failed.
 
     The processes take the jobs one at a time from a queue, in the order given (the closing
     stage gives the longest first, so they finish close together): a fixed share each left
     one process idle while the other trained a seed that patience stopped late."""
-    plan = device_plan(
-        min(sweep.cfg.study.workers, len(jobs)), gpus_for(sweep.cfg), sweep.cfg.study
-    )
+    plan = device_plan(min(most, len(jobs)), gpus_for(sweep.cfg), sweep.cfg.study)
     queue = process_context().SimpleQueue()
     for job in [*jobs, *[None] * len(plan)]:  # one end mark per process
         queue.put(job)
