@@ -55,8 +55,7 @@ class LocalProcesses(Engine):
         data, its stores and a core); on GPUs, spread over them as :func:`device_plan` says,
         this process on the first."""
         cfg = sweep.cfg
-        trials = sweep.study.get_trials(deepcopy=False)
-        missing = target_trials(trials, cfg) - counted_trials(sweep.study)
+        missing = missing_trials(sweep)
         plan = device_plan(max(1, min(cfg.study.trainers, missing)), gpus_for(cfg), cfg.study)
         if plan[0] is not None:
             print(f"workers on GPUs: {describe_plan(plan)}", file=sys.stderr)
@@ -79,13 +78,18 @@ class LocalProcesses(Engine):
         """Batches smaller than study.workers leave workers idle through the search (one
         with the default batch of one on two cores): the spare ones run jobs meanwhile."""
         cfg = sweep.cfg
-        missing = target_trials(sweep.study.get_trials(deepcopy=False), cfg) - counted_trials(
-            sweep.study
-        )
+        missing = missing_trials(sweep)
         spare = cfg.study.workers - max(1, min(cfg.study.trainers, missing))
         if missing <= 0 or spare < 1 or gpus_for(cfg):  # on GPUs device_plan spreads them
             return None
         return partial(run_jobs, sweep, parent_id, stop, spare)
+
+
+def missing_trials(sweep: Sweep) -> int:
+    """Trials the study still needs before it holds n_trials (or its stop)."""
+    return target_trials(sweep.study.get_trials(deepcopy=False), sweep.cfg) - counted_trials(
+        sweep.study
+    )
 
 
 def batch_note(study: StudyConfig) -> str:
