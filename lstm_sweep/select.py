@@ -678,7 +678,10 @@ class Selector:
         fitted here and kept there."""
         path = f"{m.BASELINES_FOLDER}/{part}{'-refit' if refit_on_val else ''}.json"
         data = baselines_fingerprint(run_cfg)
-        kept = self.tracker.read_json_artifact(self.context.parent_id, path)
+        try:
+            kept = self.tracker.read_json_artifact(self.context.parent_id, path)
+        except ValueError:  # cut short by a kill while it was written: fitted again
+            kept = None
         if kept is not None and kept["data"] == data:
             return pd.DataFrame.from_dict(kept["table"], orient="index")
         self.say(f"baselines: fitting and scoring them on the {part} part")

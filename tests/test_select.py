@@ -397,6 +397,25 @@ def test_the_closing_race_spares_the_seeds_of_settings_that_trail_beyond_the_noi
     assert "The closing stage trained 2 model(s) in" in report  # the registered model stays
 
 
+@pytest.mark.slow
+def test_a_kept_baseline_table_cut_short_is_fitted_again(
+    stores: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = sweep_args("study.n_trials=2", "closing.top_k=1", "closing.seeds=1")
+    assert main(args) == 0
+    assert "baselines: fitting and scoring them on the val part" in capsys.readouterr().err
+    client = mlflow_client(stores)
+    (parent,) = runs_of(client, "co2-quick", m.ROLE_SWEEP)
+    whole = selection_of(client, parent.info.run_id)["baselines_val"]
+    cut = tmp_path / "cut" / "val.json"  # as a kill mid-write would leave it
+    cut.parent.mkdir()
+    cut.write_text('{"data": "[\\"forecast\\", {')
+    client.log_artifact(parent.info.run_id, str(cut), m.BASELINES_FOLDER)
+    assert main([*args, "--set=closing.final_model=false"]) == 0  # a new closing stage
+    assert "baselines: fitting and scoring them on the val part" in capsys.readouterr().err
+    assert selection_of(client, parent.info.run_id)["baselines_val"] == whole
+
+
 def selection_of(client: MlflowClient, parent_id: str) -> dict[str, Any]:
     """The closing stage's findings as kept on the sweep's parent run."""
     return json.loads(Path(client.download_artifacts(parent_id, m.SELECTION_FILE)).read_text())
