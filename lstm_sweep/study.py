@@ -45,6 +45,8 @@ from lstm_sweep.train import Callback, History, Stop, StopWhen
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 MAX_RETRY = 2  # a trial's settings are retried at most this often, so a crash cannot loop
+# opening the storage: two processes creating it together race, the loser wins on a retry
+OPEN_ATTEMPTS, OPEN_FIRST_WAIT = 3, 0.5
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # we report trials ourselves
@@ -421,7 +423,7 @@ def open_study(
         # two processes creating a new storage together race on its tables (and its study
         # row); the loser finds both made on its second try
         study = with_retries(
-            create, attempts=3, first_wait=0.5, retry_on=(Exception,), waiting_for=None
+            create, OPEN_ATTEMPTS, OPEN_FIRST_WAIT, retry_on=(Exception,), waiting_for=None
         )
         stored = study.user_attrs.get(m.CONFIG_ATTR)
     except TrackingUnavailable as exc:  # the storage stayed out of reach through the retries

@@ -88,8 +88,13 @@ def assert_one_line_and_nothing_created(err: str, start: str, stores: Path) -> N
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(
-    stores: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], start: str
+    stores: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    overrides: list[str],
+    start: str,
 ) -> None:
+    monkeypatch.setattr(study_module, "OPEN_FIRST_WAIT", 0.0)  # unreachable: retried at once
     assert main([str(QUICK), *(f"--set={o}" for o in overrides)]) == 2
     assert_one_line_and_nothing_created(capsys.readouterr().err, start, stores)
     assert not (stores / "optuna.db").exists() or "storage" in start

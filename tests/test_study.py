@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import FrozenTrial, TrialState
 
 from lstm_sweep import metrics as m
+from lstm_sweep import study as study_module
 from lstm_sweep.config import Config, ConfigError, load_config
 from lstm_sweep.study import (
     Batches,
@@ -423,7 +424,10 @@ def test_each_trial_run_is_made_to_end_as_optuna_recorded_its_trial(
     assert reconcile_runs(study, tracker, parent) == []  # once repaired, left alone
 
 
-def test_an_unreachable_storage_is_one_masked_line(tiny_cfg: Config) -> None:
+def test_an_unreachable_storage_is_one_masked_line(
+    tiny_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(study_module, "OPEN_FIRST_WAIT", 0.0)  # the retries, without the waits
     secret = "pw-secret-123"  # never a real one: nothing listens at port 1
     cfg = tiny_cfg.with_values(
         {"study.storage": url_with_password("postgresql://u@127.0.0.1:1/x", secret)}
