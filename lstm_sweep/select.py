@@ -618,7 +618,7 @@ class Selector:
                 model: torch.nn.Module = self.retrain(run_cfg, task, run)
                 _, test, test_value = score(task, model, self.cfg.train.monitor)
                 run.log_summary({m.error("test", k): v for k, v in test.items()})
-                collapsed = self.collapsed(setting, task, test, mine)
+                collapsed = self.collapsed(run_cfg, task, test, mine)
             if collapsed:
                 self.say(
                     f"final model: the retrain collapsed ({collapsed}); registering the"
@@ -650,11 +650,11 @@ class Selector:
         return final
 
     def collapsed(
-        self, setting: Setting, task: Task, test: dict[str, float], mine: list[SeedResult]
+        self, run_cfg: Config, task: Task, test: dict[str, float], mine: list[SeedResult]
     ) -> str:
-        """:func:`collapse` for a retrained model against its seeds and the naive predictor."""
+        """:func:`collapse` for a retrained model (of ``run_cfg``) against its seeds and the
+        naive predictor."""
         evidence = evidence_for(task)
-        run_cfg = self.setting_config(setting, self.cfg.train.seed)
         naive = self.baselines(run_cfg, "test", refit_on_val=True).loc[evidence.naive_row]
         return collapse(
             task,

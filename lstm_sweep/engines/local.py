@@ -56,7 +56,7 @@ class LocalProcesses(Engine):
         this process on the first."""
         cfg = sweep.cfg
         missing = missing_trials(sweep)
-        plan = device_plan(max(1, min(cfg.study.trainers, missing)), gpus_for(cfg), cfg.study)
+        plan = device_plan(trainers(cfg, missing), gpus_for(cfg), cfg.study)
         if plan[0] is not None:
             print(f"workers on GPUs: {describe_plan(plan)}", file=sys.stderr)
         if cfg.study.workers > len(plan) and missing > len(plan):
@@ -79,7 +79,7 @@ class LocalProcesses(Engine):
         with the default batch of one on two cores): the spare ones run jobs meanwhile."""
         cfg = sweep.cfg
         missing = missing_trials(sweep)
-        spare = cfg.study.workers - max(1, min(cfg.study.trainers, missing))
+        spare = cfg.study.workers - trainers(cfg, missing)
         if missing <= 0 or spare < 1 or gpus_for(cfg):  # on GPUs device_plan spreads them
             return None
         return partial(run_jobs, sweep, parent_id, stop, spare)
@@ -90,6 +90,11 @@ def missing_trials(sweep: Sweep) -> int:
     return target_trials(sweep.study.get_trials(deepcopy=False), sweep.cfg) - counted_trials(
         sweep.study
     )
+
+
+def trainers(cfg: Config, missing: int) -> int:
+    """Workers that train trials: no more than a batch holds or than trials are missing."""
+    return max(1, min(cfg.study.trainers, missing))
 
 
 def batch_note(study: StudyConfig) -> str:
