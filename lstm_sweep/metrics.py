@@ -60,6 +60,7 @@ MODEL_URI_TAG = "model_uri"
 FINAL_TAG = "lstm_sweep.final"  # a final run's findings (JSON), to reuse them on a rerun
 CHAMPION = "champion"  # the registered model's alias for the current answer: models:/NAME@champion
 FINAL_KIND_TAG = "lstm_sweep.final_kind"  # retrained | ensemble
+FINAL_RECIPE_TAG = "lstm_sweep.final_recipe"  # what the final model was made of (JSON)
 SANITY_TAG = "sanity_warnings"
 RANGE_TAG = "range_warnings"
 BEST_TRIAL_TAG = "best_trial"

@@ -590,13 +590,14 @@ class Selector:
         mean of the seed models (closing.ensemble) or the recommendation retrained on train +
         validation for ``epochs`` epochs. Scored once on the test part, logged, registered."""
         kind = "ensemble" if self.cfg.closing.ensemble else "retrained"
-        registered = self.registered_final(setting.number, kind)
+        recipe = final_recipe(kind, setting.number, epochs, [s.seed for s in mine])
+        registered = self.registered_final(recipe)
         if registered is not None:
             return registered
         run_cfg = self.cfg.with_values(
             {**setting.values, "train.max_epochs": epochs, "train.patience": epochs}
         )
-        tags = {m.FINAL_KIND_TAG: kind}
+        tags = {m.FINAL_KIND_TAG: kind, m.FINAL_RECIPE_TAG: recipe}
         if kind == "ensemble":
             self.say(f"final model: the mean of trial #{setting.number}'s {len(mine)} seed models")
         else:
@@ -729,20 +730,24 @@ class Selector:
         self.trainings += 1
         return model.cpu().eval()
 
-    def registered_final(self, number: int, kind: str) -> FinalModel | None:
-        """The final model of this setting and kind that a previous attempt of this stage
-        registered, if any (a study extended since may recommend another setting)."""
+    def registered_final(self, recipe: str) -> FinalModel | None:
+        """The final model of this recipe that a previous attempt of this stage registered, if
+        any: a study extended since may recommend another setting, and another
+        ``closing.seeds`` gives the same setting other seed models and retrain epochs."""
         runs = self.tracker.child_runs(self.context.parent_id, m.ROLE_FINAL)
-        column = f"tags.{m.FINAL_TAG}"
-        if runs.empty or column not in runs:
+        found, recipes = f"tags.{m.FINAL_TAG}", f"tags.{m.FINAL_RECIPE_TAG}"
+        if runs.empty or found not in runs or recipes not in runs:
             return None
         done = runs[
-            (runs["status"] == "FINISHED")
-            & runs[column].notna()
-            & (runs[f"tags.{m.TRIAL_TAG}"] == str(number))
-            & (runs[f"tags.{m.FINAL_KIND_TAG}"] == kind)
+            (runs["status"] == "FINISHED") & runs[found].notna() & (runs[recipes] == recipe)
         ]
-        return final_from_dict(json.loads(done.iloc[0][column])) if len(done) else None
+        return final_from_dict(json.loads(done.iloc[0][found])) if len(done) else None
+
+
+def final_recipe(kind: str, number: int, epochs: int, seeds: list[int]) -> str:
+    """What a final model is made of: its kind, the setting, the retrain's epochs and the seed
+    models (the ensemble's members, the collapse check's yardstick)."""
+    return json.dumps({"kind": kind, "trial": number, "epochs": epochs, "seeds": sorted(seeds)})
 
 
 def baselines_fingerprint(cfg: Config) -> str:

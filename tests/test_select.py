@@ -329,6 +329,22 @@ def test_a_retrain_that_collapses_is_not_registered_and_says_so_first(
 
 
 @pytest.mark.slow
+def test_a_registered_final_model_is_found_again_only_for_the_same_recipe(stores: Path) -> None:
+    args = sweep_args(
+        "study.n_trials=2", "closing.top_k=1", "closing.seeds=1", "closing.ensemble=true"
+    )
+    assert main(args) == 0
+    two_seeds = [*args, "--set=closing.seeds=2"]
+    assert main(two_seeds) == 0  # other seed models: another ensemble, another version
+    assert main([*two_seeds, "--set=closing.race=true"]) == 0  # the same recipe: found again
+    client = mlflow_client(stores)
+    finals = runs_of(client, "co2-quick", m.ROLE_FINAL)
+    recipes = sorted(json.loads(r.data.tags[m.FINAL_RECIPE_TAG])["seeds"] for r in finals)
+    assert recipes == [[0], [0, 1]]
+    assert len(client.search_model_versions("name = 'co2-quick'")) == 2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_closing_race_spares_the_seeds_of_settings_that_trail_beyond_the_noise(
     stores: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, workers: int
