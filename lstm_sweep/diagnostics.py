@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lstm_sweep import metrics as m
-from lstm_sweep.config import SearchParam, VerdictRules
+from lstm_sweep.config import SearchParam, TrainConfig, VerdictRules
 from lstm_sweep.model import GROUPS, parameter_group
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -262,6 +262,31 @@ def edge_warnings(
                     f" [{low:g}, {high:g}]; widen the range"
                 )
     return warnings
+
+
+def budget_warning(best: Sequence[Mapping[str, Any]], train: TrainConfig) -> str | None:
+    """When at least half of the best trials ran out of epochs rather than patience: each
+    trained all of ``train.max_epochs`` (its own where searched) with its best epoch within
+    ``train.patience`` of the end, so early stopping never ended it and more epochs might
+    have found better weights."""
+    short: list[tuple[int, int]] = []  # (max_epochs, patience) of each trial cut short
+    for trial in best:
+        most = int(trial.get("train.max_epochs", train.max_epochs))
+        wait = int(trial.get("train.patience", train.patience))
+        trained, best_epoch = trial.get("epochs_trained"), trial.get("best_epoch")
+        if trained is None or best_epoch is None or pd.isna(trained) or pd.isna(best_epoch):
+            continue
+        if int(trained) >= most and int(trained) - 1 - int(best_epoch) < wait:
+            short.append((most, wait))
+    if not short or 2 * len(short) < len(best):
+        return None
+    epochs = "/".join(str(e) for e in sorted({e for e, _ in short}))
+    patience = "/".join(str(w) for w in sorted({w for _, w in short}))
+    return (
+        f"train.max_epochs: {len(short)} of the best {len(best)} trial(s) trained all {epochs}"
+        f" epochs with their best epoch within train.patience ({patience}) of the end: early"
+        " stopping never ended them; raise train.max_epochs"
+    )
 
 
 def confidently_wrong(

@@ -137,6 +137,29 @@ def test_worst_windows_are_ranked_by_mean_absolute_error() -> None:
     assert table["mae"].tolist() == [3.0, 2.0]
 
 
+def test_the_epoch_budget_is_named_when_most_of_the_best_trials_ran_out_of_epochs() -> None:
+    from lstm_sweep.config import TrainConfig
+
+    train = TrainConfig(max_epochs=60, patience=10)
+    cut = {"epochs_trained": 60, "best_epoch": 52}  # 7 epochs since its best: patience left
+    ended = {"epochs_trained": 39, "best_epoch": 28}  # patience ended it
+    at_the_cap = {"epochs_trained": 60, "best_epoch": 49}  # patience ran out at the last epoch
+    warning = dg.budget_warning([cut, cut, ended], train)
+    assert warning is not None and warning.startswith("train.max_epochs: 2 of the best 3 trial")
+    assert "all 60 epochs" in warning and "train.patience (10)" in warning
+    assert dg.budget_warning([cut, ended, at_the_cap], train) is None  # one of three
+    assert dg.budget_warning([ended, at_the_cap], train) is None
+    # a searched budget is each trial's own: 60 epochs of a trial allowed 100 is patience's end
+    searched = {**cut, "train.max_epochs": 100}
+    assert dg.budget_warning([searched, ended], train) is None
+    assert "all 60/80 epochs" in str(
+        dg.budget_warning(
+            [cut, {"epochs_trained": 80, "best_epoch": 75, "train.max_epochs": 80}], train
+        )
+    )
+    assert dg.budget_warning([], train) is None
+
+
 def test_edge_warning_when_the_best_trials_sit_at_a_range_edge() -> None:
     from lstm_sweep.config import SearchParam
 

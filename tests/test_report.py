@@ -184,6 +184,9 @@ def test_one_report_holds_every_part_and_the_parent_run_shows_the_answer(finishe
         assert part in text, part
     for image in ("winner_loss_curves.png", "surface_dropout_weight_decay.png"):
         assert f"]({image})" in text and (finished.report / image).is_file()
+    # 4 epochs with patience 4: early stopping can end no trial, and the report says so
+    assert "- Epoch budget: train.max_epochs: 3 of the best 3 trial(s) trained all 4" in text
+    assert "train.max_epochs: 3 of the best 3" in finished.parent.data.tags[m.RANGE_TAG]
     logged = {a.path for a in finished.client.list_artifacts(finished.parent.info.run_id, "report")}
     assert {"report/report.md", "report/trials.csv", "report/recommended_config.yaml"} <= logged
     note = finished.parent.data.tags[m.NOTE_TAG]

@@ -126,6 +126,7 @@ def gather(cfg: Config, tracker: Tracker, study: Study, parent_id: str, folder: 
         onset=None if onset is None else int(onset),
         stronger=regularised,
         fold_values=on_folds,
+        budget=dg.budget_warning(summary.table.head(EDGE_TOP).to_dict("records"), cfg.train),
     )
 
 
@@ -148,7 +149,8 @@ def publish(cfg: Config, tracker: Tracker, study: Study, parent_id: str) -> str:
     report.table.to_csv(folder / "trials.csv", index=False)
     summary = report.summary
     edges = dg.edge_warnings(summary.table.head(EDGE_TOP).to_dict("records"), cfg.search)
-    if edges:  # once per sweep, on screen and as a tag: the range should be widened
+    edges += [report.budget] if report.budget else []
+    if edges:  # once per sweep, on screen and as a tag: a range or the epochs should grow
         tracker.set_tags(parent_id, {m.RANGE_TAG: " | ".join(edges)})
     if summary.best_number is not None:
         write_best_config(cfg, summary.best_values, folder / "best_config.yaml", "best")

@@ -234,6 +234,7 @@ class Report:
     # completed trials regularised more than the recommendation, and the best value among them
     stronger: tuple[int, float | None] = (0, None)
     fold_values: list[float] = field(default_factory=list)  # its first seed's, fold by fold
+    budget: str | None = None  # the best trials ran out of epochs, not patience
 
 
 def recommendation_lines(report: Report) -> list[str]:
@@ -381,6 +382,7 @@ def write_report(report: Report, folder: Path) -> Path:
                 if report.edges
                 else "inside every searched range, not at an edge."
             ),
+            *([f"- Epoch budget: {report.budget}."] if report.budget else []),
             "- Ready-to-train file: `recommended_config.yaml`"
             f" (`python -m lstm_sweep.run {folder / 'recommended_config.yaml'}`).",
             "",
