@@ -148,10 +148,10 @@ def publish(cfg: Config, tracker: Tracker, study: Study, parent_id: str) -> str:
     (folder / "resolved_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     report.table.to_csv(folder / "trials.csv", index=False)
     summary = report.summary
-    edges = dg.edge_warnings(summary.table.head(EDGE_TOP).to_dict("records"), cfg.search)
-    edges += [report.budget] if report.budget else []
-    if edges:  # once per sweep, on screen and as a tag: a range or the epochs should grow
-        tracker.set_tags(parent_id, {m.RANGE_TAG: " | ".join(edges)})
+    advice = dg.edge_warnings(summary.table.head(EDGE_TOP).to_dict("records"), cfg.search)
+    advice += [report.budget] if report.budget else []
+    if advice:  # once per sweep, on screen and as a tag: a range or the epochs should grow
+        tracker.set_tags(parent_id, {m.RANGE_TAG: " | ".join(advice)})
     if summary.best_number is not None:
         write_best_config(cfg, summary.best_values, folder / "best_config.yaml", "best")
         tracker.set_tags(parent_id, {m.BEST_TRIAL_TAG: summary.best_number})
@@ -165,5 +165,5 @@ def publish(cfg: Config, tracker: Tracker, study: Study, parent_id: str) -> str:
     text = format_summary(
         summary, report.selection, report.task_name, tracker.ui_command(parent_id)
     )
-    warnings = [f"warning: {w}" for w in edges]
+    warnings = [f"warning: {w}" for w in advice]
     return "\n".join([text, *warnings, f"Report: {path}"])
