@@ -109,10 +109,10 @@ def main() -> None:
             recipes = [(s, epochs[number]) for s in seeds]
             if args.replay:
                 mine = [r for r in found["seeds"] if r["number"] == number]
-                recipes = [(r["seed"], r["best_epoch"] + 1) for r in mine]
+                recipes = [(r["seed"], r["best_epoch"] + 1) for r in mine if r["best_epoch"] >= 0]
             errors, outputs, task = retrain_errors(cfg, setting["values"], recipes, metric)
             means = {"their mean": mean_error(task, outputs, metric)}
-            if args.replay:
+            if args.replay and len(outputs) > 3:
                 means["the first three's"] = mean_error(task, outputs[:3], metric)
             for name, value in means.items():
                 if winner:

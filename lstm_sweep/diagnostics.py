@@ -268,11 +268,17 @@ def budget_warning(best: Sequence[Mapping[str, Any]], train: TrainConfig) -> str
     """When at least half of the best trials ran out of epochs rather than patience: each
     trained all of ``train.max_epochs`` (its own where searched) with its best epoch within
     ``train.patience`` of the end, so early stopping never ended it and more epochs might
-    have found better weights."""
+    have found better weights. With patience at or above max_epochs every trial that trains
+    them all counts: early stopping could end none."""
+
+    def own(trial: Mapping[str, Any], key: str, default: int) -> int:  # searched, or the file's
+        value = trial.get(key)
+        return default if value is None or pd.isna(value) else int(value)
+
     short: list[tuple[int, int]] = []  # (max_epochs, patience) of each trial cut short
     for trial in best:
-        most = int(trial.get("train.max_epochs", train.max_epochs))
-        wait = int(trial.get("train.patience", train.patience))
+        most = own(trial, "train.max_epochs", train.max_epochs)
+        wait = own(trial, "train.patience", train.patience)
         trained, best_epoch = trial.get("epochs_trained"), trial.get("best_epoch")
         if trained is None or best_epoch is None or pd.isna(trained) or pd.isna(best_epoch):
             continue

@@ -590,7 +590,8 @@ class Selector:
         mean of the seed models (closing.ensemble) or the recommendation retrained on train +
         validation for ``epochs`` epochs. Scored once on the test part, logged, registered."""
         kind = "ensemble" if self.cfg.closing.ensemble else "retrained"
-        recipe = final_recipe(kind, setting.number, epochs, [s.seed for s in mine])
+        name = self.cfg.closing.model_name or self.cfg.study_name
+        recipe = final_recipe(kind, name, setting.number, epochs, [s.seed for s in mine])
         registered = self.registered_final(recipe)
         if registered is not None:
             return registered
@@ -732,8 +733,9 @@ class Selector:
 
     def registered_final(self, recipe: str) -> FinalModel | None:
         """The final model of this recipe that a previous attempt of this stage registered, if
-        any: a study extended since may recommend another setting, and another
-        ``closing.seeds`` gives the same setting other seed models and retrain epochs."""
+        any: a study extended since may recommend another setting, another ``closing.seeds``
+        gives the same setting other seed models and retrain epochs. One registered before the
+        recipe was recorded is not matched: the stage makes and registers its model again."""
         runs = self.tracker.child_runs(self.context.parent_id, m.ROLE_FINAL)
         found, recipes = f"tags.{m.FINAL_TAG}", f"tags.{m.FINAL_RECIPE_TAG}"
         if runs.empty or found not in runs or recipes not in runs:
@@ -744,10 +746,12 @@ class Selector:
         return final_from_dict(json.loads(done.iloc[0][found])) if len(done) else None
 
 
-def final_recipe(kind: str, number: int, epochs: int, seeds: list[int]) -> str:
-    """What a final model is made of: its kind, the setting, the retrain's epochs and the seed
-    models (the ensemble's members, the collapse check's yardstick)."""
-    return json.dumps({"kind": kind, "trial": number, "epochs": epochs, "seeds": sorted(seeds)})
+def final_recipe(kind: str, name: str, number: int, epochs: int, seeds: list[int]) -> str:
+    """What a final model is made of and where it is registered: its kind, the registry name,
+    the setting, the retrain's epochs and the seed models (the ensemble's members, the collapse
+    check's yardstick)."""
+    recipe = {"kind": kind, "name": name, "trial": number, "epochs": epochs, "seeds": sorted(seeds)}
+    return json.dumps(recipe)
 
 
 def baselines_fingerprint(cfg: Config) -> str:

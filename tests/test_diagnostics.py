@@ -142,16 +142,19 @@ def test_the_epoch_budget_is_named_when_most_of_the_best_trials_ran_out_of_epoch
 
     train = TrainConfig(max_epochs=60, patience=10)
     cut = {"epochs_trained": 60, "best_epoch": 52}  # 7 epochs since its best: patience left
+    last_chance = {"epochs_trained": 60, "best_epoch": 50}  # 9 since: one more would end it
     ended = {"epochs_trained": 39, "best_epoch": 28}  # patience ended it
     at_the_cap = {"epochs_trained": 60, "best_epoch": 49}  # patience ran out at the last epoch
-    warning = dg.budget_warning([cut, cut, ended], train)
+    warning = dg.budget_warning([cut, last_chance, ended], train)
     assert warning is not None and warning.startswith("train.max_epochs: 2 of the best 3 trial")
     assert "all 60 epochs" in warning and "train.patience (10)" in warning
     assert dg.budget_warning([cut, ended, at_the_cap], train) is None  # one of three
     assert dg.budget_warning([ended, at_the_cap], train) is None
-    # a searched budget is each trial's own: 60 epochs of a trial allowed 100 is patience's end
-    searched = {**cut, "train.max_epochs": 100}
+    # a searched budget is each trial's own (a blank one is the file's): 63 epochs of a trial
+    # allowed 100 ended by patience
+    searched = {"epochs_trained": 63, "best_epoch": 52, "train.max_epochs": 100}
     assert dg.budget_warning([searched, ended], train) is None
+    assert dg.budget_warning([{**cut, "train.max_epochs": float("nan")}], train) is not None
     assert "all 60/80 epochs" in str(
         dg.budget_warning(
             [cut, {"epochs_trained": 80, "best_epoch": 75, "train.max_epochs": 80}], train

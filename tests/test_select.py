@@ -342,6 +342,8 @@ def test_a_registered_final_model_is_found_again_only_for_the_same_recipe(stores
     recipes = sorted(json.loads(r.data.tags[m.FINAL_RECIPE_TAG])["seeds"] for r in finals)
     assert recipes == [[0], [0, 1]]
     assert len(client.search_model_versions("name = 'co2-quick'")) == 2
+    assert main([*two_seeds, "--set=closing.model_name=co2-elsewhere"]) == 0  # another name
+    assert len(client.search_model_versions("name = 'co2-elsewhere'")) == 1
 
 
 @pytest.mark.slow
